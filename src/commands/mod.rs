@@ -1,0 +1,52 @@
+//! One module per command; each takes its options as a plain struct so the
+//! CLI layer stays argument parsing only.
+
+pub mod fetch;
+pub mod push;
+
+use crate::error::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// Writes `data` at `path` so that `path` either does not exist or holds all
+/// of it, durably: a temporary file in the same directory, fsync, rename,
+/// fsync of the directory. A killed process leaves at most a stray temporary.
+pub fn write_file_atomically(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        crate::error::Error::usage(format!("'{}' is not a file path", path.display()))
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.walvault-{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(mode.unwrap_or(0o600));
+        }
+        let mut file = options
+            .open(&tmp)
+            .context(|| format!("cannot create {}", tmp.display()))?;
+        file.write_all(data)
+            .context(|| format!("cannot write {}", tmp.display()))?;
+        file.sync_all()
+            .context(|| format!("cannot fsync {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .context(|| format!("cannot fsync directory {}", dir.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

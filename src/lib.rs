@@ -1,0 +1,11 @@
+//! walvault: PostgreSQL WAL archiving and point-in-time recovery.
+//!
+//! Layers: `main.rs` parses arguments; `commands` holds one module per verb;
+//! `repository`, `object` and `wal` are the core they share.
+
+pub mod commands;
+pub mod error;
+pub mod logging;
+pub mod object;
+pub mod repository;
+pub mod wal;

@@ -1,0 +1,228 @@
+//! The repository: named objects over object_store, on a filesystem or S3.
+//!
+//! Every write is a create that never replaces what is there (a hard link on
+//! the filesystem, `If-None-Match: *` on S3), so two writers can never
+//! silently overwrite each other; the filesystem store fsyncs the file and
+//! its directory before a write is reported done.
+
+mod layout;
+mod url;
+
+pub use layout::{WAL_DIR, wal_key, wal_name_of_key};
+
+pub use url::RepoUrl;
+
+use crate::error::{Error, ErrorKind, Result};
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as Key;
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The file at the repository's root that says what it is and whose it is.
+pub const CONFIG_KEY: &str = "walvault.json";
+pub const REPOSITORY_FORMAT: u32 = 1;
+
+/// The cluster a repository belongs to: fixed by the first segment pushed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryConfig {
+    pub format: u32,
+    /// As a string: JSON numbers lose precision past 2^53.
+    pub system_identifier: String,
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What a create-only write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New,
+    AlreadyExists,
+}
+
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    url: RepoUrl,
+}
+
+impl Repository {
+    /// Opens the repository at `url`. A missing local directory is created
+    /// only when `create` is set (push), so a typo'd path on read is an error,
+    /// not an empty archive.
+    pub fn open(url: &RepoUrl, create: bool) -> Result<Repository> {
+        let store: Arc<dyn ObjectStore> = match url {
+            RepoUrl::Local(root) => {
+                if create {
+                    std::fs::create_dir_all(root).map_err(|e| {
+                        Error::io(format!(
+                            "cannot create repository directory {}: {e}",
+                            root.display()
+                        ))
+                    })?;
+                } else if !root.is_dir() {
+                    return Err(Error::usage(format!(
+                        "repository directory {} does not exist; check --repo / WALVAULT_REPO",
+                        root.display()
+                    )));
+                }
+                let fs = LocalFileSystem::new_with_prefix(root)
+                    .map_err(|e| {
+                        Error::io(format!("cannot open repository {}: {e}", root.display()))
+                    })?
+                    .with_fsync(true)
+                    .with_automatic_cleanup(false);
+                Arc::new(fs)
+            }
+            RepoUrl::S3 { bucket, prefix } => {
+                let s3 = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .map_err(|e| Error::usage(format!("cannot configure S3 for {url}: {e}")))?;
+                if prefix.is_empty() {
+                    Arc::new(s3)
+                } else {
+                    Arc::new(PrefixStore::new(s3, prefix.as_str()))
+                }
+            }
+        };
+        Ok(Repository {
+            store,
+            url: url.clone(),
+        })
+    }
+
+    pub fn url(&self) -> &RepoUrl {
+        &self.url
+    }
+
+    fn storage_error(&self, action: &str, key: &Key, e: object_store::Error) -> Error {
+        Error::io(format!("{action} {key} in {}: {e}", self.url))
+    }
+
+    /// Reads a whole object; `None` when there is none.
+    pub async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
+        let result = match self.store.get(key).await {
+            Ok(r) => r,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.storage_error("cannot read", key, e)),
+        };
+        match result.bytes().await {
+            Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.storage_error("cannot read", key, e)),
+        }
+    }
+
+    /// Writes `data` under `key` unless something is already there; returns
+    /// only once the object is durable.
+    pub async fn put_new(&self, key: &Key, data: Bytes) -> Result<Created> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.store.put_opts(key, PutPayload::from(data), opts).await {
+            Ok(_) => Ok(Created::New),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
+            Err(e) => Err(self.storage_error("cannot write", key, e)),
+        }
+    }
+
+    /// Replaces an object; only for repairing one that fails its own checks.
+    pub async fn put_replace(&self, key: &Key, data: Bytes) -> Result<()> {
+        self.store
+            .put(key, PutPayload::from(data))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.storage_error("cannot write", key, e))
+    }
+
+    pub async fn delete(&self, key: &Key) -> Result<()> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.storage_error("cannot delete", key, e)),
+        }
+    }
+
+    /// Every object under `prefix`.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let key = Key::from(prefix);
+        self.store
+            .list(Some(&key))
+            .try_collect()
+            .await
+            .map_err(|e| self.storage_error("cannot list", &key, e))
+    }
+
+    pub async fn config(&self) -> Result<Option<RepositoryConfig>> {
+        let Some(bytes) = self.get(&Key::from(CONFIG_KEY)).await? else {
+            return Ok(None);
+        };
+        let config: RepositoryConfig = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::corrupt(format!("{CONFIG_KEY} in {} is unreadable: {e}", self.url))
+        })?;
+        if config.format > REPOSITORY_FORMAT {
+            return Err(Error::usage(format!(
+                "repository {} has format {}, this walvault reads up to {REPOSITORY_FORMAT}; upgrade walvault",
+                self.url, config.format
+            )));
+        }
+        Ok(Some(config))
+    }
+
+    /// The repository's config, or a clear error when `url` holds no repository.
+    pub async fn require_config(&self) -> Result<RepositoryConfig> {
+        self.config().await?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Usage,
+                format!(
+                    "no walvault repository at {} ({CONFIG_KEY} is missing); check --repo / WALVAULT_REPO",
+                    self.url
+                ),
+            )
+        })
+    }
+
+    /// Binds the repository to `cluster` on first use, and afterwards refuses
+    /// any other cluster: two clusters' WAL must never mix in one archive.
+    pub async fn bind_cluster(&self, cluster: &RepositoryConfig) -> Result<RepositoryConfig> {
+        let existing = match self.config().await? {
+            Some(c) => c,
+            None => {
+                let json = serde_json::to_vec_pretty(cluster).expect("config serializes");
+                match self.put_new(&Key::from(CONFIG_KEY), json.into()).await? {
+                    Created::New => {
+                        tracing::info!(
+                            "initialized repository {} for cluster {} (PostgreSQL {}, {} MiB segments)",
+                            self.url,
+                            cluster.system_identifier,
+                            cluster.pg_version,
+                            cluster.wal_segment_size >> 20
+                        );
+                        return Ok(cluster.clone());
+                    }
+                    // Another push created it first: compare with theirs.
+                    Created::AlreadyExists => self.require_config().await?,
+                }
+            }
+        };
+        if existing.system_identifier != cluster.system_identifier {
+            return Err(Error::conflict(format!(
+                "repository {} belongs to cluster {} but this WAL comes from cluster {}; \
+                 two clusters must not share a repository: give this one its own --repo",
+                self.url, existing.system_identifier, cluster.system_identifier
+            )));
+        }
+        if existing.wal_segment_size != cluster.wal_segment_size {
+            return Err(Error::conflict(format!(
+                "repository {} holds {}-byte WAL segments, this one is {} bytes",
+                self.url, existing.wal_segment_size, cluster.wal_segment_size
+            )));
+        }
+        Ok(existing)
+    }
+}
