@@ -4,7 +4,7 @@ use crate::error::{Context, Error, Result};
 use crate::object::{self, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
 use crate::wal::{SegmentHeader, WalFileName};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub struct PushOptions {
@@ -18,7 +18,7 @@ pub struct PushOptions {
 /// What the bytes of a segment say about the cluster that wrote them.
 fn cluster_of_segment(
     name: &WalFileName,
-    path: &PathBuf,
+    path: &Path,
     data: &[u8],
 ) -> Result<Option<RepositoryConfig>> {
     let Some(segment) = name.segment_with_header() else {

@@ -1,0 +1,33 @@
+# walvault: `make demo` and `make test` do all set-up on a fresh machine.
+CARGO ?= cargo
+
+.PHONY: all build release setup lint test unit demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+# PostgreSQL server binaries and the S3-compatible test server, when missing.
+setup:
+	scripts/setup.sh
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --lib
+
+test: setup lint
+	$(CARGO) test --all-targets
+
+demo: setup release
+	scripts/demo.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf .demo

@@ -1,0 +1,413 @@
+//! push/fetch through the real binary, on a filesystem repository and on a
+//! real S3-compatible server, with synthetic but well-formed segments (the
+//! PostgreSQL-driven tests are in archive_postgres.rs).
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SEG: &str = "000000010000000000000003";
+const MIB: u32 = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    Fixture { dir, bin }
+}
+
+impl Fixture {
+    fn write(&self, name: &str, data: &[u8]) -> std::path::PathBuf {
+        let p = self.dir.path().join("pg_wal").join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+    fn push(&self, repo: &RepoTarget, path: &Path, name: &str) -> std::process::Output {
+        repo.walvault(&self.bin)
+            .arg("push")
+            .arg(path)
+            .arg(name)
+            .output()
+            .unwrap()
+    }
+    fn fetch(&self, repo: &RepoTarget, name: &str, dest: &Path) -> std::process::Output {
+        repo.walvault(&self.bin)
+            .arg("fetch")
+            .arg(name)
+            .arg(dest)
+            .output()
+            .unwrap()
+    }
+}
+
+fn round_trip_every_kind(repo: &RepoTarget) {
+    let f = fixture();
+    let files: Vec<(String, Vec<u8>)> = vec![
+        (SEG.into(), synthetic_segment(SEG, 7, MIB, 0)),
+        (
+            "000000010000000000000004.partial".into(),
+            synthetic_segment("000000010000000000000004", 7, MIB, 1),
+        ),
+        (
+            "00000002.history".into(),
+            b"1\t0/4000000\tno recovery target specified\n".to_vec(),
+        ),
+        (
+            "000000010000000000000003.00000028.backup".into(),
+            b"START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n".to_vec(),
+        ),
+    ];
+    for (name, data) in &files {
+        let p = f.write(name, data);
+        let out = f.push(repo, &p, name);
+        assert!(out.status.success(), "push {name}: {}", describe(&out));
+    }
+    for (name, data) in &files {
+        let dest = f.dir.path().join("restored").join(name);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let out = f.fetch(repo, name, &dest);
+        assert!(out.status.success(), "fetch {name}: {}", describe(&out));
+        assert_eq!(
+            &std::fs::read(&dest).unwrap(),
+            data,
+            "{name} came back different"
+        );
+    }
+}
+
+fn duplicates(repo: &RepoTarget, stored_object: &dyn Fn() -> Vec<u8>) {
+    let f = fixture();
+    let original = synthetic_segment(SEG, 7, MIB, 0);
+    let p = f.write(SEG, &original);
+    assert!(f.push(repo, &p, SEG).status.success());
+    let stored = stored_object();
+
+    // Identical bytes again (a crash made PostgreSQL retry): success.
+    let out = f.push(repo, &p, SEG);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("identical"),
+        "{}",
+        describe(&out)
+    );
+
+    // Different bytes under the same name: refused, stored copy untouched.
+    let other = f.write("other", &synthetic_segment(SEG, 7, MIB, 0x5a));
+    let out = f.push(repo, &other, SEG);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("different content") && err.contains("sha256"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(stored_object(), stored, "stored object changed");
+
+    // A segment of another cluster: refused, naming both identifiers.
+    let foreign_name = "000000010000000000000005";
+    let foreign = f.write(foreign_name, &synthetic_segment(foreign_name, 99, MIB, 0));
+    let out = f.push(repo, &foreign, foreign_name);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(" 7 ") && err.contains(" 99"), "{err}");
+    let dest = f.dir.path().join("fetched");
+    assert_eq!(f.fetch(repo, foreign_name, &dest).status.code(), Some(1));
+
+    let out = f.fetch(repo, SEG, &dest);
+    assert!(out.status.success());
+    assert_eq!(std::fs::read(&dest).unwrap(), original);
+}
+
+fn missing_is_quiet_exit_1(repo: &RepoTarget) {
+    let f = fixture();
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    assert!(f.push(repo, &p, SEG).status.success());
+    for name in ["00000002.history", "000000010000000000000004"] {
+        let dest = f.dir.path().join("RECOVERYXLOG");
+        let out = f.fetch(repo, name, &dest);
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+        assert!(out.stderr.is_empty(), "not quiet: {}", describe(&out));
+        assert!(!dest.exists());
+    }
+}
+
+fn s3_target(s3: &S3Server, prefix: &str) -> RepoTarget {
+    s3.target(prefix)
+}
+
+#[test]
+fn fs_round_trip_every_kind() {
+    let d = tempfile::tempdir().unwrap();
+    round_trip_every_kind(&RepoTarget::local(&d.path().join("repo")));
+}
+
+#[test]
+fn s3_round_trip_every_kind() {
+    let s3 = S3Server::start();
+    round_trip_every_kind(&s3_target(&s3, "cluster-a"));
+}
+
+#[test]
+fn fs_duplicate_and_foreign_pushes_are_settled() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("repo");
+    let obj = root.join("wal/0000000100000000").join(format!("{SEG}.zst"));
+    duplicates(&RepoTarget::local(&root), &|| std::fs::read(&obj).unwrap());
+}
+
+#[test]
+fn s3_duplicate_and_foreign_pushes_are_settled() {
+    let s3 = S3Server::start();
+    let obj = s3.object_path("p", &format!("wal/0000000100000000/{SEG}.zst"));
+    duplicates(&s3_target(&s3, "p"), &|| std::fs::read(&obj).unwrap());
+}
+
+#[test]
+fn fs_missing_file_is_a_quiet_exit_1() {
+    let d = tempfile::tempdir().unwrap();
+    missing_is_quiet_exit_1(&RepoTarget::local(&d.path().join("repo")));
+}
+
+#[test]
+fn s3_missing_file_is_a_quiet_exit_1() {
+    let s3 = S3Server::start();
+    missing_is_quiet_exit_1(&s3_target(&s3, "x"));
+}
+
+#[test]
+fn bad_names_are_refused_before_touching_the_repository() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    for bad in [
+        "../000000010000000000000003",
+        "pg_wal/x",
+        "00000001000000000000003",
+        "0000000100000000000000zz",
+        "",
+    ] {
+        let out = f.push(&repo, &p, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", describe(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not a PostgreSQL WAL file name"));
+        let out = f.fetch(&repo, bad, &f.dir.path().join("out"));
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", describe(&out));
+    }
+    assert!(!root.exists(), "repository was touched");
+}
+
+#[test]
+fn segments_whose_header_disagrees_are_refused() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    // Named 3, but its header says it is segment 4.
+    let p = f.write(
+        SEG,
+        &synthetic_segment("000000010000000000000004", 7, MIB, 0),
+    );
+    let out = f.push(&repo, &p, SEG);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    // Not WAL at all.
+    let p = f.write("junk", &vec![0u8; MIB as usize]);
+    let out = f.push(&repo, &p, SEG);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    // Truncated.
+    let p = f.write("short", &synthetic_segment(SEG, 7, MIB, 0)[..100_000]);
+    let out = f.push(&repo, &p, SEG);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(!root.join("wal").exists());
+}
+
+#[test]
+fn a_damaged_object_is_never_handed_over() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    assert!(f.push(&repo, &p, SEG).status.success());
+    let obj = root.join("wal/0000000100000000").join(format!("{SEG}.zst"));
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&obj, &bytes).unwrap();
+
+    let dest = f.dir.path().join("RECOVERYXLOG");
+    std::fs::write(&dest, b"previous").unwrap();
+    let out = f.fetch(&repo, SEG, &dest);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        b"previous",
+        "destination was touched"
+    );
+
+    std::fs::write(&obj, &bytes[..bytes.len() - 1000]).unwrap();
+    assert_eq!(f.fetch(&repo, SEG, &dest).status.code(), Some(4));
+
+    // The archiver, pushing the true content again, repairs the damage.
+    let out = f.push(&repo, &p, SEG);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(f.fetch(&repo, SEG, &dest).status.success());
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&p).unwrap());
+}
+
+#[test]
+fn wrong_repository_is_a_clear_error() {
+    let f = fixture();
+    let dest = f.dir.path().join("out");
+    for (url, needle) in [
+        ("/nonexistent/walvault/repo", "does not exist"),
+        ("relative/repo", "relative path"),
+        ("gs://bucket/x", "unsupported repository URL scheme"),
+    ] {
+        let out = Command::new(&f.bin)
+            .args(["--repo", url, "fetch", SEG])
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{url}: {}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{url}: {}",
+            describe(&out)
+        );
+    }
+    // An existing directory that holds no repository is not "end of archive".
+    let empty = f.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = f.fetch(&RepoTarget::local(&empty), SEG, &dest);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no walvault repository"));
+    // No repository given at all.
+    let out = Command::new(&f.bin)
+        .env_remove("WALVAULT_REPO")
+        .args(["fetch", SEG])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+#[test]
+fn repo_option_works_after_the_subcommand_and_from_the_environment() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    let out = Command::new(&f.bin)
+        .arg("push")
+        .arg(&p)
+        .arg(SEG)
+        .arg("--repo")
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let dest = f.dir.path().join("out");
+    let out = Command::new(&f.bin)
+        .env("WALVAULT_REPO", &root)
+        .arg("fetch")
+        .arg(SEG)
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
+#[test]
+fn s3_credentials_never_appear_in_output() {
+    let s3 = S3Server::start();
+    let f = fixture();
+    let mut repo = s3_target(&s3, "creds");
+    // Wrong secret: the request fails, the error names what failed, not the secret.
+    for (k, v) in repo.env.iter_mut() {
+        if k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "not-the-secret-but-still-private".into();
+        }
+    }
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    let out = f.push(&repo, &p, SEG);
+    assert!(!out.status.success());
+    assert!(
+        (1..=125).contains(&out.status.code().unwrap()),
+        "{}",
+        describe(&out)
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains("not-the-secret-but-still-private"), "{all}");
+    assert!(!all.contains(S3_SECRET_KEY), "{all}");
+    assert!(all.contains("walvault: error:"), "{all}");
+}
+
+/// kill -9 at many points of a push: the final name holds either nothing or
+/// a complete object, and the next push succeeds.
+#[test]
+fn killed_push_leaves_nothing_half_written() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    // 64 MiB of poorly compressible content makes a push last long enough to hit.
+    let size = 64 * MIB;
+    let mut seg = synthetic_segment(SEG, 7, size, 0);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in seg[8192..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let p = f.write(SEG, &seg);
+    let obj = root.join("wal/0000000100000000").join(format!("{SEG}.zst"));
+
+    let started = Instant::now();
+    assert!(f.push(&repo, &p, SEG).status.success());
+    let full = started.elapsed();
+    std::fs::remove_file(&obj).unwrap();
+
+    for step in 1..=9u32 {
+        let mut cmd = repo.walvault(&f.bin);
+        let mut child = cmd
+            .arg("push")
+            .arg(&p)
+            .arg(SEG)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(full * step / 10);
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        if obj.exists() {
+            // Only a complete, verifiable object may carry the final name.
+            let dest = f.dir.path().join("check");
+            let out = f.fetch(&repo, SEG, &dest);
+            assert!(
+                out.status.success(),
+                "after kill at {step}/10: {}",
+                describe(&out)
+            );
+            assert_eq!(std::fs::read(&dest).unwrap(), seg);
+            std::fs::remove_file(&obj).unwrap();
+        }
+        let out = f.push(&repo, &p, SEG);
+        assert!(
+            out.status.success(),
+            "push after kill at {step}/10: {}",
+            describe(&out)
+        );
+        std::fs::remove_file(&obj).unwrap();
+    }
+    let _ = Duration::ZERO;
+}
