@@ -3,9 +3,12 @@
 //! Layers: `main.rs` parses arguments; `commands` holds one module per verb;
 //! `repository`, `object` and `wal` are the core they share.
 
+pub mod catalog;
 pub mod commands;
 pub mod error;
 pub mod logging;
+pub mod manifest;
 pub mod object;
+pub mod pack;
 pub mod repository;
 pub mod wal;

@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use walvault::commands::{fetch, push};
+use walvault::commands::restore::{RecoveryTarget, parse_time};
+use walvault::commands::{backup, fetch, list, push, restore};
 use walvault::error::{Error, ErrorKind};
 use walvault::repository::RepoUrl;
 
@@ -57,6 +58,119 @@ enum Command {
         /// %p: where to write it, relative to the data directory.
         path: PathBuf,
     },
+    /// Take an online base backup of a running server.
+    Backup {
+        /// Data directory (default: asked from the server).
+        #[arg(long, env = "PGDATA")]
+        pgdata: Option<PathBuf>,
+        /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
+        #[arg(long, env = "WALVAULT_DBNAME")]
+        dbname: Option<String>,
+        /// Files copied in parallel (default: the number of cores).
+        #[arg(long, env = "WALVAULT_JOBS")]
+        jobs: Option<usize>,
+        /// zstd level (1-19).
+        #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
+              value_parser = clap::value_parser!(i32).range(1..=19))]
+        compress_level: i32,
+        /// Seconds to wait for the backup's last WAL to be archived.
+        #[arg(long, env = "WALVAULT_ARCHIVE_TIMEOUT", default_value_t = 300)]
+        archive_timeout: u64,
+    },
+    /// List backups, newest last.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a data directory from a backup, set up to recover from the archive.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
+struct RestoreArgs {
+    /// Directory to restore into: new or empty.
+    #[arg(long, env = "PGDATA")]
+    pgdata: PathBuf,
+    /// Backup id, or "latest" (default: the newest that can reach the target).
+    #[arg(long, env = "WALVAULT_BACKUP")]
+    backup: Option<String>,
+    /// Recover to this time: RFC 3339 or 'YYYY-MM-DD HH:MM:SS+ZZ' (a zone is required).
+    #[arg(long)]
+    time: Option<String>,
+    /// Recover to this LSN (e.g. 0/3000060).
+    #[arg(long)]
+    lsn: Option<String>,
+    /// Recover to this transaction id.
+    #[arg(long)]
+    xid: Option<String>,
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long)]
+    name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long)]
+    immediate: bool,
+    /// What the server does at the target: promote (default), pause or shutdown.
+    #[arg(long)]
+    target_action: Option<String>,
+    /// Set up a streaming standby (standby.signal) instead of a recovery.
+    #[arg(long)]
+    standby: bool,
+    /// The primary's connection string for a standby.
+    #[arg(long, requires = "standby")]
+    primary_conninfo: Option<String>,
+    /// Files restored in parallel (default: twice the number of cores).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    jobs: Option<usize>,
+    /// OID=DIR: restore a tablespace into DIR instead of its original location.
+    #[arg(long, value_name = "OID=DIR")]
+    tablespace_map: Vec<String>,
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+impl RestoreArgs {
+    fn into_options(self) -> Result<restore::RestoreOptions, Error> {
+        let target = if let Some(t) = &self.time {
+            RecoveryTarget::Time(parse_time(t)?)
+        } else if let Some(l) = &self.lsn {
+            RecoveryTarget::Lsn(l.parse()?)
+        } else if let Some(x) = self.xid {
+            RecoveryTarget::Xid(x)
+        } else if let Some(n) = self.name {
+            RecoveryTarget::Name(n)
+        } else if self.immediate {
+            RecoveryTarget::Immediate
+        } else {
+            RecoveryTarget::Latest
+        };
+        let mut tablespace_map = vec![];
+        for m in &self.tablespace_map {
+            let parsed = m
+                .split_once('=')
+                .and_then(|(oid, dir)| Some((oid.parse().ok()?, PathBuf::from(dir))));
+            tablespace_map.push(
+                parsed.ok_or_else(|| {
+                    Error::usage(format!("--tablespace-map '{m}' is not OID=DIR"))
+                })?,
+            );
+        }
+        Ok(restore::RestoreOptions {
+            pgdata: self.pgdata,
+            backup: self.backup,
+            target,
+            target_action: self.target_action,
+            standby: self.standby,
+            primary_conninfo: self.primary_conninfo,
+            jobs: self.jobs.unwrap_or(2 * cores()),
+            tablespace_map,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -113,5 +227,23 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Fetch { name, path } => {
             fetch::run(&url, &fetch::FetchOptions { name, path }).await
         }
+        Command::Backup {
+            pgdata,
+            dbname,
+            jobs,
+            compress_level,
+            archive_timeout,
+        } => {
+            let opts = backup::BackupOptions {
+                pgdata,
+                dbname,
+                jobs: jobs.unwrap_or_else(cores),
+                compress_level,
+                archive_timeout: std::time::Duration::from_secs(archive_timeout),
+            };
+            backup::run(&url, &opts).await
+        }
+        Command::List { json } => list::run(&url, json).await,
+        Command::Restore(args) => restore::run(&url, &args.into_options()?).await,
     }
 }

@@ -121,6 +121,24 @@ pub fn encode(data: &[u8], level: i32) -> std::io::Result<(ObjectHeader, Vec<u8>
     Ok((header, out))
 }
 
+/// Like [`encode`] when the sha256 is already known (backup hashes each
+/// chunk first to look it up, and compresses only what is new).
+pub fn encode_with_digest(
+    data: &[u8],
+    sha256: Sha256Digest,
+    level: i32,
+) -> std::io::Result<Vec<u8>> {
+    let compressed = zstd::bulk::compress(data, level)?;
+    let header = ObjectHeader {
+        length: data.len() as u64,
+        sha256,
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
+    out.extend_from_slice(&header_bytes(&header));
+    out.extend_from_slice(&compressed);
+    Ok(out)
+}
+
 /// Reads the header without touching the content.
 pub fn read_header(object: &[u8]) -> Result<ObjectHeader, ObjectError> {
     if object.len() < HEADER_LEN {

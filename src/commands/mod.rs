@@ -1,8 +1,11 @@
 //! One module per command; each takes its options as a plain struct so the
 //! CLI layer stays argument parsing only.
 
+pub mod backup;
 pub mod fetch;
+pub mod list;
 pub mod push;
+pub mod restore;
 
 use crate::error::{Context, Result};
 use std::io::Write;

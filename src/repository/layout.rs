@@ -5,6 +5,37 @@ use crate::wal::WalFileName;
 use object_store::path::Path as Key;
 
 pub const WAL_DIR: &str = "wal";
+pub const BACKUP_DIR: &str = "backups";
+pub const PACK_DIR: &str = "packs";
+
+/// `backups/<id>/manifest.json.zst`: written last, it is what makes a backup exist.
+pub fn manifest_key(backup_id: &str) -> Key {
+    Key::from(format!("{BACKUP_DIR}/{backup_id}/manifest.json.zst"))
+}
+
+/// The backup id a manifest key names, if it names one.
+pub fn backup_id_of_key(key: &Key) -> Option<String> {
+    let mut parts = key.parts();
+    let (Some(dir), Some(id), Some(file), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    (dir.as_ref() == BACKUP_DIR
+        && file.as_ref() == "manifest.json.zst"
+        && crate::manifest::is_backup_id(id.as_ref()))
+    .then(|| id.as_ref().to_string())
+}
+
+/// `packs/<first two hex digits>/<pack id>.pack`: 256 folders keep listings short.
+pub fn pack_key(pack_id: &str) -> Key {
+    Key::from(format!("{PACK_DIR}/{}/{pack_id}.pack", &pack_id[..2]))
+}
+
+/// A pack id is 32 lower-case hex digits.
+pub fn is_pack_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
 
 /// `wal/<timeline+log>/<name>.zst` for segment-bound files: one folder per
 /// 4 GiB of WAL keeps listings short on every store. `wal/<TTTTTTTT>.history.zst`

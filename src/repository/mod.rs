@@ -8,7 +8,10 @@
 mod layout;
 mod url;
 
-pub use layout::{WAL_DIR, wal_key, wal_name_of_key};
+pub use layout::{
+    BACKUP_DIR, PACK_DIR, WAL_DIR, backup_id_of_key, is_pack_id, manifest_key, pack_key, wal_key,
+    wal_name_of_key,
+};
 
 pub use url::RepoUrl;
 
@@ -114,6 +117,26 @@ impl Repository {
         match result.bytes().await {
             Ok(b) => Ok(Some(b)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.storage_error("cannot read", key, e)),
+        }
+    }
+
+    /// Reads `range` of an object; a missing object is an error here, since
+    /// only manifests point into objects by range.
+    pub async fn get_range(&self, key: &Key, range: std::ops::Range<u64>) -> Result<Bytes> {
+        match self.store.get_range(key, range.clone()).await {
+            Ok(b) if b.len() as u64 == range.end - range.start => Ok(b),
+            Ok(b) => Err(Error::corrupt(format!(
+                "{key} in {} is shorter than its references: wanted bytes {}..{}, got {}",
+                self.url,
+                range.start,
+                range.end,
+                b.len()
+            ))),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::corrupt(format!(
+                "{key} is missing from {}, but a backup needs it",
+                self.url
+            ))),
             Err(e) => Err(self.storage_error("cannot read", key, e)),
         }
     }

@@ -500,3 +500,28 @@ pub fn synthetic_segment(
     b[36..40].copy_from_slice(&8192u32.to_le_bytes());
     b
 }
+
+impl RepoTarget {
+    /// A walvault invocation run as the PostgreSQL OS user (restores must
+    /// leave files the server can own).
+    pub fn walvault_as_postgres(&self, bin: &Path) -> Command {
+        let mut c = as_postgres("env");
+        for (k, v) in &self.env {
+            c.arg(format!("{k}={v}"));
+        }
+        c.arg(bin).arg("--repo").arg(&self.url);
+        c
+    }
+}
+
+impl PgServer {
+    /// libpq variables that reach this server.
+    pub fn libpq_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("PGHOST".into(), self.socket_dir.display().to_string()),
+            ("PGPORT".into(), self.port.to_string()),
+            ("PGUSER".into(), "postgres".into()),
+            ("PGDATABASE".into(), "postgres".into()),
+        ]
+    }
+}

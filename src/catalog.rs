@@ -1,0 +1,62 @@
+//! The backups in a repository: manifests found by listing `backups/`.
+//! A backup without a manifest does not exist.
+
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::object;
+use crate::repository::{BACKUP_DIR, Repository, backup_id_of_key, manifest_key};
+use bytes::Bytes;
+
+/// Every backup, oldest first.
+pub async fn load_all(repo: &Repository) -> Result<Vec<Manifest>> {
+    let mut ids: Vec<String> = repo
+        .list(BACKUP_DIR)
+        .await?
+        .iter()
+        .filter_map(|meta| backup_id_of_key(&meta.location))
+        .collect();
+    ids.sort();
+    let mut manifests = Vec::with_capacity(ids.len());
+    for id in ids {
+        manifests.push(load(repo, &id).await?);
+    }
+    Ok(manifests)
+}
+
+pub async fn load(repo: &Repository, id: &str) -> Result<Manifest> {
+    let key = manifest_key(id);
+    let stored = repo.get(&key).await?.ok_or_else(|| {
+        Error::not_found(format!(
+            "backup {id} is not in {}; 'walvault list' shows the backups",
+            repo.url()
+        ))
+    })?;
+    let (_, json) = object::decode(&stored)
+        .map_err(|e| Error::corrupt(format!("manifest of backup {id} ({key}) is damaged: {e}")))?;
+    let manifest = Manifest::from_json(&json, &format!("backup {id}"))?;
+    if manifest.id != id {
+        return Err(Error::corrupt(format!(
+            "manifest at {key} says it is backup {}, not {id}",
+            manifest.id
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Writes a manifest, create-only: the last step of a backup.
+pub async fn store(repo: &Repository, manifest: &Manifest) -> Result<()> {
+    let json = serde_json::to_vec(manifest).expect("manifest serializes");
+    let (_, encoded) = object::encode(&json, 3)
+        .map_err(|e| Error::io(format!("cannot compress manifest: {e}")))?;
+    match repo
+        .put_new(&manifest_key(&manifest.id), Bytes::from(encoded))
+        .await?
+    {
+        crate::repository::Created::New => Ok(()),
+        crate::repository::Created::AlreadyExists => Err(Error::conflict(format!(
+            "backup {} already exists in {}; start the backup again",
+            manifest.id,
+            repo.url()
+        ))),
+    }
+}

@@ -1,0 +1,113 @@
+//! The per-file worker: read a file in chunks, hash each chunk, store only the
+//! chunks the repository lacks. Runs on blocking threads; memory per worker is
+//! one chunk and its compressed form.
+
+use super::walk::SourceFile;
+use crate::error::{Error, Result};
+use crate::manifest::FileEntry;
+use crate::object::{self, Sha256Digest};
+use crate::pack::{BlobIndex, PackWriter};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Chunk size for file content: relation segments are cut in 1 MiB pieces,
+/// small enough that a changed page re-stores little, large enough that the
+/// blob index stays small.
+pub const CHUNK_SIZE: usize = 1 << 20;
+
+#[derive(Default)]
+pub struct CopyStats {
+    pub read: AtomicU64,
+    pub stored: AtomicU64,
+    pub deduplicated: AtomicU64,
+}
+
+pub struct CopyContext<'a> {
+    pub index: &'a BlobIndex,
+    pub packs: &'a PackWriter,
+    pub level: i32,
+    pub stats: &'a CopyStats,
+    pub progress: &'a indicatif::ProgressBar,
+}
+
+/// Reads until `buf` is full or the file ends.
+fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Stores one file. `None` when it vanished before we could open it: the
+/// server dropped it, and WAL replay agrees.
+pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry>> {
+    let mut file = match std::fs::File::open(&src.abs) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot open {}: {e}", src.abs.display()))),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("cannot stat {}: {e}", src.abs.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o7777;
+    let mtime = meta
+        .modified()
+        .map(chrono::DateTime::<chrono::Utc>::from)
+        .unwrap_or_else(|_| chrono::Utc::now());
+
+    let mut whole = Sha256::new();
+    let mut chunks = vec![];
+    let mut size = 0u64;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    loop {
+        // Files grow and shrink under a live server: copy what is there now.
+        let n = read_full(&mut file, &mut buf)
+            .map_err(|e| Error::io(format!("cannot read {}: {e}", src.abs.display())))?;
+        if n == 0 && size > 0 {
+            break;
+        }
+        let data = &buf[..n];
+        whole.update(data);
+        size += n as u64;
+        let sha = Sha256Digest::of(data);
+        let chunk = match ctx.index.get(&sha) {
+            Some(known) => {
+                ctx.stats
+                    .deduplicated
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                known
+            }
+            None => {
+                let encoded = object::encode_with_digest(data, sha, ctx.level).map_err(|e| {
+                    Error::io(format!("cannot compress {}: {e}", src.abs.display()))
+                })?;
+                ctx.stats
+                    .stored
+                    .fetch_add(encoded.len() as u64, Ordering::Relaxed);
+                ctx.packs.append(sha, n as u64, &encoded)?
+            }
+        };
+        chunks.push(chunk);
+        ctx.stats.read.fetch_add(n as u64, Ordering::Relaxed);
+        ctx.progress.inc(n as u64);
+        if n < CHUNK_SIZE {
+            break;
+        }
+    }
+    Ok(Some(FileEntry {
+        path: src.path.clone(),
+        size,
+        mode,
+        mtime,
+        sha256: Sha256Digest(whole.finalize().into()),
+        chunks,
+    }))
+}

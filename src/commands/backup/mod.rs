@@ -1,0 +1,223 @@
+//! `walvault backup`: an online base backup through PostgreSQL's low-level API.
+//!
+//! Orchestration only: `pg` talks to the server, `walk` decides what to copy,
+//! `copy` stores one file; this module runs them in order and in parallel.
+
+mod copy;
+mod pg;
+mod walk;
+
+pub use pg::connection_config;
+
+use crate::catalog;
+use crate::error::{Error, Result};
+use crate::manifest::{BackupStats, Lsn, MANIFEST_FORMAT, Manifest, backup_id};
+use crate::pack::{BlobIndex, PackWriter, upload_packs};
+use crate::repository::{RepoUrl, Repository, RepositoryConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+pub struct BackupOptions {
+    pub pgdata: Option<PathBuf>,
+    pub dbname: Option<String>,
+    pub jobs: usize,
+    pub compress_level: i32,
+    /// How long pg_backup_stop may wait for the backup's WAL to be archived.
+    pub archive_timeout: std::time::Duration,
+}
+
+/// Packs are cut at this size: few requests, bounded memory.
+const PACK_SIZE: usize = 16 << 20;
+
+pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
+    let started = Instant::now();
+    let server = pg::Server::connect(&connection_config(opts.dbname.as_deref())?).await?;
+    let pgdata = match (&opts.pgdata, &server.info.data_directory) {
+        (Some(p), _) => p.clone(),
+        (None, Some(d)) => PathBuf::from(d),
+        (None, None) => {
+            return Err(Error::usage(
+                "cannot tell where the data directory is: give --pgdata (or PGDATA)",
+            ));
+        }
+    };
+    let repo = Repository::open(url, true)?;
+    repo.bind_cluster(&RepositoryConfig {
+        format: crate::repository::REPOSITORY_FORMAT,
+        system_identifier: server.info.system_identifier.clone(),
+        pg_version: server.info.version_num / 10000,
+        wal_segment_size: server.info.wal_segment_size,
+        created_at: chrono::Utc::now(),
+    })
+    .await?;
+    let previous = catalog::load_all(&repo).await?;
+    let index = Arc::new(BlobIndex::from_manifests(&previous));
+
+    let start_time = chrono::Utc::now();
+    let id = backup_id(start_time);
+    let start_lsn: Lsn = server
+        .backup_start(&format!("walvault {id}"))
+        .await?
+        .parse()?;
+    tracing::info!("backup {id} started at LSN {start_lsn}");
+
+    let listing = walk::list(&pgdata)?;
+    let total: u64 = listing.files.iter().map(|f| f.size).sum();
+    let progress = progress_bar(total);
+
+    let (sealed_tx, sealed_rx) = tokio::sync::mpsc::channel(2);
+    let seed = format!(
+        "{id}/{}/{}/{:?}",
+        hostname(),
+        std::process::id(),
+        Instant::now()
+    );
+    let packs = Arc::new(PackWriter::new(PACK_SIZE, sealed_tx, index.clone(), seed));
+    let stats = Arc::new(copy::CopyStats::default());
+    let files = Arc::new(listing.files);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    let jobs = opts.jobs.max(1);
+    let mut workers = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let (files, next, index, packs, stats, progress) = (
+            files.clone(),
+            next.clone(),
+            index.clone(),
+            packs.clone(),
+            stats.clone(),
+            progress.clone(),
+        );
+        let level = opts.compress_level;
+        workers.push(tokio::task::spawn_blocking(move || {
+            let ctx = copy::CopyContext {
+                index: &index,
+                packs: &packs,
+                level,
+                stats: &stats,
+                progress: &progress,
+            };
+            let mut done = vec![];
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(src) = files.get(i) else { break };
+                if let Some(entry) = copy::copy_file(src, &ctx)? {
+                    done.push(entry);
+                }
+            }
+            Ok::<_, Error>(done)
+        }));
+    }
+    let uploader = upload_packs(&repo, sealed_rx, 2);
+    let copying = async {
+        let mut entries = vec![];
+        for w in workers {
+            entries.extend(
+                w.await
+                    .map_err(|e| Error::io(format!("backup worker failed: {e}")))??,
+            );
+        }
+        packs.finish().await?;
+        drop(packs);
+        Ok::<_, Error>(entries)
+    };
+    // The uploader ends when every PackWriter handle (and so the sender) is gone.
+    let (mut entries, uploaded) = tokio::try_join!(copying, uploader)?;
+    progress.finish_and_clear();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+
+    let stop = tokio::time::timeout(opts.archive_timeout, server.backup_stop())
+        .await
+        .map_err(|_| {
+            Error::io(format!(
+                "the WAL this backup needs was not archived within {} s; check archive_command and \
+                 pg_stat_archiver, then run the backup again (this one is abandoned)",
+                opts.archive_timeout.as_secs()
+            ))
+        })??;
+    let stop_time = chrono::Utc::now();
+    let stop_lsn: Lsn = stop.lsn.parse()?;
+    let timeline = pg::timeline_from_label(&stop.backup_label).ok_or_else(|| {
+        Error::io("backup_label returned by the server has no START TIMELINE line")
+    })?;
+    let size: u64 = entries.iter().map(|e| e.size).sum();
+    let manifest = Manifest {
+        format: MANIFEST_FORMAT,
+        id: id.clone(),
+        pg_version: server.info.version_num,
+        system_identifier: server.info.system_identifier.clone(),
+        wal_segment_size: server.info.wal_segment_size,
+        timeline,
+        start_lsn,
+        stop_lsn,
+        start_time,
+        stop_time,
+        backup_label: stop.backup_label,
+        tablespace_map: stop.tablespace_map,
+        tablespaces: listing.tablespaces,
+        directories: listing.directories,
+        files: entries,
+        stats: BackupStats {
+            size,
+            stored: uploaded,
+            deduplicated: stats.deduplicated.load(Ordering::Relaxed),
+        },
+    };
+    catalog::store(&repo, &manifest).await?;
+
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "backup {id}: {} files, {} read, {} stored ({:.1}% of it already in the repository), \
+         LSN {start_lsn} to {stop_lsn} on timeline {timeline}, {:.1} s, {}/s",
+        manifest.files.len(),
+        human_bytes(size),
+        human_bytes(uploaded),
+        if size > 0 {
+            100.0 * manifest.stats.deduplicated as f64 / size as f64
+        } else {
+            0.0
+        },
+        secs,
+        human_bytes((size as f64 / secs.max(0.001)) as u64)
+    );
+    Ok(())
+}
+
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec}, {eta} left",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,221 @@
+//! What a base backup copies from the data directory: what PostgreSQL's
+//! documentation says a base backup holds ("Backing Up the Data Directory"),
+//! the same list pg_basebackup uses.
+
+use crate::error::{Error, Result};
+use crate::manifest::{DirEntry, Tablespace};
+use std::path::{Path, PathBuf};
+
+/// Directories kept, empty: their contents are rebuilt or useless on restore.
+const EMPTY_DIRS: &[&str] = &[
+    "pg_wal",
+    "pg_dynshmem",
+    "pg_notify",
+    "pg_replslot",
+    "pg_serial",
+    "pg_snapshots",
+    "pg_stat_tmp",
+    "pg_subtrans",
+];
+
+/// Files never copied, wherever they are.
+const SKIP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "pg_internal.init",
+    "postgresql.auto.conf.tmp",
+    "current_logfiles",
+    "backup_label",
+    "tablespace_map",
+    "backup_manifest",
+    "recovery.signal",
+    "standby.signal",
+];
+
+/// A file to copy.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Relative to the data directory, `/`-separated.
+    pub path: String,
+    pub abs: PathBuf,
+    pub size: u64,
+}
+
+pub struct Listing {
+    pub directories: Vec<DirEntry>,
+    pub files: Vec<SourceFile>,
+    pub tablespaces: Vec<Tablespace>,
+}
+
+fn skipped_name(name: &str) -> bool {
+    SKIP_FILES.contains(&name) || name.starts_with("pgsql_tmp")
+}
+
+fn mode_of(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+/// Lists the data directory (following `pg_tblspc` links into tablespaces).
+/// Files that vanish while we look are normal on a live server.
+pub fn list(pgdata: &Path) -> Result<Listing> {
+    let meta = std::fs::metadata(pgdata).map_err(|e| {
+        Error::usage(format!(
+            "cannot read data directory {}: {e}",
+            pgdata.display()
+        ))
+    })?;
+    if !meta.is_dir() || !pgdata.join("PG_VERSION").exists() {
+        return Err(Error::usage(format!(
+            "{} is not a PostgreSQL data directory (no PG_VERSION); check --pgdata",
+            pgdata.display()
+        )));
+    }
+    let mut listing = Listing {
+        directories: vec![],
+        files: vec![],
+        tablespaces: vec![],
+    };
+    walk_tree(pgdata, "", &mut listing, true)?;
+    // Tablespaces: pg_tblspc/<oid> is a link to the tablespace's location.
+    let tblspc = pgdata.join("pg_tblspc");
+    if let Ok(entries) = std::fs::read_dir(&tblspc) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let Ok(oid) = name.parse::<u32>() else {
+                continue;
+            };
+            let link = entry.path();
+            let location = match std::fs::read_link(&link) {
+                Ok(target) => target,
+                // An in-place tablespace (a directory): already walked.
+                Err(_) => continue,
+            };
+            listing.tablespaces.push(Tablespace {
+                oid,
+                location: location.display().to_string(),
+            });
+            let rel = format!("pg_tblspc/{oid}");
+            listing.directories.push(DirEntry {
+                path: rel.clone(),
+                mode: std::fs::metadata(&link)
+                    .map(|m| mode_of(&m))
+                    .unwrap_or(0o700),
+            });
+            walk_tree(&link, &rel, &mut listing, false)?;
+        }
+    }
+    listing.files.sort_by(|a, b| a.path.cmp(&b.path));
+    listing.directories.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(listing)
+}
+
+fn walk_tree(root: &Path, prefix: &str, listing: &mut Listing, is_data_dir: bool) -> Result<()> {
+    let join = |rel: &Path| -> String {
+        let rel = rel.to_string_lossy();
+        if prefix.is_empty() {
+            rel.to_string()
+        } else {
+            format!("{prefix}/{rel}")
+        }
+    };
+    let mut walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .min_depth(1)
+        .into_iter();
+    while let Some(entry) = walker.next() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) if e.io_error().map(|io| io.kind()) == Some(std::io::ErrorKind::NotFound) => {
+                continue;
+            }
+            Err(e) => {
+                return Err(Error::io(format!("cannot list {}: {e}", root.display())));
+            }
+        };
+        let rel_path = entry
+            .path()
+            .strip_prefix(root)
+            .expect("walkdir stays under root");
+        let rel = join(rel_path);
+        let name = entry.file_name().to_string_lossy();
+        if skipped_name(&name) {
+            if entry.file_type().is_dir() {
+                walker.skip_current_dir();
+            }
+            continue;
+        }
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            Err(_) => continue, // vanished
+        };
+        let top_level = is_data_dir && entry.depth() == 1;
+        if entry.file_type().is_dir() || (top_level && name == "pg_wal" && entry.path_is_symlink())
+        {
+            let mode = std::fs::metadata(entry.path())
+                .map(|m| mode_of(&m))
+                .unwrap_or(mode_of(&meta));
+            listing.directories.push(DirEntry {
+                path: rel.clone(),
+                mode,
+            });
+            if top_level && EMPTY_DIRS.contains(&name.as_ref()) {
+                if name == "pg_wal" {
+                    listing.directories.push(DirEntry {
+                        path: "pg_wal/archive_status".into(),
+                        mode,
+                    });
+                }
+                if entry.file_type().is_dir() {
+                    walker.skip_current_dir();
+                }
+            } else if top_level && name == "pg_tblspc" {
+                // Links handled by list(); nothing else belongs here.
+                walker.skip_current_dir();
+            }
+            continue;
+        }
+        if entry.file_type().is_file() {
+            listing.files.push(SourceFile {
+                path: rel,
+                abs: entry.path().to_path_buf(),
+                size: meta.len(),
+            });
+        }
+        // Other symlinks and special files are not part of a cluster's state.
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skips_what_postgres_rebuilds() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for f in [
+            "PG_VERSION",
+            "postmaster.pid",
+            "base/1/1259",
+            "base/1/pg_internal.init",
+            "base/pgsql_tmp/pgsql_tmp1.0",
+            "pg_wal/000000010000000000000001",
+            "pg_wal/archive_status/000000010000000000000001.done",
+            "pg_stat_tmp/global.stat",
+            "global/pg_control",
+        ] {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        let l = list(root).unwrap();
+        let files: Vec<_> = l.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(files, ["PG_VERSION", "base/1/1259", "global/pg_control"]);
+        let dirs: Vec<_> = l.directories.iter().map(|d| d.path.as_str()).collect();
+        assert!(dirs.contains(&"pg_wal") && dirs.contains(&"pg_wal/archive_status"));
+        assert!(dirs.contains(&"pg_stat_tmp"));
+        assert!(!dirs.iter().any(|d| d.contains("pgsql_tmp")));
+    }
+}

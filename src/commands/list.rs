@@ -1,0 +1,55 @@
+//! `walvault list`: the backups, newest last.
+
+use crate::catalog;
+use crate::commands::backup::human_bytes;
+use crate::error::Result;
+use crate::repository::{RepoUrl, Repository};
+
+pub async fn run(url: &RepoUrl, json: bool) -> Result<()> {
+    let repo = Repository::open(url, false)?;
+    repo.require_config().await?;
+    let backups = catalog::load_all(&repo).await?;
+    if json {
+        let rows: Vec<serde_json::Value> = backups
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "id": b.id,
+                    "start_time": b.start_time,
+                    "stop_time": b.stop_time,
+                    "start_lsn": b.start_lsn,
+                    "stop_lsn": b.stop_lsn,
+                    "timeline": b.timeline,
+                    "pg_version": b.pg_version,
+                    "files": b.files.len(),
+                    "size": b.stats.size,
+                    "stored": b.stats.stored,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        return Ok(());
+    }
+    if backups.is_empty() {
+        println!("no backups in {url}");
+        return Ok(());
+    }
+    println!(
+        "{:<16}  {:<19}  {:<19}  {:>13}  {:>13}  {:>3}  {:>10}  {:>10}",
+        "id", "start (UTC)", "stop (UTC)", "start lsn", "stop lsn", "tli", "size", "stored"
+    );
+    for b in &backups {
+        println!(
+            "{:<16}  {:<19}  {:<19}  {:>13}  {:>13}  {:>3}  {:>10}  {:>10}",
+            b.id,
+            b.start_time.format("%Y-%m-%d %H:%M:%S"),
+            b.stop_time.format("%Y-%m-%d %H:%M:%S"),
+            b.start_lsn.to_string(),
+            b.stop_lsn.to_string(),
+            b.timeline,
+            human_bytes(b.stats.size),
+            human_bytes(b.stats.stored)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! The per-file worker of a restore: fetch each chunk by range, prove it is
+//! the chunk the manifest names, write it, and prove the whole file.
+
+use crate::error::{Error, Result};
+use crate::manifest::FileEntry;
+use crate::object;
+use crate::repository::{Repository, pack_key};
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::Path;
+
+/// Runs on a blocking thread; `rt` drives the storage requests.
+pub fn restore_file(
+    repo: &Repository,
+    rt: &tokio::runtime::Handle,
+    entry: &FileEntry,
+    dest: &Path,
+) -> Result<u64> {
+    let damaged = |why: String| {
+        Error::corrupt(format!(
+            "{} is damaged in the repository: {why}",
+            entry.path
+        ))
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never follow a link planted where a file should go.
+        options.mode(0o600).custom_flags(libc::O_NOFOLLOW);
+    }
+    let mut file = options
+        .open(dest)
+        .map_err(|e| Error::io(format!("cannot create {}: {e}", dest.display())))?;
+    let mut whole = Sha256::new();
+    let mut size = 0u64;
+    for chunk in &entry.chunks {
+        let key = pack_key(&chunk.pack);
+        let stored =
+            rt.block_on(repo.get_range(&key, chunk.offset..chunk.offset + chunk.length))?;
+        let (header, data) = object::decode(&stored)
+            .map_err(|e| damaged(format!("chunk at {key}+{}: {e}", chunk.offset)))?;
+        if header.sha256 != chunk.sha256 || data.len() as u64 != chunk.size {
+            return Err(damaged(format!(
+                "chunk at {key}+{} holds sha256 {}, the manifest expects {}",
+                chunk.offset, header.sha256, chunk.sha256
+            )));
+        }
+        whole.update(&data);
+        size += data.len() as u64;
+        file.write_all(&data)
+            .map_err(|e| Error::io(format!("cannot write {}: {e}", dest.display())))?;
+    }
+    let sha = crate::object::Sha256Digest(whole.finalize().into());
+    if sha != entry.sha256 || size != entry.size {
+        return Err(damaged(format!(
+            "restored {size} bytes with sha256 {sha}, the manifest expects {} bytes with {}",
+            entry.size, entry.sha256
+        )));
+    }
+    file.sync_all()
+        .map_err(|e| Error::io(format!("cannot fsync {}: {e}", dest.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))
+        .map_err(|e| Error::io(format!("cannot set mode of {}: {e}", dest.display())))?;
+    let _ = file.set_modified(entry.mtime.into());
+    Ok(size)
+}

@@ -1,0 +1,313 @@
+//! `walvault restore`: rebuild a data directory from a backup, set up to
+//! recover from the archive to the latest state, a target, or as a standby.
+
+mod files;
+pub mod target;
+
+use crate::catalog;
+use crate::error::{Context, Error, Result};
+use crate::manifest::Manifest;
+use crate::repository::{RepoUrl, Repository, is_pack_id};
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+pub use target::{RecoveryTarget, parse_time};
+
+pub struct RestoreOptions {
+    pub pgdata: PathBuf,
+    /// A backup id or `latest`; `None` picks by target.
+    pub backup: Option<String>,
+    pub target: RecoveryTarget,
+    pub target_action: Option<String>,
+    pub standby: bool,
+    pub primary_conninfo: Option<String>,
+    pub jobs: usize,
+    /// `OID=DIR`: restore a tablespace somewhere else.
+    pub tablespace_map: Vec<(u32, PathBuf)>,
+}
+
+pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
+    let started = Instant::now();
+    if opts.standby && opts.target != RecoveryTarget::Latest {
+        return Err(Error::usage(
+            "--standby follows the primary; it takes no recovery target",
+        ));
+    }
+    if let Some(a) = &opts.target_action
+        && !["promote", "pause", "shutdown"].contains(&a.as_str())
+    {
+        return Err(Error::usage(format!(
+            "--target-action '{a}' must be promote, pause or shutdown"
+        )));
+    }
+    let repo = Arc::new(Repository::open(url, false)?);
+    repo.require_config().await?;
+    let backups = catalog::load_all(&repo).await?;
+    let manifest = opts
+        .target
+        .choose(&backups, opts.backup.as_deref())?
+        .clone();
+    manifest.check_paths()?;
+    if let Some(bad) = manifest
+        .files
+        .iter()
+        .flat_map(|f| &f.chunks)
+        .find(|c| !is_pack_id(&c.pack))
+    {
+        return Err(Error::corrupt(format!(
+            "backup {} refers to pack '{}', which is not a pack id; refusing it",
+            manifest.id,
+            bad.pack.escape_debug()
+        )));
+    }
+    let pgdata = prepare_empty_dir(&opts.pgdata, "--pgdata")?;
+    let locations = tablespace_locations(&manifest, &pgdata, &opts.tablespace_map)?;
+    let dest_of = |path: &str| -> PathBuf { destination(&pgdata, &locations, path) };
+
+    for dir in &manifest.directories {
+        let dest = dest_of(&dir.path);
+        std::fs::create_dir_all(&dest).context(|| format!("cannot create {}", dest.display()))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(dir.mode & 0o7777))
+            .context(|| format!("cannot set mode of {}", dest.display()))?;
+    }
+    for extra in ["pg_wal/archive_status", "pg_tblspc"] {
+        let d = pgdata.join(extra);
+        std::fs::create_dir_all(&d).context(|| format!("cannot create {}", d.display()))?;
+    }
+
+    let files = Arc::new(manifest.files.clone());
+    let dests: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|f| dest_of(&f.path)).collect());
+    for d in dests.iter() {
+        if let Some(parent) = d.parent() {
+            std::fs::create_dir_all(parent)
+                .context(|| format!("cannot create {}", parent.display()))?;
+        }
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = vec![];
+    for _ in 0..opts.jobs.max(1) {
+        let (repo, files, dests, next) = (repo.clone(), files.clone(), dests.clone(), next.clone());
+        let rt = tokio::runtime::Handle::current();
+        workers.push(tokio::task::spawn_blocking(move || {
+            let mut bytes = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(entry) = files.get(i) else { break };
+                bytes += files::restore_file(&repo, &rt, entry, &dests[i])?;
+            }
+            Ok::<_, Error>(bytes)
+        }));
+    }
+    let mut restored = 0u64;
+    let mut first_error = None;
+    for w in workers {
+        match w
+            .await
+            .map_err(|e| Error::io(format!("restore worker failed: {e}")))?
+        {
+            Ok(b) => restored += b,
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(Error::new(
+            e.kind,
+            format!(
+                "{e}; the restore in {} is incomplete, do not start it",
+                pgdata.display()
+            ),
+        ));
+    }
+
+    let write = |name: &str, text: &str| -> Result<()> {
+        crate::commands::write_file_atomically(&pgdata.join(name), text.as_bytes(), Some(0o600))
+    };
+    write("backup_label", &manifest.backup_label)?;
+    if let Some(map) = tablespace_map_text(&manifest, &locations) {
+        write("tablespace_map", &map)?;
+    }
+    write_recovery_settings(&pgdata, url, &manifest, opts)?;
+
+    println!(
+        "restored backup {} ({} files, {}) into {} in {:.1} s; {}",
+        manifest.id,
+        manifest.files.len(),
+        crate::commands::backup::human_bytes(restored),
+        pgdata.display(),
+        started.elapsed().as_secs_f64(),
+        match (&opts.standby, &opts.target) {
+            (true, _) => "start PostgreSQL on it to run a standby".to_string(),
+            (_, RecoveryTarget::Latest) =>
+                "start PostgreSQL on it to replay the archive to its end".into(),
+            _ => "start PostgreSQL on it to recover to the target".into(),
+        }
+    );
+    if matches!(url, RepoUrl::S3 { .. }) {
+        println!(
+            "note: restore_command reads {url}: the server needs the same AWS_* variables in its environment"
+        );
+    }
+    Ok(())
+}
+
+/// An empty directory, created 0700 if missing; anything else is refused.
+fn prepare_empty_dir(dir: &Path, what: &str) -> Result<PathBuf> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => {
+            let mut entries =
+                std::fs::read_dir(dir).context(|| format!("cannot read {}", dir.display()))?;
+            if entries.next().is_some() {
+                return Err(Error::usage(format!(
+                    "{what} {} is not empty; restore into an empty or new directory",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(_) => {
+            return Err(Error::usage(format!(
+                "{what} {} exists and is not a directory",
+                dir.display()
+            )));
+        }
+        Err(_) => {
+            std::fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .context(|| format!("cannot set mode of {}", dir.display()))?;
+    dir.canonicalize()
+        .context(|| format!("cannot resolve {}", dir.display()))
+}
+
+/// Where each tablespace goes: `--tablespace-map`, else where it was.
+fn tablespace_locations(
+    manifest: &Manifest,
+    pgdata: &Path,
+    map: &[(u32, PathBuf)],
+) -> Result<HashMap<u32, PathBuf>> {
+    let mut out = HashMap::new();
+    for t in &manifest.tablespaces {
+        let target = map
+            .iter()
+            .find(|(oid, _)| *oid == t.oid)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| PathBuf::from(&t.location));
+        if !target.is_absolute() {
+            return Err(Error::usage(format!(
+                "tablespace {} location {} must be absolute",
+                t.oid,
+                target.display()
+            )));
+        }
+        let target = prepare_empty_dir(&target, &format!("tablespace {} location", t.oid))?;
+        if target.starts_with(pgdata) {
+            return Err(Error::usage(format!(
+                "tablespace {} location {} is inside the data directory; map it elsewhere with --tablespace-map {}=DIR",
+                t.oid,
+                target.display(),
+                t.oid
+            )));
+        }
+        out.insert(t.oid, target);
+    }
+    Ok(out)
+}
+
+/// Files under `pg_tblspc/<oid>/` go to the tablespace's location; all others
+/// under the data directory. Paths were checked by `Manifest::check_paths`.
+fn destination(pgdata: &Path, locations: &HashMap<u32, PathBuf>, path: &str) -> PathBuf {
+    if let Some(rest) = path.strip_prefix("pg_tblspc/") {
+        let (oid, inner) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Some(loc) = oid.parse().ok().and_then(|o: u32| locations.get(&o)) {
+            return if inner.is_empty() {
+                loc.clone()
+            } else {
+                loc.join(inner)
+            };
+        }
+    }
+    pgdata.join(path)
+}
+
+fn tablespace_map_text(manifest: &Manifest, locations: &HashMap<u32, PathBuf>) -> Option<String> {
+    if manifest.tablespaces.is_empty() {
+        return manifest.tablespace_map.clone();
+    }
+    Some(
+        manifest
+            .tablespaces
+            .iter()
+            .map(|t| format!("{} {}\n", t.oid, locations[&t.oid].display()))
+            .collect(),
+    )
+}
+
+/// Quotes a word for the shell PostgreSQL runs restore_command through.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_/.:=@+-,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn write_recovery_settings(
+    pgdata: &Path,
+    url: &RepoUrl,
+    manifest: &Manifest,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    use target::conf_quote;
+    let exe =
+        std::env::current_exe().context(|| "cannot find this walvault binary's path".into())?;
+    let restore_command = format!(
+        "{} --repo {} fetch %f %p",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&url.to_string())
+    );
+    let mut lines = vec![
+        format!(
+            "# added by walvault restore of backup {} at {}",
+            manifest.id,
+            chrono::Utc::now().to_rfc3339()
+        ),
+        format!("restore_command = {}", conf_quote(&restore_command)),
+        "recovery_target_timeline = 'latest'".to_string(),
+    ];
+    for (k, v) in opts.target.settings() {
+        lines.push(format!("{k} = {}", conf_quote(&v)));
+    }
+    if opts.target != RecoveryTarget::Latest {
+        let action = opts.target_action.as_deref().unwrap_or("promote");
+        lines.push(format!("recovery_target_action = {}", conf_quote(action)));
+    }
+    if let Some(c) = &opts.primary_conninfo {
+        lines.push(format!("primary_conninfo = {}", conf_quote(c)));
+    }
+    let auto = pgdata.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&auto)
+        .context(|| format!("cannot open {}", auto.display()))?;
+    writeln!(f, "\n{}", lines.join("\n")).context(|| format!("cannot write {}", auto.display()))?;
+    f.sync_all()
+        .context(|| format!("cannot fsync {}", auto.display()))?;
+    let signal = if opts.standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    };
+    crate::commands::write_file_atomically(&pgdata.join(signal), b"", Some(0o600))
+}
