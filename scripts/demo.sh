@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# walvault demo: a throwaway PostgreSQL archiving its WAL through walvault into
-# a local repository, shown step by step. Everything lives under .demo/ (or a
-# temp dir when the postgres OS user cannot reach the checkout) and the server
-# is stopped on exit.
+# walvault demo: a throwaway PostgreSQL archives its WAL through walvault into
+# a local repository; a base backup is taken, more data written, and a
+# point-in-time restore to a moment between two batches is started beside the
+# original, rows shown side by side. Everything lives under .demo/ (or a temp
+# dir when the postgres OS user cannot reach the checkout); servers are
+# stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BINDIR=$(pg_config --bindir)
 if [[ -t 1 ]]; then B=$'\033[1m' N=$'\033[0m'; else B='' N=''; fi
 step() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
-
 as_pg() { if [[ $(id -u) -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 DEMO=$PWD/.demo
@@ -27,13 +28,20 @@ fi
 cp target/release/walvault "$DEMO/walvault"
 WALVAULT=$DEMO/walvault
 REPO=$DEMO/repo
-DATA=$DEMO/pg/data
-SOCK=$DEMO/pg/sock
-as_pg mkdir -p "$SOCK"
+DATA=$DEMO/primary/data
+SOCK=$DEMO/primary/sock
+RDATA=$DEMO/restored/data
+RSOCK=$DEMO/restored/sock
+as_pg mkdir -p "$SOCK" "$RSOCK"
 
-psql_() { "$BINDIR/psql" -h "$SOCK" -p 5432 -U postgres -d postgres -AtX -v ON_ERROR_STOP=1 "$@"; }
-stop_server() { as_pg "$BINDIR/pg_ctl" -D "$DATA" -m fast -w stop >/dev/null 2>&1 || true; }
-trap stop_server EXIT
+psql_at() { local sock=$1; shift; "$BINDIR/psql" -h "$sock" -p 5432 -U postgres -d postgres -AtX -v ON_ERROR_STOP=1 "$@"; }
+psql_() { psql_at "$SOCK" "$@"; }
+stop_servers() {
+    for d in "$RDATA" "$DATA"; do
+        [[ -f $d/postmaster.pid ]] && as_pg "$BINDIR/pg_ctl" -D "$d" -m fast -w stop >/dev/null 2>&1 || true
+    done
+}
+trap stop_servers EXIT
 
 step "1. A fresh PostgreSQL cluster that archives through walvault"
 as_pg "$BINDIR/initdb" -A trust -U postgres --no-sync -D "$DATA" >/dev/null
@@ -45,46 +53,53 @@ archive_mode = on
 archive_command = '$WALVAULT --repo $REPO push %p %f'
 CONF
 grep -E '^(archive_mode|archive_command)' "$DATA/postgresql.conf"
-as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$DEMO/pg/server.log" -w start >/dev/null
+as_pg "$BINDIR/pg_ctl" -D "$DATA" -l "$DEMO/primary/server.log" -w start >/dev/null
 
-step "2. Write some data and switch WAL segments three times"
-psql_ -c "CREATE TABLE orders (id int PRIMARY KEY, item text, placed_at timestamptz DEFAULT now())" >/dev/null
-last=""
-for batch in 1 2 3; do
-    psql_ -c "INSERT INTO orders (id, item) SELECT g, 'item ' || g FROM generate_series(($batch - 1) * 20000 + 1, $batch * 20000) g" >/dev/null
-    last=$(psql_ -c "SELECT pg_walfile_name(pg_switch_wal() - 1)")
-    echo "batch $batch: 20000 orders, segment $last completed"
-done
+step "2. Batch 1 of orders, then an online base backup"
+psql_ -c "CREATE TABLE orders (id int PRIMARY KEY, batch int, placed_at timestamptz DEFAULT clock_timestamp())" >/dev/null
+add_batch() { psql_ -c "INSERT INTO orders (id, batch) SELECT g, $1 FROM generate_series(($1 - 1) * 10000 + 1, $1 * 10000) g" >/dev/null; }
+add_batch 1
+echo "+ walvault --repo $REPO backup"
+as_pg env PGHOST="$SOCK" PGPORT=5432 PGUSER=postgres "$WALVAULT" --repo "$REPO" backup --pgdata "$DATA"
+echo "+ walvault --repo $REPO list"
+"$WALVAULT" --repo "$REPO" list
 
-step "3. Wait for PostgreSQL's archiver to hand every segment to walvault"
+step "3. More writes after the backup: batch 2, a moment to return to, batch 3"
+add_batch 2
+sleep 1
+TARGET=$(psql_ -c "SELECT clock_timestamp()")
+sleep 1
+add_batch 3
+echo "batch 2 committed before, batch 3 after: $TARGET"
+last=$(psql_ -c "SELECT pg_walfile_name(pg_switch_wal() - 1)")
 for _ in $(seq 1 300); do
-    done_=$(psql_ -c "SELECT coalesce(last_archived_wal, '') >= '$last' FROM pg_stat_archiver")
-    [[ $done_ == t ]] && break
+    [[ $(psql_ -c "SELECT coalesce(last_archived_wal, '') >= '$last' FROM pg_stat_archiver") == t ]] && break
     sleep 0.1
 done
-psql_ -c "SELECT 'archived: ' || archived_count || ', failed: ' || failed_count || ', last: ' || last_archived_wal FROM pg_stat_archiver"
+psql_ -c "SELECT 'archiver: ' || archived_count || ' files archived, ' || failed_count || ' failed' FROM pg_stat_archiver"
 
-step "4. What is in the repository ($REPO)"
-cat "$REPO/walvault.json"; echo
-total_in=0; total_out=0
-while IFS= read -r f; do
-    size=$(stat -c %s "$f")
-    total_out=$((total_out + size))
-    printf '  %-70s %9d bytes\n' "${f#"$REPO"/}" "$size"
-done < <(find "$REPO/wal" -type f | sort)
-segments=$(find "$REPO/wal" -name '????????????????????????.zst' | wc -l)
-echo "  $segments segments of 16 MiB stored in $((total_out / 1024)) KiB"
+step "4. What the repository holds ($REPO)"
+printf '  %-8s %6s files %10s\n' wal "$(find "$REPO/wal" -type f | wc -l)" "$(du -sh "$REPO/wal" | cut -f1)"
+printf '  %-8s %6s files %10s\n' packs "$(find "$REPO/packs" -type f | wc -l)" "$(du -sh "$REPO/packs" | cut -f1)"
+printf '  %-8s %6s files %10s\n' backups "$(find "$REPO/backups" -type f | wc -l)" "$(du -sh "$REPO/backups" | cut -f1)"
+echo "  primary data directory: $(du -sh --exclude=pg_wal "$DATA" | cut -f1) (without pg_wal)"
 
-step "5. Fetch a segment back, as restore_command would, and compare"
-mkdir -p "$DEMO/fetched"
-"$WALVAULT" --repo "$REPO" fetch "$last" "$DEMO/fetched/$last"
-if [[ -f $DATA/pg_wal/$last ]]; then
-    cmp "$DEMO/fetched/$last" "$DATA/pg_wal/$last" && echo "  $last: identical to pg_wal/$last"
-fi
-sha256sum "$DEMO/fetched/$last" | sed 's/^/  sha256 /'
-echo "  a name that is not archived yet exits 1, quietly, as PostgreSQL expects:"
-set +e
-"$WALVAULT" --repo "$REPO" fetch 00000002.history "$DEMO/fetched/x"; echo "  exit status $?"
-set -e
+step "5. Point-in-time restore to $TARGET"
+echo "+ walvault --repo $REPO restore --pgdata $RDATA --time '$TARGET'"
+as_pg "$WALVAULT" --repo "$REPO" restore --pgdata "$RDATA" --time "$TARGET"
+echo "+ tail -6 $RDATA/postgresql.auto.conf"
+tail -6 "$RDATA/postgresql.auto.conf" | sed 's/^/  /'
+as_pg "$BINDIR/pg_ctl" -D "$RDATA" -l "$DEMO/restored/server.log" -w \
+    -o "-c unix_socket_directories=$RSOCK -c archive_mode=off" start >/dev/null
+for _ in $(seq 1 600); do
+    [[ $(psql_at "$RSOCK" -c "SELECT pg_is_in_recovery()" 2>/dev/null) == f ]] && break
+    sleep 0.1
+done
+grep -E "recovery stopping|archive recovery complete|selected new timeline" "$DEMO/restored/server.log" | sed 's/^/  server log: /'
 
-step "Done; the server is stopped. Files are in $DEMO"
+step "6. Side by side: the primary now, and the restore at $TARGET"
+query="SELECT batch, count(*), max(placed_at)::timestamptz(0) FROM orders GROUP BY batch ORDER BY batch"
+paste <(echo "primary (now)"; psql_ -F ' | ' -c "$query") \
+      <(echo "restored (at target)"; psql_at "$RSOCK" -F ' | ' -c "$query") | column -t -s $'\t'
+
+step "Done; both servers are stopped on exit. Everything is in $DEMO"

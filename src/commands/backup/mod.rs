@@ -169,7 +169,7 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
 
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "backup {id}: {} files, {} read, {} stored ({:.1}% of it already in the repository), \
+        "backup {id}: {} files, {} read, {} stored ({:.1}% deduplicated), \
          LSN {start_lsn} to {stop_lsn} on timeline {timeline}, {:.1} s, {}/s",
         manifest.files.len(),
         human_bytes(size),
