@@ -9,13 +9,7 @@ use bytes::Bytes;
 
 /// Every backup, oldest first.
 pub async fn load_all(repo: &Repository) -> Result<Vec<Manifest>> {
-    let mut ids: Vec<String> = repo
-        .list(BACKUP_DIR)
-        .await?
-        .iter()
-        .filter_map(|meta| backup_id_of_key(&meta.location))
-        .collect();
-    ids.sort();
+    let ids = ids(repo).await?;
     let mut manifests = Vec::with_capacity(ids.len());
     for id in ids {
         manifests.push(load(repo, &id).await?);
@@ -59,4 +53,16 @@ pub async fn store(repo: &Repository, manifest: &Manifest) -> Result<()> {
             repo.url()
         ))),
     }
+}
+
+/// Ids of every backup with a manifest, oldest first (manifests not read).
+pub async fn ids(repo: &Repository) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = repo
+        .list(BACKUP_DIR)
+        .await?
+        .iter()
+        .filter_map(|meta| backup_id_of_key(&meta.location))
+        .collect();
+    ids.sort();
+    Ok(ids)
 }

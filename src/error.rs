@@ -19,6 +19,8 @@ pub enum ErrorKind {
     Corrupt,
     /// Storage or local I/O failed; retrying may help.
     Io,
+    /// A monitoring threshold is crossed (status --max-age).
+    Stale,
 }
 
 impl ErrorKind {
@@ -29,6 +31,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 3,
             ErrorKind::Corrupt => 4,
             ErrorKind::Io => 5,
+            ErrorKind::Stale => 6,
         }
     }
 }

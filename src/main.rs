@@ -4,7 +4,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use walvault::commands::restore::{RecoveryTarget, parse_time};
-use walvault::commands::{backup, fetch, list, push, restore};
+use walvault::commands::{backup, fetch, list, prune, push, restore, status, verify};
+use walvault::duration::parse_duration;
 use walvault::error::{Error, ErrorKind};
 use walvault::repository::RepoUrl;
 
@@ -85,6 +86,45 @@ enum Command {
     },
     /// Rebuild a data directory from a backup, set up to recover from the archive.
     Restore(RestoreArgs),
+    /// Delete backups and WAL outside the retention policy (for cron).
+    Prune {
+        /// Keep the newest N backups.
+        #[arg(long, env = "WALVAULT_KEEP_LAST")]
+        keep_last: Option<usize>,
+        /// Keep backups newer than this (e.g. 7d, 36h).
+        #[arg(long, env = "WALVAULT_KEEP_WITHIN")]
+        keep_within: Option<String>,
+        /// Keep point-in-time recovery this far back; older kept backups keep only the WAL that makes them consistent.
+        #[arg(long, env = "WALVAULT_KEEP_WAL_WITHIN")]
+        keep_wal_within: Option<String>,
+        /// Print what would be deleted, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What the repository holds and can recover.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Exit 6 when the newest archived WAL is older than this (e.g. 15m).
+        #[arg(long, env = "WALVAULT_MAX_AGE")]
+        max_age: Option<String>,
+        /// Draw the timeline picture even when not on a terminal.
+        #[arg(long)]
+        graph: bool,
+    },
+    /// Read every object back, check checksums and WAL continuity.
+    Verify {
+        /// Only this backup (its content and the WAL it needs).
+        #[arg(long)]
+        backup: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+        /// Objects read in parallel (default: four per core).
+        #[arg(long, env = "WALVAULT_JOBS")]
+        jobs: Option<usize>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -244,6 +284,48 @@ async fn run(cli: Cli) -> Result<(), Error> {
             backup::run(&url, &opts).await
         }
         Command::List { json } => list::run(&url, json).await,
+        Command::Status {
+            json,
+            max_age,
+            graph,
+        } => {
+            let max_age = max_age.map(|d| parse_duration(&d)).transpose()?;
+            status::run(
+                &url,
+                &status::StatusOptions {
+                    json,
+                    max_age,
+                    graph,
+                },
+            )
+            .await
+        }
+        Command::Verify { backup, json, jobs } => {
+            let jobs = jobs.unwrap_or(4 * cores());
+            verify::run(&url, &verify::VerifyOptions { backup, json, jobs }).await
+        }
+        Command::Prune {
+            keep_last,
+            keep_within,
+            keep_wal_within,
+            dry_run,
+        } => {
+            let duration = |d: Option<String>| d.map(|d| parse_duration(&d)).transpose();
+            let policy = prune::Policy {
+                keep_last,
+                keep_within: duration(keep_within)?,
+                keep_wal_within: duration(keep_wal_within)?,
+            };
+            prune::run(
+                &url,
+                &prune::PruneOptions {
+                    policy,
+                    dry_run,
+                    quiet: cli.quiet,
+                },
+            )
+            .await
+        }
         Command::Restore(args) => restore::run(&url, &args.into_options()?).await,
     }
 }

@@ -4,8 +4,11 @@
 pub mod backup;
 pub mod fetch;
 pub mod list;
+pub mod prune;
 pub mod push;
 pub mod restore;
+pub mod status;
+pub mod verify;
 
 use crate::error::{Context, Result};
 use std::io::Write;

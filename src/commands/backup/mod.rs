@@ -11,6 +11,7 @@ pub use pg::connection_config;
 
 use crate::catalog;
 use crate::error::{Error, Result};
+use crate::lock::{self, RepoLock};
 use crate::manifest::{BackupStats, Lsn, MANIFEST_FORMAT, Manifest, backup_id};
 use crate::pack::{BlobIndex, PackWriter, upload_packs};
 use crate::repository::{RepoUrl, Repository, RepositoryConfig};
@@ -52,25 +53,52 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
         created_at: chrono::Utc::now(),
     })
     .await?;
-    let previous = catalog::load_all(&repo).await?;
-    let index = Arc::new(BlobIndex::from_manifests(&previous));
-
     let start_time = chrono::Utc::now();
     let id = backup_id(start_time);
+    // Registered under the lock, so a prune either sees this backup in
+    // progress (and keeps every pack) or is over before we read the index.
+    let lock = RepoLock::acquire_within(&repo, &format!("backup {id} start"), LOCK_WAIT).await?;
+    let registered = lock::write_marker(&repo, &id).await;
+    lock.release().await?;
+    registered?;
+    let result = take(&repo, &server, &pgdata, &id, start_time, opts).await;
+    if result.is_err() {
+        let _ = repo.delete(&lock::marker_key(&id)).await;
+    }
+    let manifest = result?;
+    print_summary(&manifest, started);
+    Ok(())
+}
+
+/// How long a backup waits for a prune to release the repository.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+async fn take(
+    repo: &Repository,
+    server: &pg::Server,
+    pgdata: &std::path::Path,
+    id: &str,
+    start_time: chrono::DateTime<chrono::Utc>,
+    opts: &BackupOptions,
+) -> Result<Manifest> {
+    let previous = catalog::load_all(repo).await?;
+    let index = Arc::new(BlobIndex::from_manifests(&previous));
+    drop(previous);
+
     let start_lsn: Lsn = server
         .backup_start(&format!("walvault {id}"))
         .await?
         .parse()?;
     tracing::info!("backup {id} started at LSN {start_lsn}");
 
-    let listing = walk::list(&pgdata)?;
+    let listing = walk::list(pgdata)?;
     let total: u64 = listing.files.iter().map(|f| f.size).sum();
     let progress = progress_bar(total);
 
     let (sealed_tx, sealed_rx) = tokio::sync::mpsc::channel(2);
     let seed = format!(
         "{id}/{}/{}/{:?}",
-        hostname(),
+        lock::hostname(),
         std::process::id(),
         Instant::now()
     );
@@ -110,7 +138,7 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
             Ok::<_, Error>(done)
         }));
     }
-    let uploader = upload_packs(&repo, sealed_rx, 2);
+    let uploader = upload_packs(repo, sealed_rx, 2);
     let copying = async {
         let mut entries = vec![];
         for w in workers {
@@ -145,7 +173,7 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
     let size: u64 = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
-        id: id.clone(),
+        id: id.to_string(),
         pg_version: server.info.version_num,
         system_identifier: server.info.system_identifier.clone(),
         wal_segment_size: server.info.wal_segment_size,
@@ -165,24 +193,40 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
             deduplicated: stats.deduplicated.load(Ordering::Relaxed),
         },
     };
-    catalog::store(&repo, &manifest).await?;
+    // Publish under the lock: a prune never sees half of this step.
+    let lock = RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT).await?;
+    let published = catalog::store(repo, &manifest).await;
+    let unregistered = match &published {
+        Ok(()) => repo.delete(&lock::marker_key(id)).await,
+        Err(_) => Ok(()),
+    };
+    lock.release().await?;
+    published?;
+    unregistered?;
+    Ok(manifest)
+}
 
+fn print_summary(manifest: &Manifest, started: Instant) {
     let secs = started.elapsed().as_secs_f64();
+    let size = manifest.stats.size;
     println!(
-        "backup {id}: {} files, {} read, {} stored ({:.1}% deduplicated), \
-         LSN {start_lsn} to {stop_lsn} on timeline {timeline}, {:.1} s, {}/s",
+        "backup {}: {} files, {} read, {} stored ({:.1}% deduplicated), \
+         LSN {} to {} on timeline {}, {:.1} s, {}/s",
+        manifest.id,
         manifest.files.len(),
         human_bytes(size),
-        human_bytes(uploaded),
+        human_bytes(manifest.stats.stored),
         if size > 0 {
             100.0 * manifest.stats.deduplicated as f64 / size as f64
         } else {
             0.0
         },
+        manifest.start_lsn,
+        manifest.stop_lsn,
+        manifest.timeline,
         secs,
         human_bytes((size as f64 / secs.max(0.001)) as u64)
     );
-    Ok(())
 }
 
 fn progress_bar(total: u64) -> indicatif::ProgressBar {
@@ -199,12 +243,6 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     bar
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into())
 }
 
 pub fn human_bytes(n: u64) -> String {

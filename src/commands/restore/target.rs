@@ -24,7 +24,13 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t);
     }
-    let normalized = s.replacen('T', " ", 1);
+    // Accept `T` between date and time, and only there.
+    let normalized = match s.as_bytes().get(10) {
+        Some(b'T') if s.is_char_boundary(10) && s.is_char_boundary(11) => {
+            format!("{} {}", &s[..10], &s[11..])
+        }
+        _ => s.to_string(),
+    };
     for format in [
         "%Y-%m-%d %H:%M:%S%.f%#z",
         "%Y-%m-%d %H:%M:%S%.f %#z",

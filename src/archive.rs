@@ -1,0 +1,158 @@
+//! The WAL archive as a whole: which segments each timeline holds, where the
+//! gaps are, and how timelines branch (from `.history` files). Shared by
+//! prune, status, verify and drill.
+
+use crate::error::Result;
+use crate::object;
+use crate::repository::{Repository, WAL_DIR, wal_key, wal_name_of_key};
+use crate::wal::{SegmentName, WalFileName};
+use object_store::ObjectMeta;
+use std::collections::BTreeMap;
+
+/// One archived file and what the store knows of it.
+#[derive(Debug, Clone)]
+pub struct ArchivedFile {
+    pub name: WalFileName,
+    pub meta: ObjectMeta,
+}
+
+/// A timeline's parentage: `(parent timeline, LSN where this one branched off)`,
+/// nearest parent first, as PostgreSQL's history file lists them reversed.
+pub type Ancestry = Vec<(u32, u64)>;
+
+#[derive(Debug, Default)]
+pub struct WalArchive {
+    pub segment_size: u32,
+    /// timeline → segment number → file.
+    pub segments: BTreeMap<u32, BTreeMap<u64, ArchivedFile>>,
+    pub histories: BTreeMap<u32, ArchivedFile>,
+    /// `.partial` and `.backup` files, by timeline and segment number.
+    pub others: Vec<(u64, ArchivedFile)>,
+    /// Parsed history files: timeline → its ancestors.
+    pub ancestry: BTreeMap<u32, Ancestry>,
+}
+
+impl WalArchive {
+    /// Lists `wal/` and reads every history file (they are tiny).
+    pub async fn load(repo: &Repository, segment_size: u32) -> Result<WalArchive> {
+        let mut archive = WalArchive {
+            segment_size,
+            ..Default::default()
+        };
+        for meta in repo.list(WAL_DIR).await? {
+            let Some(name) = wal_name_of_key(&meta.location) else {
+                continue;
+            };
+            let file = ArchivedFile { name, meta };
+            match name {
+                WalFileName::Segment(s) => {
+                    archive
+                        .segments
+                        .entry(s.timeline)
+                        .or_default()
+                        .insert(s.segno(segment_size), file);
+                }
+                WalFileName::TimelineHistory(t) => {
+                    archive.histories.insert(t, file);
+                }
+                WalFileName::Partial(s) | WalFileName::BackupHistory(s, _) => {
+                    archive.others.push((s.segno(segment_size), file));
+                }
+            }
+        }
+        for t in archive.histories.keys().copied().collect::<Vec<_>>() {
+            if let Some(bytes) = repo.get(&wal_key(&WalFileName::TimelineHistory(t))).await? {
+                // A damaged history file is verify's to report; here it only
+                // means we cannot tell that timeline's parents.
+                if let Ok((_, text)) = object::decode(&bytes) {
+                    archive
+                        .ancestry
+                        .insert(t, parse_history(&String::from_utf8_lossy(&text)));
+                }
+            }
+        }
+        Ok(archive)
+    }
+
+    /// Whether `timeline` is `ancestor` or branched from it (directly or not),
+    /// and if so the LSN from which `timeline`'s WAL continues `ancestor`'s.
+    pub fn descends_from(&self, timeline: u32, ancestor: u32) -> Option<u64> {
+        if timeline == ancestor {
+            return Some(0);
+        }
+        self.ancestry
+            .get(&timeline)?
+            .iter()
+            .find(|(parent, _)| *parent == ancestor)
+            .map(|&(_, switch)| switch)
+    }
+
+    pub fn segment_name(&self, timeline: u32, segno: u64) -> SegmentName {
+        SegmentName::containing(
+            timeline,
+            segno * u64::from(self.segment_size),
+            self.segment_size,
+        )
+    }
+
+    /// Segment numbers missing between the first and last segment of each
+    /// timeline (from `from` on, when given).
+    pub fn gaps(&self, timeline: u32, from: Option<u64>) -> Vec<u64> {
+        let Some(segs) = self.segments.get(&timeline) else {
+            return vec![];
+        };
+        let (Some(&first), Some(&last)) = (segs.keys().next(), segs.keys().next_back()) else {
+            return vec![];
+        };
+        let start = from.unwrap_or(first);
+        // Bounded: a damaged listing must not make us count to 2^64.
+        (start..=last)
+            .take(10_000_000)
+            .filter(|n| !segs.contains_key(n))
+            .collect()
+    }
+
+    /// The newest segment in the archive (any timeline), by archive time.
+    pub fn newest(&self) -> Option<&ArchivedFile> {
+        self.segments
+            .values()
+            .flat_map(|m| m.values())
+            .max_by_key(|f| f.meta.last_modified)
+    }
+
+    pub fn all_files(&self) -> impl Iterator<Item = &ArchivedFile> {
+        self.segments
+            .values()
+            .flat_map(|m| m.values())
+            .chain(self.histories.values())
+            .chain(self.others.iter().map(|(_, f)| f))
+    }
+}
+
+/// A timeline history file: `parentTLI<TAB>switchpoint<TAB>reason` lines.
+pub fn parse_history(text: &str) -> Ancestry {
+    let mut out: Ancestry = text
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let mut fields = line.split_whitespace();
+            let tli = fields.next()?.parse().ok()?;
+            let lsn = crate::wal::parse_lsn(fields.next()?)?;
+            Some((tli, lsn))
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn history() {
+        let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A0\tbefore 2026-11-27\n";
+        assert_eq!(super::parse_history(h), vec![(2, 0x5000A0), (1, 0x3000000)]);
+    }
+}

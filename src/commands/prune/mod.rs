@@ -1,0 +1,220 @@
+//! `walvault prune`: delete backups outside the retention policy, then the WAL
+//! no kept backup needs, then the packs no remaining manifest references.
+
+mod plan;
+
+pub use plan::Policy;
+
+use crate::archive::WalArchive;
+use crate::catalog;
+use crate::commands::backup::human_bytes;
+use crate::error::{Error, Result};
+use crate::lock::{self, RepoLock};
+use crate::manifest::Manifest;
+use crate::repository::{PACK_DIR, RepoUrl, Repository, is_pack_id, manifest_key};
+use object_store::path::Path as Key;
+use std::collections::HashSet;
+
+pub struct PruneOptions {
+    pub policy: Policy,
+    pub dry_run: bool,
+    pub quiet: bool,
+}
+
+/// What one prune removes, in the order it removes it.
+#[derive(Default)]
+struct Doomed {
+    backups: Vec<(String, Key, u64)>,
+    wal: Vec<(Key, u64)>,
+    packs: Vec<(Key, u64)>,
+    packs_kept_because: Option<String>,
+}
+
+impl Doomed {
+    fn bytes(&self) -> u64 {
+        self.backups.iter().map(|b| b.2).sum::<u64>()
+            + self.wal.iter().map(|w| w.1).sum::<u64>()
+            + self.packs.iter().map(|p| p.1).sum::<u64>()
+    }
+}
+
+pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
+    let p = &opts.policy;
+    if p.keep_last.is_none() && p.keep_within.is_none() && p.keep_wal_within.is_none() {
+        return Err(Error::usage(
+            "prune needs a policy: --keep-last N, --keep-within DURATION and/or --keep-wal-within DURATION",
+        ));
+    }
+    if p.keep_last == Some(0) {
+        return Err(Error::usage(
+            "--keep-last must be at least 1 (the newest backup is always kept)",
+        ));
+    }
+    let repo = Repository::open(url, false)?;
+    let config = repo.require_config().await?;
+    // A dry run changes nothing, not even a lock object.
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(RepoLock::acquire(&repo, "prune").await?)
+    };
+    let result = prune(&repo, config.wal_segment_size, opts).await;
+    if let Some(lock) = lock {
+        lock.release().await?;
+    }
+    let doomed = result?;
+    if !opts.quiet {
+        let verb = if opts.dry_run {
+            "would delete"
+        } else {
+            "deleted"
+        };
+        println!(
+            "prune: {verb} {} backups, {} WAL files, {} packs; {} {}{}",
+            doomed.backups.len(),
+            doomed.wal.len(),
+            doomed.packs.len(),
+            human_bytes(doomed.bytes()),
+            if opts.dry_run {
+                "would be freed"
+            } else {
+                "freed"
+            },
+            doomed
+                .packs_kept_because
+                .as_deref()
+                .map(|w| format!(" (packs kept: {w})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Result<Doomed> {
+    let now = chrono::Utc::now();
+    let in_progress = lock::live_backups(repo, opts.dry_run).await?;
+    let backups = catalog::load_all(repo).await?;
+    let manifest_sizes: std::collections::HashMap<String, u64> = repo
+        .list(crate::repository::BACKUP_DIR)
+        .await?
+        .into_iter()
+        .filter_map(|m| crate::repository::backup_id_of_key(&m.location).map(|id| (id, m.size)))
+        .collect();
+    let keep = plan::backups_to_keep(&backups, &opts.policy, now);
+    let kept: Vec<&Manifest> = backups
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|(b, _)| b)
+        .collect();
+
+    let mut doomed = Doomed::default();
+    for (b, _) in backups.iter().zip(&keep).filter(|(_, k)| !**k) {
+        doomed.backups.push((
+            b.id.clone(),
+            manifest_key(&b.id),
+            manifest_sizes.get(&b.id).copied().unwrap_or(0),
+        ));
+    }
+
+    // WAL: with no backup at all, nothing can say what is needed: keep it all.
+    if !kept.is_empty() {
+        let archive = WalArchive::load(repo, segment_size).await?;
+        let needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
+        for need in &needs {
+            tracing::debug!("keeping WAL {}", plan::describe_need(need, segment_size));
+        }
+        for (&timeline, segments) in &archive.segments {
+            for (&segno, file) in segments {
+                if !plan::is_needed(&archive, &needs, timeline, segno) {
+                    doomed
+                        .wal
+                        .push((file.meta.location.clone(), file.meta.size));
+                }
+            }
+        }
+        for (segno, file) in &archive.others {
+            if !plan::is_needed(&archive, &needs, file.name.timeline(), *segno) {
+                doomed
+                    .wal
+                    .push((file.meta.location.clone(), file.meta.size));
+            }
+        }
+        // Timeline history files stay: tiny, and recovery needs every one of
+        // the timelines it may follow.
+        if !opts.dry_run
+            && let Some(full) = needs.first()
+        {
+            crate::retention::store(
+                repo,
+                &crate::retention::Retention {
+                    complete_from_timeline: full.timeline,
+                    complete_from_segno: full.from,
+                    updated_at: now,
+                },
+            )
+            .await?;
+        }
+    }
+
+    // Packs: only when no backup is in progress (it may use any of them).
+    if let Some(b) = in_progress.first() {
+        doomed.packs_kept_because = Some(format!("{} is in progress", b.describe()));
+    } else {
+        let referenced: HashSet<&str> = kept
+            .iter()
+            .flat_map(|m| {
+                m.files
+                    .iter()
+                    .flat_map(|f| f.chunks.iter().map(|c| c.pack.as_str()))
+            })
+            .collect();
+        for meta in repo.list(PACK_DIR).await? {
+            let Some(id) = meta
+                .location
+                .filename()
+                .and_then(|f| f.strip_suffix(".pack"))
+            else {
+                continue;
+            };
+            if is_pack_id(id) && !referenced.contains(id) {
+                doomed.packs.push((meta.location.clone(), meta.size));
+            }
+        }
+    }
+
+    if opts.dry_run {
+        if !opts.quiet {
+            for (id, key, _) in &doomed.backups {
+                println!("would delete backup {id} ({key})");
+            }
+            for (key, _) in doomed.wal.iter().chain(&doomed.packs) {
+                println!("would delete {key}");
+            }
+        }
+        return Ok(doomed);
+    }
+    // Manifests first: once a backup is gone from the listing nothing uses
+    // its WAL or packs, so a crash part-way leaves garbage, never a broken backup.
+    for (id, key, _) in &doomed.backups {
+        repo.delete(key).await?;
+        tracing::info!("deleted backup {id}");
+    }
+    delete_all(repo, &doomed.wal).await?;
+    delete_all(repo, &doomed.packs).await?;
+    Ok(doomed)
+}
+
+async fn delete_all(repo: &Repository, keys: &[(Key, u64)]) -> Result<()> {
+    use futures::StreamExt;
+    let mut deletions = futures::stream::iter(keys.iter().map(|(k, _)| async move {
+        repo.delete(k).await?;
+        tracing::debug!("deleted {k}");
+        Ok::<_, Error>(())
+    }))
+    .buffer_unordered(8);
+    while let Some(r) = deletions.next().await {
+        r?;
+    }
+    Ok(())
+}

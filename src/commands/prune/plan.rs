@@ -1,0 +1,223 @@
+//! What a prune deletes, decided without touching the repository: which
+//! backups the policy keeps, and which WAL those backups still need.
+
+use crate::archive::WalArchive;
+use crate::manifest::Manifest;
+use crate::wal::SegmentName;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub keep_last: Option<usize>,
+    pub keep_within: Option<Duration>,
+    /// Point-in-time recovery only this far back; older kept backups keep
+    /// just the WAL that makes them consistent.
+    pub keep_wal_within: Option<Duration>,
+}
+
+/// `keep[i]` for each backup (oldest first): kept by any policy, and the
+/// newest always.
+pub fn backups_to_keep(backups: &[Manifest], policy: &Policy, now: DateTime<Utc>) -> Vec<bool> {
+    let n = backups.len();
+    let by_backup_policy = policy.keep_last.is_some() || policy.keep_within.is_some();
+    backups
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let newest = i + 1 == n;
+            let by_count = policy.keep_last.is_some_and(|k| i + k >= n);
+            let by_age = policy.keep_within.is_some_and(|d| {
+                b.stop_time >= now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+            });
+            newest || by_count || by_age || !by_backup_policy
+        })
+        .collect()
+}
+
+/// A stretch of WAL that must stay: on `timeline` (and the timelines that
+/// branch from it), segment numbers `from..=to` (`to: None`: to the end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalNeed {
+    pub timeline: u32,
+    pub from: u64,
+    pub to: Option<u64>,
+}
+
+fn segno(lsn: u64, segment_size: u32) -> u64 {
+    lsn / u64::from(segment_size)
+}
+
+/// The WAL the kept backups need: all of it from the oldest kept backup on
+/// (or, with `keep_wal_within`, from the backup that reaches the start of the
+/// window on), and for each older kept backup its own start to stop.
+pub fn wal_needs(
+    kept: &[&Manifest],
+    policy: &Policy,
+    now: DateTime<Utc>,
+    segment_size: u32,
+) -> Vec<WalNeed> {
+    let Some(oldest) = kept.first() else {
+        return vec![];
+    };
+    let anchor = match policy.keep_wal_within {
+        None => *oldest,
+        Some(d) => {
+            let window_start = now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            // The newest backup that was consistent before the window opened
+            // can reach every moment in it; without one, all WAL is needed.
+            kept.iter()
+                .rev()
+                .find(|b| b.stop_time <= window_start)
+                .copied()
+                .unwrap_or(*oldest)
+        }
+    };
+    let mut needs = vec![WalNeed {
+        timeline: anchor.timeline,
+        from: segno(anchor.start_lsn.0, segment_size),
+        to: None,
+    }];
+    for b in kept.iter().filter(|b| b.start_lsn < anchor.start_lsn) {
+        needs.push(WalNeed {
+            timeline: b.timeline,
+            from: segno(b.start_lsn.0, segment_size),
+            to: Some(segno(b.stop_lsn.0, segment_size)),
+        });
+    }
+    needs
+}
+
+/// Whether a WAL file at (`timeline`, `segno`) is needed. A timeline whose
+/// parentage is unknown (no readable history file) is kept when it is newer
+/// than a needed one: never delete what we cannot reason about.
+pub fn is_needed(archive: &WalArchive, needs: &[WalNeed], timeline: u32, segno: u64) -> bool {
+    needs.iter().any(|n| {
+        let related = timeline == n.timeline
+            || archive.descends_from(timeline, n.timeline).is_some()
+            || (timeline > n.timeline && !archive.ancestry.contains_key(&timeline));
+        related && segno >= n.from && n.to.is_none_or(|to| segno <= to)
+    })
+}
+
+/// For messages: the first segment a need starts at.
+pub fn describe_need(n: &WalNeed, segment_size: u32) -> String {
+    let first = SegmentName::containing(n.timeline, n.from * u64::from(segment_size), segment_size);
+    match n.to {
+        None => format!("{first} onwards"),
+        Some(to) => format!(
+            "{first} to {}",
+            SegmentName::containing(n.timeline, to * u64::from(segment_size), segment_size)
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{BackupStats, Lsn};
+
+    fn backup(id: &str, hours_ago: i64, start: u64, stop: u64, now: DateTime<Utc>) -> Manifest {
+        Manifest {
+            format: 1,
+            id: id.into(),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 1 << 24,
+            timeline: 1,
+            start_lsn: Lsn(start << 24),
+            stop_lsn: Lsn(stop << 24),
+            start_time: now - chrono::Duration::hours(hours_ago),
+            stop_time: now - chrono::Duration::hours(hours_ago) + chrono::Duration::minutes(5),
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![],
+            stats: BackupStats::default(),
+        }
+    }
+
+    #[test]
+    fn policies() {
+        let now = Utc::now();
+        let b = vec![
+            backup("a", 72, 2, 3, now),
+            backup("b", 48, 10, 11, now),
+            backup("c", 24, 20, 21, now),
+        ];
+        let p = |l, w| Policy {
+            keep_last: l,
+            keep_within: w,
+            keep_wal_within: None,
+        };
+        assert_eq!(
+            backups_to_keep(&b, &p(Some(1), None), now),
+            [false, false, true]
+        );
+        assert_eq!(
+            backups_to_keep(&b, &p(Some(2), None), now),
+            [false, true, true]
+        );
+        assert_eq!(
+            backups_to_keep(&b, &p(None, Some(Duration::from_secs(50 * 3600))), now),
+            [false, true, true]
+        );
+        // Nothing younger than an hour: the newest stays anyway.
+        assert_eq!(
+            backups_to_keep(&b, &p(None, Some(Duration::from_secs(3600))), now),
+            [false, false, true]
+        );
+        assert_eq!(
+            backups_to_keep(&b, &Policy::default(), now),
+            [true, true, true]
+        );
+    }
+
+    #[test]
+    fn wal_window() {
+        let now = Utc::now();
+        let b = [
+            backup("a", 72, 2, 3, now),
+            backup("b", 48, 10, 11, now),
+            backup("c", 24, 20, 21, now),
+        ];
+        let kept: Vec<&Manifest> = b.iter().collect();
+        let all = wal_needs(&kept, &Policy::default(), now, 1 << 24);
+        assert_eq!(
+            all,
+            [WalNeed {
+                timeline: 1,
+                from: 2,
+                to: None
+            }]
+        );
+        let window = Policy {
+            keep_wal_within: Some(Duration::from_secs(30 * 3600)),
+            ..Default::default()
+        };
+        let needs = wal_needs(&kept, &window, now, 1 << 24);
+        assert_eq!(
+            needs,
+            [
+                WalNeed {
+                    timeline: 1,
+                    from: 10,
+                    to: None
+                },
+                WalNeed {
+                    timeline: 1,
+                    from: 2,
+                    to: Some(3)
+                },
+            ]
+        );
+        let archive = WalArchive::default();
+        assert!(is_needed(&archive, &needs, 1, 3));
+        assert!(!is_needed(&archive, &needs, 1, 4));
+        assert!(!is_needed(&archive, &needs, 1, 9));
+        assert!(is_needed(&archive, &needs, 1, 10));
+        // Timeline 2 with no history file: kept, we cannot tell where it came from.
+        assert!(is_needed(&archive, &needs, 2, 12));
+    }
+}

@@ -1,0 +1,277 @@
+//! `walvault status`: what the repository can recover, at a glance.
+
+use crate::archive::WalArchive;
+use crate::catalog;
+use crate::commands::backup::human_bytes;
+use crate::duration::format_duration;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::Manifest;
+use crate::repository::{RepoUrl, Repository};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use std::time::Duration;
+
+pub struct StatusOptions {
+    pub json: bool,
+    /// Exit non-zero when the newest archived WAL is older than this.
+    pub max_age: Option<Duration>,
+    /// Draw the timeline even when stdout is not a terminal.
+    pub graph: bool,
+}
+
+#[derive(Serialize)]
+struct TimelineWal {
+    timeline: u32,
+    first: String,
+    last: String,
+    segments: usize,
+    missing: Vec<String>,
+}
+
+/// A span of time a point-in-time restore can reach.
+#[derive(Serialize, Clone, Debug)]
+pub struct Window {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub timeline: u32,
+    pub from_backup: String,
+}
+
+#[derive(Serialize)]
+struct Status {
+    repository: String,
+    format: u32,
+    system_identifier: String,
+    pg_version: u32,
+    wal_segment_size: u32,
+    backups: usize,
+    oldest_backup: Option<String>,
+    newest_backup: Option<String>,
+    wal: Vec<TimelineWal>,
+    recoverable: Vec<Window>,
+    stored_bytes: u64,
+    last_archived: Option<String>,
+    last_archived_at: Option<DateTime<Utc>>,
+    last_archived_age_seconds: Option<i64>,
+}
+
+/// Each backup can reach from its consistency point (`stop_time`) to the
+/// archive time of the last segment it can replay without a gap; overlapping
+/// spans are merged. The end is when that segment was archived, a moment at
+/// or after its last commit.
+pub fn recoverable_windows(archive: &WalArchive, backups: &[Manifest]) -> Vec<Window> {
+    let size = u64::from(archive.segment_size);
+    let mut windows: Vec<Window> = vec![];
+    for b in backups {
+        let Some(segs) = archive.segments.get(&b.timeline) else {
+            continue;
+        };
+        let stop = b.stop_lsn.0 / size;
+        let mut segno = b.start_lsn.0 / size;
+        let mut last = None;
+        while let Some(f) = segs.get(&segno) {
+            last = Some(f);
+            segno += 1;
+        }
+        let Some(last) = last else { continue };
+        if segno <= stop {
+            continue; // never consistent: not a window
+        }
+        windows.push(Window {
+            from: b.stop_time,
+            to: last.meta.last_modified.max(b.stop_time),
+            timeline: b.timeline,
+            from_backup: b.id.clone(),
+        });
+    }
+    windows.sort_by_key(|w| w.from);
+    let mut merged: Vec<Window> = vec![];
+    for w in windows {
+        match merged.last_mut() {
+            Some(m) if w.timeline == m.timeline && w.from <= m.to => m.to = m.to.max(w.to),
+            _ => merged.push(w),
+        }
+    }
+    merged
+}
+
+pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
+    let repo = Repository::open(url, false)?;
+    let config = repo.require_config().await?;
+    let backups = catalog::load_all(&repo).await?;
+    let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
+    let stored_bytes: u64 = repo.list("").await?.iter().map(|m| m.size).sum();
+    let newest = archive.newest();
+    let now = Utc::now();
+    let status = Status {
+        repository: url.to_string(),
+        format: config.format,
+        system_identifier: config.system_identifier.clone(),
+        pg_version: config.pg_version,
+        wal_segment_size: config.wal_segment_size,
+        backups: backups.len(),
+        oldest_backup: backups.first().map(|b| b.id.clone()),
+        newest_backup: backups.last().map(|b| b.id.clone()),
+        wal: archive
+            .segments
+            .iter()
+            .map(|(&timeline, segs)| TimelineWal {
+                timeline,
+                first: segs
+                    .values()
+                    .next()
+                    .map(|f| f.name.to_string())
+                    .unwrap_or_default(),
+                last: segs
+                    .values()
+                    .next_back()
+                    .map(|f| f.name.to_string())
+                    .unwrap_or_default(),
+                segments: segs.len(),
+                missing: archive
+                    .gaps(timeline, None)
+                    .into_iter()
+                    .map(|n| archive.segment_name(timeline, n).to_string())
+                    .collect(),
+            })
+            .collect(),
+        recoverable: recoverable_windows(&archive, &backups),
+        stored_bytes,
+        last_archived: newest.map(|f| f.name.to_string()),
+        last_archived_at: newest.map(|f| f.meta.last_modified),
+        last_archived_age_seconds: newest
+            .map(|f| (now - f.meta.last_modified).num_seconds().max(0)),
+    };
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&status).expect("json"));
+    } else {
+        print_text(&status, &backups, opts.graph);
+    }
+    if let Some(max) = opts.max_age {
+        let age = status
+            .last_archived_age_seconds
+            .map(|s| Duration::from_secs(s as u64));
+        match age {
+            Some(a) if a <= max => {}
+            Some(a) => {
+                return Err(Error::new(
+                    ErrorKind::Stale,
+                    format!(
+                        "newest archived WAL is {} old, more than --max-age {}: check archive_command and pg_stat_archiver",
+                        format_duration(a),
+                        format_duration(max)
+                    ),
+                ));
+            }
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Stale,
+                    "the repository holds no WAL segment yet",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S+00").to_string()
+}
+
+fn print_text(s: &Status, backups: &[Manifest], graph: bool) {
+    println!("repository   {} (format {})", s.repository, s.format);
+    println!(
+        "cluster      {} (PostgreSQL {}, {} MiB segments)",
+        s.system_identifier,
+        s.pg_version,
+        s.wal_segment_size >> 20
+    );
+    match (backups.first(), backups.last()) {
+        (Some(o), Some(n)) => println!(
+            "backups      {} (oldest {} at {}, newest {} at {})",
+            s.backups,
+            o.id,
+            fmt_time(o.stop_time),
+            n.id,
+            fmt_time(n.stop_time)
+        ),
+        _ => println!("backups      none: run 'walvault backup'"),
+    }
+    if s.wal.is_empty() {
+        println!("wal          none archived yet");
+    }
+    for t in &s.wal {
+        let gaps = match t.missing.len() {
+            0 => "no gaps".to_string(),
+            n => format!("{n} missing, first {}", t.missing[0]),
+        };
+        println!(
+            "wal          timeline {}: {} .. {} ({} segments, {gaps})",
+            t.timeline, t.first, t.last, t.segments
+        );
+    }
+    if s.recoverable.is_empty() {
+        println!("recoverable  nothing yet: a restore needs a backup and the WAL from its start");
+    }
+    for w in &s.recoverable {
+        println!(
+            "recoverable  {} .. {} (timeline {}, from backup {})",
+            fmt_time(w.from),
+            fmt_time(w.to),
+            w.timeline,
+            w.from_backup
+        );
+    }
+    println!("stored       {}", human_bytes(s.stored_bytes));
+    if let (Some(name), Some(at), Some(age)) = (
+        &s.last_archived,
+        s.last_archived_at,
+        s.last_archived_age_seconds,
+    ) {
+        println!(
+            "last wal     {name} archived {} ({} ago)",
+            fmt_time(at),
+            format_duration(Duration::from_secs(age as u64))
+        );
+    }
+    use std::io::IsTerminal;
+    if graph || std::io::stdout().is_terminal() {
+        print_graph(s, backups);
+    }
+}
+
+/// A picture of the last stretch of time: backups as `B`, recoverable time
+/// as `=`, time that cannot be reached as `.`.
+fn print_graph(s: &Status, backups: &[Manifest]) {
+    const WIDTH: usize = 64;
+    let now = Utc::now();
+    let Some(start) = backups
+        .iter()
+        .map(|b| b.start_time)
+        .chain(s.recoverable.iter().map(|w| w.from))
+        .min()
+    else {
+        return;
+    };
+    let span = (now - start).num_milliseconds().max(1) as f64;
+    let col = |t: DateTime<Utc>| {
+        (((t - start).num_milliseconds() as f64 / span) * (WIDTH - 1) as f64).round() as usize
+    };
+    let mut line = vec!['.'; WIDTH];
+    for w in &s.recoverable {
+        for c in line
+            .iter_mut()
+            .take(col(w.to).min(WIDTH - 1) + 1)
+            .skip(col(w.from))
+        {
+            *c = '=';
+        }
+    }
+    for b in backups {
+        line[col(b.stop_time).min(WIDTH - 1)] = 'B';
+    }
+    println!();
+    println!("  {}", fmt_time(start));
+    println!("  |{}| now", line.iter().collect::<String>());
+    println!("  B backup   = recoverable   . not recoverable");
+}
