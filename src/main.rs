@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use walvault::commands::restore::{RecoveryTarget, parse_time};
-use walvault::commands::{backup, fetch, list, prune, push, restore, status, verify};
+use walvault::commands::{backup, drill, fetch, list, prune, push, restore, status, verify};
 use walvault::duration::parse_duration;
 use walvault::error::{Error, ErrorKind};
 use walvault::repository::RepoUrl;
@@ -101,6 +101,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Prove a restore: restore into a scratch dir, start PostgreSQL, recover, query, clean up.
+    Drill(DrillArgs),
     /// What the repository holds and can recover.
     Status {
         /// Machine-readable output.
@@ -125,6 +127,69 @@ enum Command {
         #[arg(long, env = "WALVAULT_JOBS")]
         jobs: Option<usize>,
     },
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
+struct DrillArgs {
+    /// Backup id or "latest" (default: the newest that can reach the target).
+    #[arg(long, env = "WALVAULT_BACKUP")]
+    backup: Option<String>,
+    /// Recover to this time (default: the end of the archive).
+    #[arg(long)]
+    time: Option<String>,
+    /// Recover to this LSN.
+    #[arg(long)]
+    lsn: Option<String>,
+    /// Recover to this transaction id.
+    #[arg(long)]
+    xid: Option<String>,
+    /// Recover to this restore point.
+    #[arg(long)]
+    name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long)]
+    immediate: bool,
+    /// PostgreSQL server binaries (default: pg_config --bindir, else PATH).
+    #[arg(long, env = "WALVAULT_PG_BIN")]
+    pg_bin: Option<PathBuf>,
+    /// A query that must succeed on the recovered server; its first value is reported.
+    #[arg(long)]
+    check_sql: Option<String>,
+    /// Machine-readable report.
+    #[arg(long)]
+    json: bool,
+    /// Where to create the scratch directory (default: the temp dir).
+    #[arg(long)]
+    scratch: Option<PathBuf>,
+    /// Seconds allowed for the server to start and recover.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Files restored in parallel (default: twice the number of cores).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    jobs: Option<usize>,
+}
+
+fn recovery_target(
+    time: Option<String>,
+    lsn: Option<String>,
+    xid: Option<String>,
+    name: Option<String>,
+    immediate: bool,
+) -> Result<RecoveryTarget, Error> {
+    Ok(if let Some(t) = time {
+        RecoveryTarget::Time(parse_time(&t)?)
+    } else if let Some(l) = lsn {
+        RecoveryTarget::Lsn(l.parse()?)
+    } else if let Some(x) = xid {
+        RecoveryTarget::Xid(x)
+    } else if let Some(n) = name {
+        RecoveryTarget::Name(n)
+    } else if immediate {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::Latest
+    })
 }
 
 #[derive(clap::Args)]
@@ -176,19 +241,7 @@ fn cores() -> usize {
 
 impl RestoreArgs {
     fn into_options(self) -> Result<restore::RestoreOptions, Error> {
-        let target = if let Some(t) = &self.time {
-            RecoveryTarget::Time(parse_time(t)?)
-        } else if let Some(l) = &self.lsn {
-            RecoveryTarget::Lsn(l.parse()?)
-        } else if let Some(x) = self.xid {
-            RecoveryTarget::Xid(x)
-        } else if let Some(n) = self.name {
-            RecoveryTarget::Name(n)
-        } else if self.immediate {
-            RecoveryTarget::Immediate
-        } else {
-            RecoveryTarget::Latest
-        };
+        let target = recovery_target(self.time, self.lsn, self.xid, self.name, self.immediate)?;
         let mut tablespace_map = vec![];
         for m in &self.tablespace_map {
             let parsed = m
@@ -284,6 +337,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
             backup::run(&url, &opts).await
         }
         Command::List { json } => list::run(&url, json).await,
+        Command::Drill(a) => {
+            let opts = drill::DrillOptions {
+                target: recovery_target(a.time, a.lsn, a.xid, a.name, a.immediate)?,
+                backup: a.backup,
+                pg_bin: a.pg_bin,
+                check_sql: a.check_sql,
+                json: a.json,
+                scratch_parent: a.scratch,
+                timeout: std::time::Duration::from_secs(a.timeout),
+                jobs: a.jobs.unwrap_or(2 * cores()),
+            };
+            drill::run(&url, &opts).await
+        }
         Command::Status {
             json,
             max_age,

@@ -31,7 +31,41 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<(u32, PathBuf)>,
 }
 
+/// What a restore did.
+pub struct Restored {
+    pub backup_id: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub pgdata: PathBuf,
+    pub seconds: f64,
+}
+
 pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
+    let r = restore(url, opts).await?;
+    println!(
+        "restored backup {} ({} files, {}) into {} in {:.1} s; {}",
+        r.backup_id,
+        r.files,
+        crate::commands::backup::human_bytes(r.bytes),
+        r.pgdata.display(),
+        r.seconds,
+        match (&opts.standby, &opts.target) {
+            (true, _) => "start PostgreSQL on it to run a standby".to_string(),
+            (_, RecoveryTarget::Latest) =>
+                "start PostgreSQL on it to replay the archive to its end".into(),
+            _ => "start PostgreSQL on it to recover to the target".into(),
+        }
+    );
+    if matches!(url, RepoUrl::S3 { .. }) {
+        println!(
+            "note: restore_command reads {url}: the server needs the same AWS_* variables in its environment"
+        );
+    }
+    Ok(())
+}
+
+/// Restores without printing (drill reports on its own).
+pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     let started = Instant::now();
     if opts.standby && opts.target != RecoveryTarget::Latest {
         return Err(Error::usage(
@@ -134,27 +168,13 @@ pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
         write("tablespace_map", &map)?;
     }
     write_recovery_settings(&pgdata, url, &manifest, opts)?;
-
-    println!(
-        "restored backup {} ({} files, {}) into {} in {:.1} s; {}",
-        manifest.id,
-        manifest.files.len(),
-        crate::commands::backup::human_bytes(restored),
-        pgdata.display(),
-        started.elapsed().as_secs_f64(),
-        match (&opts.standby, &opts.target) {
-            (true, _) => "start PostgreSQL on it to run a standby".to_string(),
-            (_, RecoveryTarget::Latest) =>
-                "start PostgreSQL on it to replay the archive to its end".into(),
-            _ => "start PostgreSQL on it to recover to the target".into(),
-        }
-    );
-    if matches!(url, RepoUrl::S3 { .. }) {
-        println!(
-            "note: restore_command reads {url}: the server needs the same AWS_* variables in its environment"
-        );
-    }
-    Ok(())
+    Ok(Restored {
+        backup_id: manifest.id.clone(),
+        files: manifest.files.len(),
+        bytes: restored,
+        pgdata,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 /// An empty directory, created 0700 if missing; anything else is refused.
