@@ -64,7 +64,7 @@ impl WalArchive {
             if let Some(bytes) = repo.get(&wal_key(&WalFileName::TimelineHistory(t))).await? {
                 // A damaged history file is verify's to report; here it only
                 // means we cannot tell that timeline's parents.
-                if let Ok((_, text)) = object::decode(&bytes) {
+                if let Ok((_, text)) = object::decode_limited(&bytes, 16 << 20) {
                     archive
                         .ancestry
                         .insert(t, parse_history(&String::from_utf8_lossy(&text)));

@@ -17,6 +17,23 @@ pub async fn load_all(repo: &Repository) -> Result<Vec<Manifest>> {
     Ok(manifests)
 }
 
+/// Every backup whose manifest reads, oldest first; a damaged manifest is
+/// reported and passed over, so one bad backup does not block the others.
+/// (prune uses [`load_all`]: it must not act on a partial picture.)
+pub async fn load_readable(repo: &Repository) -> Result<Vec<Manifest>> {
+    let mut manifests = vec![];
+    for id in ids(repo).await? {
+        match load(repo, &id).await {
+            Ok(m) => manifests.push(m),
+            Err(e) if e.kind == crate::error::ErrorKind::Corrupt => {
+                tracing::warn!("skipping backup {id}: {e}; 'walvault verify' reports it");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(manifests)
+}
+
 pub async fn load(repo: &Repository, id: &str) -> Result<Manifest> {
     let key = manifest_key(id);
     let stored = repo.get(&key).await?.ok_or_else(|| {

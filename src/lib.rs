@@ -3,6 +3,18 @@
 //! Layers: `main.rs` parses arguments; `commands` holds one module per verb;
 //! `repository`, `object` and `wal` are the core they share.
 
+/// `println!` that reports a closed or full stdout (`walvault list | head`,
+/// `> /dev/full`) as an error instead of panicking.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| {
+            $crate::error::Error::io(format!("cannot write to standard output: {e}"))
+        })?
+    }};
+}
+
 pub mod archive;
 pub mod catalog;
 pub mod commands;
@@ -16,3 +28,4 @@ pub mod pack;
 pub mod repository;
 pub mod retention;
 pub mod wal;
+pub mod walscan;

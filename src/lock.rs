@@ -115,8 +115,22 @@ impl<'a> RepoLock<'a> {
         let key = Key::from(LOCK_KEY);
         let holder = Holder::current(purpose);
         let json = Bytes::from(serde_json::to_vec_pretty(&holder).expect("holder serializes"));
-        for _ in 0..2 {
+        for attempt in 0..2 {
             if repo.put_new(&key, json.clone()).await? == Created::New {
+                if attempt > 0 {
+                    // Another process may have judged the same stale lock and
+                    // deleted ours in between: make sure it is still ours.
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if read_holder(repo, &key)
+                        .await?
+                        .is_none_or(|h| h.token != holder.token)
+                    {
+                        return Err(Error::conflict(format!(
+                            "another walvault took over the stale lock of {} at the same time; try again",
+                            repo.url()
+                        )));
+                    }
+                }
                 return Ok(RepoLock { repo, holder });
             }
             let Some(other) = read_holder(repo, &key).await? else {

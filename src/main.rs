@@ -65,7 +65,7 @@ enum Command {
         #[arg(long, env = "PGDATA")]
         pgdata: Option<PathBuf>,
         /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
-        #[arg(long, env = "WALVAULT_DBNAME")]
+        #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
         dbname: Option<String>,
         /// Files copied in parallel (default: the number of cores).
         #[arg(long, env = "WALVAULT_JOBS")]
@@ -269,10 +269,25 @@ impl RestoreArgs {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line, as everything walvault says lands in PostgreSQL's log.
+            let rendered = e.to_string();
+            let what: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let what = what.join(" ");
+            eprintln!(
+                "walvault: error: {} (see 'walvault --help')",
+                what.trim_start_matches("error: ")
+            );
+            return ExitCode::from(2);
+        }
         Err(e) => {
             let _ = e.print();
-            // clap's usage errors are 2; help and version are 0.
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
         }
     };
     walvault::logging::init(if cli.quiet {

@@ -181,7 +181,23 @@ pub fn read_header(object: &[u8]) -> Result<ObjectHeader, ObjectError> {
 /// sha256. Memory grows with the real content, never with what a (possibly
 /// tampered) header claims.
 pub fn decode(object: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    decode_limited(object, MAX_CONTENT)
+}
+
+/// The most any object holds: a 1 GiB WAL segment (the largest PostgreSQL
+/// allows), or a manifest.
+pub const MAX_CONTENT: u64 = 1 << 30;
+
+/// Like [`decode`], refusing before any work an object whose header claims
+/// more than `max` bytes: a tampered header must not cost gigabytes.
+pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     let header = read_header(object)?;
+    if header.length > max {
+        return Err(ObjectError::Corrupt(format!(
+            "header claims {} bytes of content, more than the {max} this object may hold",
+            header.length
+        )));
+    }
     let mut decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
         .map_err(|e| ObjectError::Corrupt(e.to_string()))?
         .single_frame();

@@ -254,7 +254,7 @@ impl SegmentHeader {
 
     /// Checks that the header belongs to the segment the file is named after.
     pub fn check_matches(&self, name: SegmentName) -> Result<(), InvalidHeader> {
-        let expected = name.start_lsn(self.segment_size);
+        // First: a segment number past the end of its log would overflow the LSN.
         if name.seg as u64 >= 0x1_0000_0000u64 / u64::from(self.segment_size) {
             return Err(InvalidHeader(format!(
                 "segment number {:08X} does not exist with {} MiB segments",
@@ -262,6 +262,7 @@ impl SegmentHeader {
                 self.segment_size >> 20
             )));
         }
+        let expected = name.start_lsn(self.segment_size);
         if self.page_address != expected {
             return Err(InvalidHeader(format!(
                 "its header says it starts at LSN {} but the name {name} means {}",
@@ -376,6 +377,30 @@ mod tests {
         assert!(SegmentHeader::parse(&header_bytes(0xD110, 0, addr, 42, 16 << 20)).is_err());
         assert!(SegmentHeader::parse(&header_bytes(0xD110, 2, addr, 42, 3 << 20)).is_err());
         assert!(SegmentHeader::parse(&[0u8; 10]).is_err());
+        // The last segment of the last log: no overflow, and a seg past the
+        // end of a log is refused before any arithmetic.
+        let last = SegmentName {
+            timeline: 1,
+            log: u32::MAX,
+            seg: 0xFF,
+        };
+        let h = SegmentHeader::parse(&header_bytes(
+            0xD110,
+            2,
+            last.start_lsn(16 << 20),
+            42,
+            16 << 20,
+        ))
+        .unwrap();
+        h.check_matches(last).unwrap();
+        assert!(
+            h.check_matches(SegmentName {
+                timeline: 1,
+                log: u32::MAX,
+                seg: 0xFFFF_FFFF
+            })
+            .is_err()
+        );
     }
 
     #[test]

@@ -88,6 +88,35 @@ fn archive_and_recover(repo_for: impl Fn(&Path) -> RepoTarget, wal_segsize_mb: u
             "{name} differs from what PostgreSQL archived"
         );
     }
+    // walvault reads the same transaction times from each segment as pg_waldump.
+    let mut compared = 0;
+    for name in names.iter().filter(|n| n.len() == 24) {
+        let path = keep.join(name);
+        let ours: Vec<String> =
+            walvault::walscan::transaction_times(&std::fs::read(&path).unwrap())
+                .iter()
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string())
+                .collect();
+        let dump = std::process::Command::new(pg_bindir().join("pg_waldump"))
+            .arg(&path)
+            .output()
+            .unwrap();
+        let theirs: Vec<String> = String::from_utf8_lossy(&dump.stdout)
+            .lines()
+            .filter(|l| l.contains("rmgr: Transaction"))
+            .filter_map(|l| {
+                let desc = l.split("desc: ").nth(1)?;
+                let rest = desc
+                    .strip_prefix("COMMIT ")
+                    .or_else(|| desc.strip_prefix("ABORT "))?;
+                Some(rest.split(';').next()?.trim().to_string())
+            })
+            .collect();
+        assert_eq!(ours, theirs, "transaction times of {name}");
+        compared += theirs.len();
+    }
+    assert!(compared >= 3, "too few commits compared: {compared}");
+
     // The repository is bound to this cluster.
     let out = repo
         .walvault(&bin)

@@ -137,9 +137,9 @@ pub async fn run(url: &RepoUrl, opts: &DrillOptions) -> Result<()> {
         report.error = Some(e.to_string());
     }
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+        crate::say!("{}", serde_json::to_string_pretty(&report).expect("json"));
     } else if report.ok {
-        println!(
+        crate::say!(
             "drill: backup {} restored in {:.1} s, recovered and ready in {:.1} s; replayed to {} ({}), last commit {}; newest archived segment {} ({} behind){}",
             report.backup,
             report.restore_seconds,

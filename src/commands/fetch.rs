@@ -24,7 +24,12 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         repo.require_config().await?;
         return Err(Error::not_found(format!("{name} is not in the archive")));
     };
-    let (_, data) = object::decode(&stored).map_err(|e| {
+    // Segments are at most 1 GiB; every other WAL file is a few lines of text.
+    let limit = match name.segment_with_header() {
+        Some(_) => object::MAX_CONTENT,
+        None => 16 << 20,
+    };
+    let (_, data) = object::decode_limited(&stored, limit).map_err(|e| {
         Error::corrupt(format!(
             "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
              Run 'walvault verify' and restore the object from another copy",

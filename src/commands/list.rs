@@ -8,7 +8,7 @@ use crate::repository::{RepoUrl, Repository};
 pub async fn run(url: &RepoUrl, json: bool) -> Result<()> {
     let repo = Repository::open(url, false)?;
     repo.require_config().await?;
-    let backups = catalog::load_all(&repo).await?;
+    let backups = catalog::load_readable(&repo).await?;
     if json {
         let rows: Vec<serde_json::Value> = backups
             .iter()
@@ -27,19 +27,26 @@ pub async fn run(url: &RepoUrl, json: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+        crate::say!("{}", serde_json::to_string_pretty(&rows).expect("json"));
         return Ok(());
     }
     if backups.is_empty() {
-        println!("no backups in {url}");
+        crate::say!("no backups in {url}");
         return Ok(());
     }
-    println!(
+    crate::say!(
         "{:<16}  {:<19}  {:<19}  {:>13}  {:>13}  {:>3}  {:>10}  {:>10}",
-        "id", "start (UTC)", "stop (UTC)", "start lsn", "stop lsn", "tli", "size", "stored"
+        "id",
+        "start (UTC)",
+        "stop (UTC)",
+        "start lsn",
+        "stop lsn",
+        "tli",
+        "size",
+        "stored"
     );
     for b in &backups {
-        println!(
+        crate::say!(
             "{:<16}  {:<19}  {:<19}  {:>13}  {:>13}  {:>3}  {:>10}  {:>10}",
             b.id,
             b.start_time.format("%Y-%m-%d %H:%M:%S"),

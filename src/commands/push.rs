@@ -1,7 +1,7 @@
 //! `walvault push <path> <name>`: PostgreSQL's archive_command.
 
 use crate::error::{Context, Error, Result};
-use crate::object::{self, ObjectHeader};
+use crate::object::{self, ObjectError, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
 use crate::wal::{SegmentHeader, WalFileName};
 use std::path::{Path, PathBuf};
@@ -78,6 +78,16 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     }
 }
 
+/// What is stored under a name we are pushing.
+enum Stored {
+    Same,
+    Different(ObjectHeader),
+    /// Written by a newer walvault: not ours to judge or replace.
+    Unreadable(ObjectError),
+    /// Fails its own checks: cannot be what anyone meant to archive.
+    Damaged(ObjectError),
+}
+
 /// The name is already archived: fine if it is the same content, refused if
 /// not. A stored copy that fails its own checks (it cannot be what anyone
 /// meant to archive) is replaced, so one damaged object cannot block the
@@ -90,23 +100,39 @@ async fn settle_existing(
     encoded: bytes::Bytes,
 ) -> Result<()> {
     let stored = repo.get(key).await?;
-    let verdict = stored.as_deref().map(object::decode);
+    // Compare headers first; decode only as far as needed to tell an intact
+    // copy from a damaged one.
+    let verdict = stored.as_deref().map(|obj| match object::read_header(obj) {
+        Err(e @ ObjectError::UnsupportedVersion(_)) => Stored::Unreadable(e),
+        Err(e) => Stored::Damaged(e),
+        Ok(theirs) if theirs == ours => match object::decode_limited(obj, ours.length) {
+            Ok(_) => Stored::Same,
+            Err(e) => Stored::Damaged(e),
+        },
+        Ok(theirs) => match object::decode(obj) {
+            Ok(_) => Stored::Different(theirs),
+            Err(e) => Stored::Damaged(e),
+        },
+    });
     match verdict {
-        Some(Ok((theirs, _))) if theirs == ours => {
+        Some(Stored::Same) => {
             tracing::info!(
                 "{name} is already archived with identical content (sha256 {}); nothing to do",
                 ours.sha256
             );
             Ok(())
         }
-        Some(Ok((theirs, _))) => Err(Error::conflict(format!(
+        Some(Stored::Different(theirs)) => Err(Error::conflict(format!(
             "{name} is already archived with different content (stored sha256 {}, {} bytes; \
              this file sha256 {}, {} bytes); the stored copy is kept. Likely a split brain, \
              two clusters archiving into one repository, or a restored old primary still \
              archiving: find which server should own this repository",
             theirs.sha256, theirs.length, ours.sha256, ours.length
         ))),
-        Some(Err(e)) => {
+        Some(Stored::Unreadable(e)) => Err(Error::conflict(format!(
+            "{name} is already archived in a form this walvault cannot read ({e}); the stored copy is kept"
+        ))),
+        Some(Stored::Damaged(e)) => {
             tracing::warn!(
                 "stored copy of {name} is damaged ({e}); replacing it with this file's content"
             );

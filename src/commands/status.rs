@@ -35,6 +35,11 @@ pub struct Window {
     pub to: DateTime<Utc>,
     pub timeline: u32,
     pub from_backup: String,
+    /// Whether `to` is the last commit read from the WAL (exact) or, when no
+    /// commit could be found, the time the last segment was archived.
+    pub to_is_last_commit: bool,
+    #[serde(skip)]
+    end_segno: u64,
 }
 
 #[derive(Serialize)]
@@ -82,27 +87,66 @@ pub fn recoverable_windows(archive: &WalArchive, backups: &[Manifest]) -> Vec<Wi
             to: last.meta.last_modified.max(b.stop_time),
             timeline: b.timeline,
             from_backup: b.id.clone(),
+            to_is_last_commit: false,
+            end_segno: segno - 1,
         });
     }
     windows.sort_by_key(|w| w.from);
     let mut merged: Vec<Window> = vec![];
     for w in windows {
         match merged.last_mut() {
-            Some(m) if w.timeline == m.timeline && w.from <= m.to => m.to = m.to.max(w.to),
+            Some(m) if w.timeline == m.timeline && w.from <= m.to => {
+                if w.end_segno > m.end_segno {
+                    m.to = w.to;
+                    m.end_segno = w.end_segno;
+                }
+            }
             _ => merged.push(w),
         }
     }
     merged
 }
 
+/// Sharpens each window's end to the last commit or abort in its WAL, the
+/// latest moment a time target can name (PostgreSQL refuses a target time
+/// past the last transaction it replays). Reads back from the last segment,
+/// a few segments at most.
+async fn end_at_last_commit(
+    repo: &Repository,
+    archive: &WalArchive,
+    windows: &mut [Window],
+) -> Result<()> {
+    const LOOK_BACK: u64 = 8;
+    for w in windows.iter_mut() {
+        let segs = &archive.segments[&w.timeline];
+        for segno in (w.end_segno.saturating_sub(LOOK_BACK)..=w.end_segno).rev() {
+            let Some(file) = segs.get(&segno) else { break };
+            let Some(bytes) = repo.get(&file.meta.location).await? else {
+                break;
+            };
+            let Ok((_, segment)) = crate::object::decode(&bytes) else {
+                break;
+            };
+            if let Some(t) = crate::walscan::last_transaction_time(&segment) {
+                w.to = t.max(w.from);
+                w.to_is_last_commit = true;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
     let repo = Repository::open(url, false)?;
     let config = repo.require_config().await?;
-    let backups = catalog::load_all(&repo).await?;
+    let backups = catalog::load_readable(&repo).await?;
     let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
     let stored_bytes: u64 = repo.list("").await?.iter().map(|m| m.size).sum();
     let newest = archive.newest();
     let now = Utc::now();
+    let mut recoverable = recoverable_windows(&archive, &backups);
+    end_at_last_commit(&repo, &archive, &mut recoverable).await?;
     let status = Status {
         repository: url.to_string(),
         format: config.format,
@@ -135,7 +179,7 @@ pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
                     .collect(),
             })
             .collect(),
-        recoverable: recoverable_windows(&archive, &backups),
+        recoverable,
         stored_bytes,
         last_archived: newest.map(|f| f.name.to_string()),
         last_archived_at: newest.map(|f| f.meta.last_modified),
@@ -143,9 +187,9 @@ pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
             .map(|f| (now - f.meta.last_modified).num_seconds().max(0)),
     };
     if opts.json {
-        println!("{}", serde_json::to_string_pretty(&status).expect("json"));
+        crate::say!("{}", serde_json::to_string_pretty(&status).expect("json"));
     } else {
-        print_text(&status, &backups, opts.graph);
+        print_text(&status, &backups, opts.graph)?;
     }
     if let Some(max) = opts.max_age {
         let age = status
@@ -178,16 +222,16 @@ fn fmt_time(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S+00").to_string()
 }
 
-fn print_text(s: &Status, backups: &[Manifest], graph: bool) {
-    println!("repository   {} (format {})", s.repository, s.format);
-    println!(
+fn print_text(s: &Status, backups: &[Manifest], graph: bool) -> Result<()> {
+    crate::say!("repository   {} (format {})", s.repository, s.format);
+    crate::say!(
         "cluster      {} (PostgreSQL {}, {} MiB segments)",
         s.system_identifier,
         s.pg_version,
         s.wal_segment_size >> 20
     );
     match (backups.first(), backups.last()) {
-        (Some(o), Some(n)) => println!(
+        (Some(o), Some(n)) => crate::say!(
             "backups      {} (oldest {} at {}, newest {} at {})",
             s.backups,
             o.id,
@@ -195,40 +239,50 @@ fn print_text(s: &Status, backups: &[Manifest], graph: bool) {
             n.id,
             fmt_time(n.stop_time)
         ),
-        _ => println!("backups      none: run 'walvault backup'"),
+        _ => crate::say!("backups      none: run 'walvault backup'"),
     }
     if s.wal.is_empty() {
-        println!("wal          none archived yet");
+        crate::say!("wal          none archived yet");
     }
     for t in &s.wal {
         let gaps = match t.missing.len() {
             0 => "no gaps".to_string(),
             n => format!("{n} missing, first {}", t.missing[0]),
         };
-        println!(
+        crate::say!(
             "wal          timeline {}: {} .. {} ({} segments, {gaps})",
-            t.timeline, t.first, t.last, t.segments
+            t.timeline,
+            t.first,
+            t.last,
+            t.segments
         );
     }
     if s.recoverable.is_empty() {
-        println!("recoverable  nothing yet: a restore needs a backup and the WAL from its start");
+        crate::say!(
+            "recoverable  nothing yet: a restore needs a backup and the WAL from its start"
+        );
     }
     for w in &s.recoverable {
-        println!(
-            "recoverable  {} .. {} (timeline {}, from backup {})",
+        crate::say!(
+            "recoverable  {} .. {} (timeline {}, from backup {}; {})",
             fmt_time(w.from),
             fmt_time(w.to),
             w.timeline,
-            w.from_backup
+            w.from_backup,
+            if w.to_is_last_commit {
+                "the end is the last archived commit"
+            } else {
+                "the end is when the last segment was archived"
+            }
         );
     }
-    println!("stored       {}", human_bytes(s.stored_bytes));
+    crate::say!("stored       {}", human_bytes(s.stored_bytes));
     if let (Some(name), Some(at), Some(age)) = (
         &s.last_archived,
         s.last_archived_at,
         s.last_archived_age_seconds,
     ) {
-        println!(
+        crate::say!(
             "last wal     {name} archived {} ({} ago)",
             fmt_time(at),
             format_duration(Duration::from_secs(age as u64))
@@ -236,13 +290,14 @@ fn print_text(s: &Status, backups: &[Manifest], graph: bool) {
     }
     use std::io::IsTerminal;
     if graph || std::io::stdout().is_terminal() {
-        print_graph(s, backups);
+        print_graph(s, backups)?;
     }
+    Ok(())
 }
 
 /// A picture of the last stretch of time: backups as `B`, recoverable time
 /// as `=`, time that cannot be reached as `.`.
-fn print_graph(s: &Status, backups: &[Manifest]) {
+fn print_graph(s: &Status, backups: &[Manifest]) -> Result<()> {
     const WIDTH: usize = 64;
     let now = Utc::now();
     let Some(start) = backups
@@ -251,7 +306,7 @@ fn print_graph(s: &Status, backups: &[Manifest]) {
         .chain(s.recoverable.iter().map(|w| w.from))
         .min()
     else {
-        return;
+        return Ok(());
     };
     let span = (now - start).num_milliseconds().max(1) as f64;
     let col = |t: DateTime<Utc>| {
@@ -270,8 +325,9 @@ fn print_graph(s: &Status, backups: &[Manifest]) {
     for b in backups {
         line[col(b.stop_time).min(WIDTH - 1)] = 'B';
     }
-    println!();
-    println!("  {}", fmt_time(start));
-    println!("  |{}| now", line.iter().collect::<String>());
-    println!("  B backup   = recoverable   . not recoverable");
+    crate::say!();
+    crate::say!("  {}", fmt_time(start));
+    crate::say!("  |{}| now", line.iter().collect::<String>());
+    crate::say!("  B backup   = recoverable   . not recoverable");
+    Ok(())
 }

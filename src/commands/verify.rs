@@ -164,7 +164,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
         problems.extend(found);
     }
 
-    report(&checked, &problems, opts.json);
+    report(&checked, &problems, opts.json)?;
     if problems.is_empty() {
         Ok(())
     } else {
@@ -293,7 +293,7 @@ async fn check_pack(
             )));
             continue;
         };
-        match object::decode(&pack[b.offset as usize..end as usize]) {
+        match object::decode_limited(&pack[b.offset as usize..end as usize], b.size) {
             Ok((h, data)) if h.sha256 == b.sha256 && data.len() as u64 == b.size => {}
             Ok((h, _)) => found.push(problem(format!(
                 "blob at {} holds sha256 {}, {} expects {}",
@@ -308,20 +308,20 @@ async fn check_pack(
     (pack.len() as u64, found)
 }
 
-fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) {
+fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) -> Result<()> {
     if json {
         let out = serde_json::json!({
             "ok": problems.is_empty(),
             "checked": checked,
             "problems": problems,
         });
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
-        return;
+        crate::say!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
     }
     for p in problems {
-        println!("PROBLEM {}: {}", p.object, p.problem);
+        crate::say!("PROBLEM {}: {}", p.object, p.problem);
     }
-    println!(
+    crate::say!(
         "verify: {} backups, {} WAL files, {} packs ({} blobs, {}) checked; {}",
         checked.backups,
         checked.wal_files,
@@ -334,4 +334,5 @@ fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) {
             format!("{} problem(s)", problems.len())
         }
     );
+    Ok(())
 }

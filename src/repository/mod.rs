@@ -104,7 +104,11 @@ impl Repository {
     }
 
     fn storage_error(&self, action: &str, key: &Key, e: object_store::Error) -> Error {
-        Error::io(format!("{action} {key} in {}: {e}", self.url))
+        Error::io(format!(
+            "{action} {key} in {}: {}",
+            self.url,
+            redact(&e.to_string())
+        ))
     }
 
     /// Reads a whole object; `None` when there is none.
@@ -247,5 +251,48 @@ impl Repository {
             )));
         }
         Ok(existing)
+    }
+}
+
+/// Store errors can carry the S3 response body, which echoes the access key
+/// id, the signature and the string signed: keep only its code and message.
+pub fn redact(text: &str) -> String {
+    let tag = |name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find('<')? + start;
+        Some(text[start..end].to_string())
+    };
+    match text.find('<') {
+        None => text.to_string(),
+        Some(cut) => {
+            let mut out = text[..cut].trim_end().trim_end_matches(':').to_string();
+            if let Some(code) = tag("Code") {
+                out.push_str(&format!(": {code}"));
+            }
+            if let Some(message) = tag("Message") {
+                out.push_str(&format!(" ({message})"));
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_s3_bodies() {
+        let e = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error>\
+                 <Code>SignatureDoesNotMatch</Code><Message>bad sig</Message>\
+                 <AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId><SignatureProvided>abc</SignatureProvided></Error>";
+        let r = super::redact(e);
+        assert!(!r.contains("AKIAEXAMPLE") && !r.contains("abc<"), "{r}");
+        assert!(
+            r.contains("403 Forbidden")
+                && r.contains("SignatureDoesNotMatch")
+                && r.contains("bad sig"),
+            "{r}"
+        );
+        assert_eq!(super::redact("plain"), "plain");
     }
 }

@@ -525,3 +525,106 @@ impl PgServer {
         ]
     }
 }
+
+/// A primary archiving through walvault, with helpers for backup and restore.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+    pub repo: RepoTarget,
+    pub primary: PgServer,
+}
+
+pub fn setup(repo_for: &dyn Fn(&Path) -> RepoTarget) -> Setup {
+    let dir = scratch();
+    let root = dir.path().to_path_buf();
+    let bin = install_binary(&root);
+    let repo = repo_for(&root);
+    let archive_command = format!(
+        "{}{} --repo {} push %p %f",
+        repo.env_prefix(),
+        bin.display(),
+        repo.url
+    );
+    let mut primary = PgServer::init(
+        &root.join("primary"),
+        PgConfig {
+            wal_segsize_mb: 1,
+            conf: &format!("archive_mode = on\narchive_command = '{archive_command}'"),
+            env: vec![],
+        },
+    );
+    primary.start();
+    Setup {
+        dir,
+        bin,
+        repo,
+        primary,
+    }
+}
+
+impl Setup {
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn backup(&self) -> String {
+        // As the postgres OS user, like a DBA's cron job: the repository
+        // stays writable for the archiver.
+        let mut cmd = self.repo.walvault_as_postgres(&self.bin);
+        let out = cmd
+            .envs(self.primary.libpq_env())
+            .args(["backup", "--archive-timeout", "60"])
+            .arg("--pgdata")
+            .arg(&self.primary.data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "backup: {}", describe(&out));
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let id = stdout
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(':')
+            .to_string();
+        assert_eq!(id.len(), 16, "{stdout}");
+        id
+    }
+
+    pub fn restore(&self, name: &str, args: &[&str]) -> std::process::Output {
+        self.repo
+            .walvault_as_postgres(&self.bin)
+            .arg("restore")
+            .arg("--pgdata")
+            .arg(self.root().join(name).join("data"))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Restores, starts the result and returns the server once recovery ended.
+    pub fn restore_and_start(&self, name: &str, args: &[&str]) -> PgServer {
+        let out = self.restore(name, args);
+        assert!(out.status.success(), "restore {args:?}: {}", describe(&out));
+        let dir = self.root().join(name);
+        let mut server = PgServer::existing(&dir, &dir.join("data"), self.repo.env.clone());
+        // Several restores of one primary must not archive into its repository.
+        server.append_conf("archive_mode = off");
+        server.start();
+        server
+    }
+
+    pub fn batches(server: &PgServer) -> String {
+        server.sql("SELECT string_agg(batch || ':' || n, ' ' ORDER BY batch) FROM (SELECT batch, count(*) n FROM t GROUP BY batch) s")
+    }
+
+    pub fn list_json(&self) -> serde_json::Value {
+        let out = self
+            .repo
+            .walvault(&self.bin)
+            .args(["list", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}

@@ -44,6 +44,7 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
             ));
         }
     };
+    check_data_directory(&pgdata, &server.info.system_identifier)?;
     let repo = Repository::open(url, true)?;
     repo.bind_cluster(&RepositoryConfig {
         format: crate::repository::REPOSITORY_FORMAT,
@@ -53,7 +54,9 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
         created_at: chrono::Utc::now(),
     })
     .await?;
-    let start_time = chrono::Utc::now();
+    // Microseconds, PostgreSQL's precision: a time target printed from these
+    // must not land a fraction before them.
+    let start_time = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let id = backup_id(start_time);
     // Registered under the lock, so a prune either sees this backup in
     // progress (and keeps every pack) or is over before we read the index.
@@ -66,7 +69,30 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
         let _ = repo.delete(&lock::marker_key(&id)).await;
     }
     let manifest = result?;
-    print_summary(&manifest, started);
+    print_summary(&manifest, started)
+}
+
+/// The data directory must be the connected server's: its pg_control starts
+/// with the system identifier.
+fn check_data_directory(pgdata: &std::path::Path, system_identifier: &str) -> Result<()> {
+    let control = pgdata.join("global/pg_control");
+    let bytes = std::fs::read(&control).map_err(|e| {
+        Error::usage(format!(
+            "cannot read {} ({e}); check --pgdata",
+            control.display()
+        ))
+    })?;
+    let on_disk = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")).to_string())
+        .unwrap_or_default();
+    if on_disk != system_identifier {
+        return Err(Error::usage(format!(
+            "{} belongs to cluster {on_disk}, but the server connected to is cluster {system_identifier}; \
+             --pgdata and the connection must name the same server",
+            pgdata.display()
+        )));
+    }
     Ok(())
 }
 
@@ -81,7 +107,7 @@ async fn take(
     start_time: chrono::DateTime<chrono::Utc>,
     opts: &BackupOptions,
 ) -> Result<Manifest> {
-    let previous = catalog::load_all(repo).await?;
+    let previous = catalog::load_readable(repo).await?;
     let index = Arc::new(BlobIndex::from_manifests(&previous));
     drop(previous);
 
@@ -165,7 +191,7 @@ async fn take(
                 opts.archive_timeout.as_secs()
             ))
         })??;
-    let stop_time = chrono::Utc::now();
+    let stop_time = chrono::SubsecRound::round_subsecs(chrono::Utc::now(), 6);
     let stop_lsn: Lsn = stop.lsn.parse()?;
     let timeline = pg::timeline_from_label(&stop.backup_label).ok_or_else(|| {
         Error::io("backup_label returned by the server has no START TIMELINE line")
@@ -206,10 +232,10 @@ async fn take(
     Ok(manifest)
 }
 
-fn print_summary(manifest: &Manifest, started: Instant) {
+fn print_summary(manifest: &Manifest, started: Instant) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let size = manifest.stats.size;
-    println!(
+    crate::say!(
         "backup {}: {} files, {} read, {} stored ({:.1}% deduplicated), \
          LSN {} to {} on timeline {}, {:.1} s, {}/s",
         manifest.id,
@@ -227,6 +253,7 @@ fn print_summary(manifest: &Manifest, started: Instant) {
         secs,
         human_bytes((size as f64 / secs.max(0.001)) as u64)
     );
+    Ok(())
 }
 
 fn progress_bar(total: u64) -> indicatif::ProgressBar {

@@ -86,16 +86,27 @@ pub fn list(pgdata: &Path) -> Result<Listing> {
                 continue;
             };
             let link = entry.path();
+            let rel = format!("pg_tblspc/{oid}");
             let location = match std::fs::read_link(&link) {
                 Ok(target) => target,
-                // An in-place tablespace (a directory): already walked.
-                Err(_) => continue,
+                Err(_) => {
+                    // An in-place tablespace: a directory inside the data directory.
+                    if let Ok(meta) = std::fs::symlink_metadata(&link)
+                        && meta.is_dir()
+                    {
+                        listing.directories.push(DirEntry {
+                            path: rel.clone(),
+                            mode: mode_of(&meta),
+                        });
+                        walk_tree(&link, &rel, &mut listing, false)?;
+                    }
+                    continue;
+                }
             };
             listing.tablespaces.push(Tablespace {
                 oid,
                 location: location.display().to_string(),
             });
-            let rel = format!("pg_tblspc/{oid}");
             listing.directories.push(DirEntry {
                 path: rel.clone(),
                 mode: std::fs::metadata(&link)

@@ -69,7 +69,7 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
         } else {
             "deleted"
         };
-        println!(
+        crate::say!(
             "prune: {verb} {} backups, {} WAL files, {} packs; {} {}{}",
             doomed.backups.len(),
             doomed.wal.len(),
@@ -186,10 +186,10 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
     if opts.dry_run {
         if !opts.quiet {
             for (id, key, _) in &doomed.backups {
-                println!("would delete backup {id} ({key})");
+                crate::say!("would delete backup {id} ({key})");
             }
             for (key, _) in doomed.wal.iter().chain(&doomed.packs) {
-                println!("would delete {key}");
+                crate::say!("would delete {key}");
             }
         }
         return Ok(doomed);

@@ -16,6 +16,14 @@ pub struct Policy {
     pub keep_wal_within: Option<Duration>,
 }
 
+/// `now - d`, or the beginning of time when `d` reaches past it.
+fn before(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
 /// `keep[i]` for each backup (oldest first): kept by any policy, and the
 /// newest always.
 pub fn backups_to_keep(backups: &[Manifest], policy: &Policy, now: DateTime<Utc>) -> Vec<bool> {
@@ -63,7 +71,7 @@ pub fn wal_needs(
     let anchor = match policy.keep_wal_within {
         None => *oldest,
         Some(d) => {
-            let window_start = now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX);
+            let window_start = before(now, d);
             // The newest backup that was consistent before the window opened
             // can reach every moment in it; without one, all WAL is needed.
             kept.iter()

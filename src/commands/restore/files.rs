@@ -9,6 +9,10 @@ use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
 
+/// The largest blob a backup writes: a 1 MiB chunk that did not compress,
+/// plus header and zstd framing, with room to spare.
+const MAX_BLOB_LEN: u64 = 2 << 20;
+
 /// Runs on a blocking thread; `rt` drives the storage requests.
 pub fn restore_file(
     repo: &Repository,
@@ -36,9 +40,17 @@ pub fn restore_file(
     let mut size = 0u64;
     for chunk in &entry.chunks {
         let key = pack_key(&chunk.pack);
-        let stored =
-            rt.block_on(repo.get_range(&key, chunk.offset..chunk.offset + chunk.length))?;
-        let (header, data) = object::decode(&stored)
+        let end = chunk
+            .offset
+            .checked_add(chunk.length)
+            .filter(|_| chunk.length <= MAX_BLOB_LEN)
+            .ok_or_else(|| {
+                damaged(format!(
+                    "its manifest points at an impossible range of {key}"
+                ))
+            })?;
+        let stored = rt.block_on(repo.get_range(&key, chunk.offset..end))?;
+        let (header, data) = object::decode_limited(&stored, chunk.size)
             .map_err(|e| damaged(format!("chunk at {key}+{}: {e}", chunk.offset)))?;
         if header.sha256 != chunk.sha256 || data.len() as u64 != chunk.size {
             return Err(damaged(format!(
@@ -61,8 +73,10 @@ pub fn restore_file(
     file.sync_all()
         .map_err(|e| Error::io(format!("cannot fsync {}: {e}", dest.display())))?;
     use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))
-        .map_err(|e| Error::io(format!("cannot set mode of {}: {e}", dest.display())))?;
+    file.set_permissions(std::fs::Permissions::from_mode(super::file_mode(
+        entry.mode,
+    )))
+    .map_err(|e| Error::io(format!("cannot set mode of {}: {e}", dest.display())))?;
     let _ = file.set_modified(entry.mtime.into());
     Ok(size)
 }

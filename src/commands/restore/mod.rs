@@ -9,8 +9,6 @@ use crate::error::{Context, Error, Result};
 use crate::manifest::Manifest;
 use crate::repository::{RepoUrl, Repository, is_pack_id};
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,7 +40,7 @@ pub struct Restored {
 
 pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
     let r = restore(url, opts).await?;
-    println!(
+    crate::say!(
         "restored backup {} ({} files, {}) into {} in {:.1} s; {}",
         r.backup_id,
         r.files,
@@ -57,7 +55,7 @@ pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
         }
     );
     if matches!(url, RepoUrl::S3 { .. }) {
-        println!(
+        crate::say!(
             "note: restore_command reads {url}: the server needs the same AWS_* variables in its environment"
         );
     }
@@ -81,10 +79,16 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     }
     let repo = Arc::new(Repository::open(url, false)?);
     repo.require_config().await?;
-    let backups = catalog::load_all(&repo).await?;
+    let backups = catalog::load_readable(&repo).await?;
+    // Where complete WAL starts; an unreadable record only means "unknown".
+    let complete_from = crate::retention::load(&repo)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.complete_from_segno);
     let manifest = opts
         .target
-        .choose(&backups, opts.backup.as_deref())?
+        .choose(&backups, opts.backup.as_deref(), complete_from)?
         .clone();
     manifest.check_paths()?;
     if let Some(bad) = manifest
@@ -106,7 +110,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     for dir in &manifest.directories {
         let dest = dest_of(&dir.path);
         std::fs::create_dir_all(&dest).context(|| format!("cannot create {}", dest.display()))?;
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(dir.mode & 0o7777))
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(dir_mode(dir.mode)))
             .context(|| format!("cannot set mode of {}", dest.display()))?;
     }
     for extra in ["pg_wal/archive_status", "pg_tblspc"] {
@@ -256,9 +260,22 @@ fn destination(pgdata: &Path, locations: &HashMap<u32, PathBuf>, path: &str) -> 
     pgdata.join(path)
 }
 
+/// Directory modes as PostgreSQL makes them (0700, or 0750 with group
+/// access): a manifest cannot ask for setuid, sticky or world bits.
+pub fn dir_mode(mode: u32) -> u32 {
+    (mode & 0o750) | 0o700
+}
+
+/// File modes likewise: 0600, or 0640 with group access.
+pub fn file_mode(mode: u32) -> u32 {
+    (mode & 0o640) | 0o600
+}
+
+/// Built from the checked tablespace list only, never from the manifest's
+/// raw text: PostgreSQL makes a symlink for every line of it.
 fn tablespace_map_text(manifest: &Manifest, locations: &HashMap<u32, PathBuf>) -> Option<String> {
     if manifest.tablespaces.is_empty() {
-        return manifest.tablespace_map.clone();
+        return None;
     }
     Some(
         manifest
@@ -268,6 +285,15 @@ fn tablespace_map_text(manifest: &Manifest, locations: &HashMap<u32, PathBuf>) -
             .collect(),
     )
 }
+
+/// Every parameter that names a recovery target; PostgreSQL refuses more than one set.
+const RECOVERY_TARGET_KEYS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+];
 
 /// Quotes a word for the shell PostgreSQL runs restore_command through.
 fn shell_word(s: &str) -> String {
@@ -295,35 +321,49 @@ fn write_recovery_settings(
         shell_word(&exe.to_string_lossy()),
         shell_word(&url.to_string())
     );
-    let mut lines = vec![
-        format!(
-            "# added by walvault restore of backup {} at {}",
-            manifest.id,
-            chrono::Utc::now().to_rfc3339()
-        ),
-        format!("restore_command = {}", conf_quote(&restore_command)),
-        "recovery_target_timeline = 'latest'".to_string(),
+    // Old recovery settings go (the backed-up server may itself be a
+    // restored one, whose target would still apply); ours are appended.
+    // Unused targets are left out, not set to '': PostgreSQL counts an
+    // emptied target assigned after a set one as a second target.
+    let mut settings: Vec<(&str, String)> = vec![
+        ("restore_command", restore_command),
+        ("recovery_target_timeline", "latest".into()),
     ];
-    for (k, v) in opts.target.settings() {
-        lines.push(format!("{k} = {}", conf_quote(&v)));
-    }
+    settings.extend(opts.target.settings());
     if opts.target != RecoveryTarget::Latest {
         let action = opts.target_action.as_deref().unwrap_or("promote");
-        lines.push(format!("recovery_target_action = {}", conf_quote(action)));
+        settings.push(("recovery_target_action", action.into()));
     }
     if let Some(c) = &opts.primary_conninfo {
-        lines.push(format!("primary_conninfo = {}", conf_quote(c)));
+        settings.push(("primary_conninfo", c.clone()));
     }
+    let managed = |key: &str| {
+        RECOVERY_TARGET_KEYS.contains(&key)
+            || [
+                "restore_command",
+                "recovery_target_timeline",
+                "recovery_target_action",
+                "recovery_target_inclusive",
+                "primary_conninfo",
+            ]
+            .contains(&key)
+    };
     let auto = pgdata.join("postgresql.auto.conf");
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(&auto)
-        .context(|| format!("cannot open {}", auto.display()))?;
-    writeln!(f, "\n{}", lines.join("\n")).context(|| format!("cannot write {}", auto.display()))?;
-    f.sync_all()
-        .context(|| format!("cannot fsync {}", auto.display()))?;
+    let previous = std::fs::read_to_string(&auto).unwrap_or_default();
+    let mut text: String = previous
+        .lines()
+        .filter(|line| !managed(line.split('=').next().unwrap_or("").trim()))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    text.push_str(&format!(
+        "# added by walvault restore of backup {} at {}\n",
+        manifest.id,
+        chrono::Utc::now().to_rfc3339()
+    ));
+    for (k, v) in &settings {
+        text.push_str(&format!("{k} = {}\n", conf_quote(v)));
+    }
+    crate::commands::write_file_atomically(&auto, text.as_bytes(), Some(0o600))?;
     let signal = if opts.standby {
         "standby.signal"
     } else {

@@ -59,16 +59,51 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
 impl RecoveryTarget {
     /// Picks the backup: the one named, or the newest one that was consistent
     /// before the target (only then can replay stop there).
-    pub fn choose<'a>(&self, backups: &'a [Manifest], named: Option<&str>) -> Result<&'a Manifest> {
+    /// `complete_from`: the segment number from which the archive holds all
+    /// WAL (see retention.json); xid and name targets cannot be placed in
+    /// time, so they start from the oldest backup whose WAL is complete,
+    /// which reaches any of them that lies after it.
+    pub fn choose<'a>(
+        &self,
+        backups: &'a [Manifest],
+        named: Option<&str>,
+        complete_from: Option<u64>,
+    ) -> Result<&'a Manifest> {
         if backups.is_empty() {
             return Err(Error::not_found(
                 "the repository holds no backup; run 'walvault backup' first",
             ));
         }
         if let Some(id) = named.filter(|id| *id != "latest") {
-            return backups.iter().find(|b| b.id == id).ok_or_else(|| {
+            let b = backups.iter().find(|b| b.id == id).ok_or_else(|| {
                 Error::not_found(format!("no backup {id}; 'walvault list' shows the backups"))
-            });
+            })?;
+            let too_late = match self {
+                RecoveryTarget::Time(t) => b.stop_time > t.with_timezone(&Utc),
+                RecoveryTarget::Lsn(l) => b.stop_lsn > *l,
+                _ => false,
+            };
+            if too_late {
+                return Err(Error::usage(format!(
+                    "backup {id} became consistent at {} (LSN {}), after the target; pick an older backup or leave out --backup",
+                    b.stop_time.format("%Y-%m-%d %H:%M:%S%.6f+00"),
+                    b.stop_lsn
+                )));
+            }
+            return Ok(b);
+        }
+        if matches!(self, RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)) {
+            let size = u64::from(backups[0].wal_segment_size.max(1));
+            let complete = |b: &&Manifest| complete_from.is_none_or(|c| b.start_lsn.0 / size >= c);
+            if let Some(b) = backups.iter().find(complete) {
+                if backups.len() > 1 {
+                    tracing::info!(
+                        "starting from backup {}, the oldest with complete WAL after it; give --backup to start from a newer one",
+                        b.id
+                    );
+                }
+                return Ok(b);
+            }
         }
         let reachable = |b: &&Manifest| match self {
             RecoveryTarget::Time(t) => b.stop_time <= t.with_timezone(&Utc),
