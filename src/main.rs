@@ -129,27 +129,52 @@ enum Command {
     },
 }
 
+/// Which backup, and where recovery stops (default: the end of the archive).
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
-struct DrillArgs {
-    /// Backup id or "latest" (default: the newest that can reach the target).
+#[group(skip)]
+struct TargetArgs {
+    /// Backup id, or "latest" (default: the newest that can reach the target).
     #[arg(long, env = "WALVAULT_BACKUP")]
     backup: Option<String>,
-    /// Recover to this time (default: the end of the archive).
-    #[arg(long)]
+    /// Recover to this time: RFC 3339 or 'YYYY-MM-DD HH:MM:SS+ZZ' (a zone is required).
+    #[arg(long, group = "target")]
     time: Option<String>,
-    /// Recover to this LSN.
-    #[arg(long)]
+    /// Recover to this LSN (e.g. 0/3000060).
+    #[arg(long, group = "target")]
     lsn: Option<String>,
     /// Recover to this transaction id.
-    #[arg(long)]
+    #[arg(long, group = "target")]
     xid: Option<String>,
-    /// Recover to this restore point.
-    #[arg(long)]
+    /// Recover to this restore point (pg_create_restore_point).
+    #[arg(long, group = "target")]
     name: Option<String>,
     /// Stop as soon as the backup is consistent.
-    #[arg(long)]
+    #[arg(long, group = "target")]
     immediate: bool,
+}
+
+impl TargetArgs {
+    fn recovery_target(&self) -> Result<RecoveryTarget, Error> {
+        Ok(if let Some(t) = &self.time {
+            RecoveryTarget::Time(parse_time(t)?)
+        } else if let Some(l) = &self.lsn {
+            RecoveryTarget::Lsn(l.parse()?)
+        } else if let Some(x) = &self.xid {
+            RecoveryTarget::Xid(x.clone())
+        } else if let Some(n) = &self.name {
+            RecoveryTarget::Name(n.clone())
+        } else if self.immediate {
+            RecoveryTarget::Immediate
+        } else {
+            RecoveryTarget::Latest
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct DrillArgs {
+    #[command(flatten)]
+    target: TargetArgs,
     /// PostgreSQL server binaries (default: pg_config --bindir, else PATH).
     #[arg(long, env = "WALVAULT_PG_BIN")]
     pg_bin: Option<PathBuf>,
@@ -170,52 +195,13 @@ struct DrillArgs {
     jobs: Option<usize>,
 }
 
-fn recovery_target(
-    time: Option<String>,
-    lsn: Option<String>,
-    xid: Option<String>,
-    name: Option<String>,
-    immediate: bool,
-) -> Result<RecoveryTarget, Error> {
-    Ok(if let Some(t) = time {
-        RecoveryTarget::Time(parse_time(&t)?)
-    } else if let Some(l) = lsn {
-        RecoveryTarget::Lsn(l.parse()?)
-    } else if let Some(x) = xid {
-        RecoveryTarget::Xid(x)
-    } else if let Some(n) = name {
-        RecoveryTarget::Name(n)
-    } else if immediate {
-        RecoveryTarget::Immediate
-    } else {
-        RecoveryTarget::Latest
-    })
-}
-
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("target").args(["time", "lsn", "xid", "name", "immediate"])))]
 struct RestoreArgs {
     /// Directory to restore into: new or empty.
     #[arg(long, env = "PGDATA")]
     pgdata: PathBuf,
-    /// Backup id, or "latest" (default: the newest that can reach the target).
-    #[arg(long, env = "WALVAULT_BACKUP")]
-    backup: Option<String>,
-    /// Recover to this time: RFC 3339 or 'YYYY-MM-DD HH:MM:SS+ZZ' (a zone is required).
-    #[arg(long)]
-    time: Option<String>,
-    /// Recover to this LSN (e.g. 0/3000060).
-    #[arg(long)]
-    lsn: Option<String>,
-    /// Recover to this transaction id.
-    #[arg(long)]
-    xid: Option<String>,
-    /// Recover to this restore point (pg_create_restore_point).
-    #[arg(long)]
-    name: Option<String>,
-    /// Stop as soon as the backup is consistent.
-    #[arg(long)]
-    immediate: bool,
+    #[command(flatten)]
+    target: TargetArgs,
     /// What the server does at the target: promote (default), pause or shutdown.
     #[arg(long)]
     target_action: Option<String>,
@@ -241,7 +227,7 @@ fn cores() -> usize {
 
 impl RestoreArgs {
     fn into_options(self) -> Result<restore::RestoreOptions, Error> {
-        let target = recovery_target(self.time, self.lsn, self.xid, self.name, self.immediate)?;
+        let target = self.target.recovery_target()?;
         let mut tablespace_map = vec![];
         for m in &self.tablespace_map {
             let parsed = m
@@ -255,7 +241,7 @@ impl RestoreArgs {
         }
         Ok(restore::RestoreOptions {
             pgdata: self.pgdata,
-            backup: self.backup,
+            backup: self.target.backup,
             target,
             target_action: self.target_action,
             standby: self.standby,
@@ -354,8 +340,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::List { json } => list::run(&url, json).await,
         Command::Drill(a) => {
             let opts = drill::DrillOptions {
-                target: recovery_target(a.time, a.lsn, a.xid, a.name, a.immediate)?,
-                backup: a.backup,
+                target: a.target.recovery_target()?,
+                backup: a.target.backup,
                 pg_bin: a.pg_bin,
                 check_sql: a.check_sql,
                 json: a.json,

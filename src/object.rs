@@ -110,15 +110,18 @@ pub fn encode(data: &[u8], level: i32) -> std::io::Result<(ObjectHeader, Vec<u8>
             compressed,
         )
     });
-    let compressed = compressed?;
     let header = ObjectHeader {
         length: data.len() as u64,
         sha256,
     };
+    Ok((header, assemble(&header, &compressed?)))
+}
+
+fn assemble(header: &ObjectHeader, compressed: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
-    out.extend_from_slice(&header_bytes(&header));
-    out.extend_from_slice(&compressed);
-    Ok((header, out))
+    out.extend_from_slice(&header_bytes(header));
+    out.extend_from_slice(compressed);
+    out
 }
 
 /// Like [`encode`] when the sha256 is already known (backup hashes each
@@ -133,10 +136,7 @@ pub fn encode_with_digest(
         length: data.len() as u64,
         sha256,
     };
-    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
-    out.extend_from_slice(&header_bytes(&header));
-    out.extend_from_slice(&compressed);
-    Ok(out)
+    Ok(assemble(&header, &compressed))
 }
 
 /// Reads the header without touching the content.
@@ -262,6 +262,16 @@ mod tests {
         let (_, mut obj) = encode(b"hello", 3).unwrap();
         obj[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(decode(&obj), Err(ObjectError::Corrupt(_))));
+    }
+
+    #[test]
+    fn claimed_length_is_capped_before_decompressing() {
+        let (_, obj) = encode(&[0u8; 4096], 3).unwrap();
+        assert!(matches!(
+            decode_limited(&obj, 4095),
+            Err(ObjectError::Corrupt(_))
+        ));
+        assert_eq!(decode_limited(&obj, 4096).unwrap().1.len(), 4096);
     }
 
     #[test]

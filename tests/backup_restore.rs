@@ -231,3 +231,141 @@ fn restore_refusals() {
     let out = s.restore("nobackup", &["--backup", "20000101T000000Z"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 }
+
+/// A cluster that was itself restored by walvault carries recovery settings
+/// in its postgresql.auto.conf; a backup of it must still restore cleanly.
+#[test]
+fn backup_of_a_restored_cluster_restores_to_latest() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    s.primary.sql("CREATE TABLE t (batch int, id int)");
+    s.primary
+        .sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 100) g");
+    s.backup();
+    let lsn = s.primary.sql("SELECT pg_current_wal_lsn()");
+    s.primary
+        .sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 100) g");
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived(&last);
+
+    // Restore to an LSN, and run the result as a new primary with its own repository.
+    let out = s.restore("second", &["--lsn", &lsn]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let repo2 = RepoTarget::local(&s.root().join("repo2"));
+    let dir = s.root().join("second");
+    let mut second = PgServer::existing(&dir, &dir.join("data"), vec![]);
+    second.append_conf(&format!(
+        "archive_mode = on\narchive_command = '{} --repo {} push %p %f'",
+        s.bin.display(),
+        repo2.url
+    ));
+    second.start();
+    second.wait_promoted();
+    assert_eq!(Setup::batches(&second), "1:100");
+    let out = repo2
+        .walvault_as_postgres(&s.bin)
+        .envs(second.libpq_env())
+        .args(["backup", "--archive-timeout", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    second.sql("INSERT INTO t SELECT 3, g FROM generate_series(1, 100) g");
+    let last = second.switch_wal();
+    second.wait_archived(&last);
+    second.stop();
+
+    let out = repo2
+        .walvault_as_postgres(&s.bin)
+        .args(["restore", "--pgdata"])
+        .arg(s.root().join("third/data"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let conf = std::fs::read_to_string(s.root().join("third/data/postgresql.auto.conf")).unwrap();
+    assert!(
+        !conf.contains("recovery_target_lsn"),
+        "old target kept:\n{conf}"
+    );
+    let dir = s.root().join("third");
+    let mut third = PgServer::existing(&dir, &dir.join("data"), vec![]);
+    third.append_conf("archive_mode = off");
+    third.start();
+    third.wait_promoted();
+    assert_eq!(Setup::batches(&third), "1:100 3:100");
+}
+
+/// A restore point between two backups: the restore starts from a backup
+/// old enough to reach it.
+#[test]
+fn named_target_between_backups() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    s.primary.sql("CREATE TABLE t (batch int, id int)");
+    s.primary
+        .sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 100) g");
+    s.backup();
+    s.primary.sql("SELECT pg_create_restore_point('before_2')");
+    s.primary
+        .sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 100) g");
+    std::thread::sleep(Duration::from_millis(1100));
+    s.backup();
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived(&last);
+    let restored = s.restore_and_start("named", &["--name", "before_2"]);
+    restored.wait_promoted();
+    assert_eq!(Setup::batches(&restored), "1:100");
+}
+
+/// Tablespaces are backed up through pg_tblspc and restored where asked.
+#[test]
+fn tablespace_round_trip() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let ts = s.root().join("ts-original");
+    std::fs::create_dir(&ts).unwrap();
+    give_to_postgres(&ts);
+    s.primary.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts.display()
+    ));
+    s.primary
+        .sql("CREATE TABLE t (batch int, id int) TABLESPACE extra");
+    s.primary
+        .sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 5000) g");
+    let oid = s
+        .primary
+        .sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'");
+    s.backup();
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived(&last);
+
+    let moved = s.root().join("ts-restored");
+    let map = format!("{oid}={}", moved.display());
+    let restored = s.restore_and_start("with-ts", &["--tablespace-map", &map]);
+    restored.wait_promoted();
+    assert_eq!(Setup::batches(&restored), "1:5000");
+    let link = std::fs::read_link(s.root().join(format!("with-ts/data/pg_tblspc/{oid}"))).unwrap();
+    assert_eq!(link, moved);
+    assert!(
+        std::fs::read_dir(&moved).unwrap().count() > 0,
+        "nothing restored into the mapped location"
+    );
+}
+
+#[test]
+fn a_damaged_manifest_does_not_hide_the_others() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let good = s.backup();
+    let bad_dir = s.root().join("repo/backups/20200101T000000Z");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    std::fs::write(bad_dir.join("manifest.json.zst"), b"not a manifest").unwrap();
+    give_to_postgres(s.root());
+    let list = s.list_json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["id"], good.as_str());
+    let out = s.restore("good", &["--backup", &good]);
+    assert!(out.status.success(), "{}", describe(&out));
+    // verify names it.
+    let out = s.repo.walvault(&s.bin).arg("verify").output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("backups/20200101T000000Z/manifest.json.zst")
+    );
+}

@@ -371,3 +371,15 @@ fn write_recovery_settings(
     };
     crate::commands::write_file_atomically(&pgdata.join(signal), b"", Some(0o600))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn modes_are_clamped() {
+        assert_eq!(super::dir_mode(0o7777), 0o750);
+        assert_eq!(super::dir_mode(0o700), 0o700);
+        assert_eq!(super::file_mode(0o6777), 0o640);
+        assert_eq!(super::file_mode(0o600), 0o600);
+        assert_eq!(super::file_mode(0), 0o600);
+    }
+}
