@@ -27,5 +27,6 @@ pub mod object;
 pub mod pack;
 pub mod repository;
 pub mod retention;
+pub mod spool;
 pub mod wal;
 pub mod walscan;

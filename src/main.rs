@@ -51,6 +51,12 @@ enum Command {
         #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
               value_parser = clap::value_parser!(i32).range(1..=19))]
         compress_level: i32,
+        /// Also push up to N other segments PostgreSQL has marked ready, in parallel (0: off).
+        #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 8)]
+        push_ahead: usize,
+        /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
+        #[arg(long, env = "WALVAULT_SPOOL")]
+        spool: Option<PathBuf>,
     },
     /// Restore one WAL file (restore_command = 'walvault fetch %f %p').
     Fetch {
@@ -58,6 +64,12 @@ enum Command {
         name: String,
         /// %p: where to write it, relative to the data directory.
         path: PathBuf,
+        /// Download up to K following segments in parallel ahead of recovery (0: off).
+        #[arg(long, env = "WALVAULT_PREFETCH", default_value_t = 8)]
+        prefetch: usize,
+        /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
+        #[arg(long, env = "WALVAULT_SPOOL")]
+        spool: Option<PathBuf>,
     },
     /// Take an online base backup of a running server.
     Backup {
@@ -307,19 +319,31 @@ async fn run(cli: Cli) -> Result<(), Error> {
             path,
             name,
             compress_level,
+            push_ahead,
+            spool,
         } => {
-            push::run(
-                &url,
-                &push::PushOptions {
-                    path,
-                    name,
-                    compress_level,
-                },
-            )
-            .await
+            let opts = push::PushOptions {
+                path,
+                name,
+                compress_level,
+                push_ahead,
+                spool,
+            };
+            push::run(&url, &opts).await
         }
-        Command::Fetch { name, path } => {
-            fetch::run(&url, &fetch::FetchOptions { name, path }).await
+        Command::Fetch {
+            name,
+            path,
+            prefetch,
+            spool,
+        } => {
+            let opts = fetch::FetchOptions {
+                name,
+                path,
+                prefetch,
+                spool,
+            };
+            fetch::run(&url, &opts).await
         }
         Command::Backup {
             pgdata,

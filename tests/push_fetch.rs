@@ -411,3 +411,161 @@ fn killed_push_leaves_nothing_half_written() {
     }
     let _ = Duration::ZERO;
 }
+
+/// A pg_wal directory with `.ready` files, as PostgreSQL leaves it.
+fn pg_wal_with_ready(f: &Fixture, names: &[&str], fill: u8) -> std::path::PathBuf {
+    let wal = f.dir.path().join("data/pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    for name in names {
+        std::fs::write(wal.join(name), synthetic_segment(name, 7, MIB, fill)).unwrap();
+        std::fs::write(
+            wal.join("archive_status").join(format!("{name}.ready")),
+            b"",
+        )
+        .unwrap();
+    }
+    wal
+}
+
+#[test]
+fn push_ahead_records_never_outlive_a_changed_file() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let names = [
+        "000000010000000000000003",
+        "000000010000000000000004",
+        "000000010000000000000005",
+    ];
+    let wal = pg_wal_with_ready(&f, &names, 0);
+    let out = repo
+        .walvault(&f.bin)
+        .args(["push", "--push-ahead", "8"])
+        .arg(wal.join(names[0]))
+        .arg(names[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pushed 2 more segments ahead"),
+        "{}",
+        describe(&out)
+    );
+    for n in &names[1..] {
+        assert!(
+            root.join(format!("wal/0000000100000000/{n}.zst")).exists(),
+            "{n} not pushed ahead"
+        );
+    }
+    // Unchanged: the next call is answered from the record.
+    let out = repo
+        .walvault(&f.bin)
+        .arg("push")
+        .arg(wal.join(names[1]))
+        .arg(names[1])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("archived ahead; verified unchanged"),
+        "{}",
+        describe(&out)
+    );
+    // Changed since (same size, other bytes): the record is worthless, the
+    // real comparison runs and refuses.
+    std::fs::write(
+        wal.join(names[2]),
+        synthetic_segment(names[2], 7, MIB, 0x33),
+    )
+    .unwrap();
+    let out = repo
+        .walvault(&f.bin)
+        .arg("push")
+        .arg(wal.join(names[2]))
+        .arg(names[2])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}
+
+#[test]
+fn prefetch_serves_verified_local_copies() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let names: Vec<String> = (3..13)
+        .map(|i| format!("0000000100000000000000{i:02X}"))
+        .collect();
+    let mut originals = vec![];
+    for n in &names {
+        let data = synthetic_segment(n, 7, MIB, 1);
+        let p = f.write(n, &data);
+        let out = repo
+            .walvault(&f.bin)
+            .args(["push", "--push-ahead", "0"])
+            .arg(&p)
+            .arg(n)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        originals.push(data);
+    }
+    let wal = f.dir.path().join("standby/pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let dest = wal.join("RECOVERYXLOG");
+    let fetch = |name: &str| {
+        repo.walvault(&f.bin)
+            .args(["fetch", "--prefetch", "4", name])
+            .arg(&dest)
+            .output()
+            .unwrap()
+    };
+    let out = fetch(&names[0]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), originals[0]);
+    let spooled = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(wal.join("walvault-spool/prefetch"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap()[..24].to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(spooled(), names[1..5]);
+
+    // The next ones come from the spool: gone from the repository, still served.
+    let object = |n: &str| root.join(format!("wal/0000000100000000/{n}.zst"));
+    let saved = std::fs::read(object(&names[1])).unwrap();
+    std::fs::remove_file(object(&names[1])).unwrap();
+    let out = fetch(&names[1]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(&dest).unwrap(), originals[1]);
+    std::fs::write(object(&names[1]), saved).unwrap();
+
+    // A damaged spooled copy is never handed over.
+    let spool = wal.join("walvault-spool/prefetch");
+    let damaged = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(&names[2])
+        })
+        .unwrap();
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    bytes[5000] ^= 1;
+    std::fs::write(&damaged, bytes).unwrap();
+    std::fs::remove_file(object(&names[2])).unwrap();
+    std::fs::remove_file(&dest).unwrap();
+    let out = fetch(&names[2]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(!dest.exists(), "a damaged copy was handed over");
+
+    // Another timeline: everything spooled for timeline 1 goes.
+    let out = fetch("000000020000000000000009");
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(spooled(), Vec::<String>::new());
+}

@@ -1,43 +1,167 @@
 //! `walvault fetch <name> <path>`: PostgreSQL's restore_command.
+//!
+//! Recovery asks for one segment at a time and waits for each; with
+//! `--prefetch K` the following segments of the same timeline are downloaded
+//! in parallel into the spool, so most calls are a local, verified rename.
 
 use crate::commands::write_file_atomically;
-use crate::error::{Error, Result};
-use crate::object;
+use crate::error::{Context, Error, Result};
+use crate::object::{self, Sha256Digest};
 use crate::repository::{RepoUrl, Repository, wal_key};
-use crate::wal::WalFileName;
-use std::path::PathBuf;
+use crate::spool::Spool;
+use crate::wal::{SegmentName, WalFileName};
+use futures::StreamExt;
+use std::path::{Path, PathBuf};
 
 pub struct FetchOptions {
     /// `%f`: the file PostgreSQL asks for.
     pub name: String,
     /// `%p`: where to put it, relative to the working directory.
     pub path: PathBuf,
+    /// How many following segments to keep downloaded ahead (0: none).
+    pub prefetch: usize,
+    pub spool: Option<PathBuf>,
 }
 
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
+    let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
+        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch > 0 => Some((segment, spool)),
+        _ => None,
+    };
+    let Some((segment, spool)) = ahead else {
+        let repo = Repository::open(url, false)?;
+        return fetch_from_repository(&repo, &name, &opts.path).await;
+    };
+
+    // Only this segment's successors on its timeline are worth keeping.
+    let size = spool.segment_size();
+    let window = size
+        .map(|s| successors(segment, s, opts.prefetch))
+        .unwrap_or_default();
+    spool.discard_prefetched(|n| {
+        *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
+    });
+
+    if hand_over(&spool, &name, &opts.path)? {
+        tracing::debug!("restored {name} from the prefetch spool");
+        let have = spool.prefetched().len();
+        if have * 2 <= opts.prefetch && !window.is_empty() {
+            let repo = Repository::open(url, false)?;
+            prefetch(&repo, &spool, &window).await;
+        }
+        return Ok(());
+    }
     let repo = Repository::open(url, false)?;
-    let key = wal_key(&name);
+    // Not prefetched: fetch it and the next ones at once.
+    let window = match size {
+        Some(s) => successors(segment, s, opts.prefetch),
+        None => match repo.config().await {
+            Ok(Some(config)) => {
+                spool.remember_segment_size(config.wal_segment_size);
+                successors(segment, config.wal_segment_size, opts.prefetch)
+            }
+            _ => vec![],
+        },
+    };
+    let (result, ()) = tokio::join!(
+        fetch_from_repository(&repo, &name, &opts.path),
+        prefetch(&repo, &spool, &window)
+    );
+    result
+}
+
+fn successors(segment: SegmentName, segment_size: u32, count: usize) -> Vec<SegmentName> {
+    std::iter::successors(Some(segment.next(segment_size)), |s| {
+        Some(s.next(segment_size))
+    })
+    .take(count)
+    .collect()
+}
+
+async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Path) -> Result<()> {
+    let key = wal_key(name);
     let Some(stored) = repo.get(&key).await? else {
         // Recovery asks for files that do not exist yet; that is "end of
         // archive", not a failure. A repository that is not there at all is.
         repo.require_config().await?;
         return Err(Error::not_found(format!("{name} is not in the archive")));
     };
+    let (_, data) = decode(name, &stored).map_err(|e| {
+        Error::corrupt(format!(
+            "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
+             Run 'walvault verify' and restore the object from another copy",
+            repo.url(),
+            path.display()
+        ))
+    })?;
+    write_file_atomically(path, &data, Some(0o600))?;
+    tracing::debug!("restored {name} to {}", path.display());
+    Ok(())
+}
+
+fn decode(
+    name: &WalFileName,
+    stored: &[u8],
+) -> Result<(object::ObjectHeader, Vec<u8>), object::ObjectError> {
     // Segments are at most 1 GiB; every other WAL file is a few lines of text.
     let limit = match name.segment_with_header() {
         Some(_) => object::MAX_CONTENT,
         None => 16 << 20,
     };
-    let (_, data) = object::decode_limited(&stored, limit).map_err(|e| {
-        Error::corrupt(format!(
-            "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
-             Run 'walvault verify' and restore the object from another copy",
-            repo.url(),
-            opts.path.display()
-        ))
-    })?;
-    write_file_atomically(&opts.path, &data, Some(0o600))?;
-    tracing::debug!("restored {name} to {}", opts.path.display());
-    Ok(())
+    object::decode_limited(stored, limit)
+}
+
+/// Moves a prefetched copy of `name` to `path` after proving its sha256; a
+/// copy that fails is deleted and the caller fetches from the repository.
+fn hand_over(spool: &Spool, name: &WalFileName, path: &Path) -> Result<bool> {
+    let Some((_, sha, file)) = spool.prefetched().into_iter().find(|(n, _, _)| n == name) else {
+        return Ok(false);
+    };
+    let data = std::fs::read(&file).context(|| format!("cannot read {}", file.display()))?;
+    if Sha256Digest::of(&data) != sha {
+        tracing::warn!("prefetched copy of {name} is damaged; fetching it again");
+        let _ = std::fs::remove_file(&file);
+        return Ok(false);
+    }
+    std::fs::rename(&file, path)
+        .context(|| format!("cannot move {} to {}", file.display(), path.display()))?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("cannot fsync directory {}", dir.display()))?;
+    Ok(true)
+}
+
+/// Downloads, verifies and spools those of `window` not already spooled.
+/// Best effort: a segment missing or failing here is fetched on demand.
+async fn prefetch(repo: &Repository, spool: &Spool, window: &[SegmentName]) {
+    let have: Vec<WalFileName> = spool.prefetched().into_iter().map(|(n, _, _)| n).collect();
+    let wanted: Vec<WalFileName> = window
+        .iter()
+        .map(|s| WalFileName::Segment(*s))
+        .filter(|n| !have.contains(n))
+        .collect();
+    futures::stream::iter(wanted.iter().map(|name| async move {
+        match repo.get(&wal_key(name)).await {
+            Ok(Some(stored)) => match decode(name, &stored) {
+                Ok((header, data)) => {
+                    if let Err(e) = spool.store_prefetched(name, &header.sha256, &data) {
+                        tracing::debug!("cannot spool {name}: {e}");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("{name} in the repository is damaged ({e}); not prefetched")
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::debug!("prefetch of {name} failed: {e}"),
+        }
+    }))
+    .buffer_unordered(window.len().max(1))
+    .collect::<Vec<()>>()
+    .await;
 }

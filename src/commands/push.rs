@@ -1,9 +1,12 @@
 //! `walvault push <path> <name>`: PostgreSQL's archive_command.
 
 use crate::error::{Context, Error, Result};
+use crate::object::Sha256Digest;
 use crate::object::{self, ObjectError, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
+use crate::spool::{FileIdentity, Spool};
 use crate::wal::{SegmentHeader, WalFileName};
+use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -13,6 +16,10 @@ pub struct PushOptions {
     /// `%f`: the name PostgreSQL archives it under.
     pub name: String,
     pub compress_level: i32,
+    /// Also push up to this many other `.ready` segments, in parallel.
+    pub push_ahead: usize,
+    /// Where records of segments pushed ahead are kept (default: pg_wal/walvault-spool).
+    pub spool: Option<PathBuf>,
 }
 
 /// What the bytes of a segment say about the cluster that wrote them.
@@ -51,31 +58,187 @@ fn cluster_of_segment(
 pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     let started = Instant::now();
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
-    let data =
-        std::fs::read(&opts.path).context(|| format!("cannot read {}", opts.path.display()))?;
-    let cluster = cluster_of_segment(&name, &opts.path, &data)?;
+    let spool = Spool::locate(opts.spool.as_deref(), &opts.path);
+    let read = read_stable(&opts.path)?;
 
-    let repo = Repository::open(url, true)?;
-    if let Some(cluster) = &cluster {
-        repo.bind_cluster(cluster).await?;
-    }
-    let (header, encoded) = object::encode(&data, opts.compress_level)
-        .context(|| format!("cannot compress {}", opts.path.display()))?;
-    let stored_len = encoded.len();
-    let encoded = bytes::Bytes::from(encoded);
-    let key = wal_key(&name);
-    match repo.put_new(&key, encoded.clone()).await? {
-        Created::New => {
+    // Pushed ahead by an earlier call, and the file is still exactly what was
+    // pushed then: nothing to do.
+    if let Some(spool) = &spool
+        && let Some(record) = spool.pushed(&name)
+    {
+        spool.forget_pushed(&name);
+        let now = read
+            .meta
+            .as_ref()
+            .map(|m| FileIdentity::of(m, &Sha256Digest::of(&read.data)));
+        if now.as_ref() == Some(&record) {
             tracing::info!(
-                "archived {name} ({} bytes, stored {} bytes, {} ms)",
-                data.len(),
-                stored_len,
+                "{name} was archived ahead; verified unchanged ({} ms)",
                 started.elapsed().as_millis()
             );
-            Ok(())
+            return Ok(());
         }
-        Created::AlreadyExists => settle_existing(&repo, &name, &key, header, encoded).await,
+        tracing::debug!("{name} changed since it was pushed ahead; pushing it again");
     }
+
+    let pusher = Pusher {
+        repo: Repository::open(url, true)?,
+        level: opts.compress_level,
+        cluster: tokio::sync::OnceCell::new(),
+    };
+    let data_len = read.data.len();
+    let pushed = pusher.push(&name, &opts.path, read.data).await?;
+    tracing::info!(
+        "archived {name} ({data_len} bytes, stored {} bytes, {} ms)",
+        pushed.stored,
+        started.elapsed().as_millis()
+    );
+    if opts.push_ahead > 0
+        && let (Some(spool), WalFileName::Segment(_)) = (&spool, name)
+    {
+        push_ahead(&pusher, spool, &opts.path, &name, opts.push_ahead).await;
+    }
+    Ok(())
+}
+
+/// A file's bytes, and its metadata when it did not change while we read it.
+struct StableRead {
+    data: Vec<u8>,
+    meta: Option<std::fs::Metadata>,
+}
+
+fn read_stable(path: &Path) -> Result<StableRead> {
+    let before = std::fs::metadata(path).context(|| format!("cannot read {}", path.display()))?;
+    let data = std::fs::read(path).context(|| format!("cannot read {}", path.display()))?;
+    let after = std::fs::metadata(path).context(|| format!("cannot read {}", path.display()))?;
+    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+        use std::os::unix::fs::MetadataExt;
+        (
+            a.ino(),
+            a.size(),
+            a.mtime_nsec(),
+            a.mtime(),
+            a.ctime(),
+            a.ctime_nsec(),
+        ) == (
+            b.ino(),
+            b.size(),
+            b.mtime_nsec(),
+            b.mtime(),
+            b.ctime(),
+            b.ctime_nsec(),
+        )
+    };
+    let meta = same(&before, &after).then_some(after);
+    Ok(StableRead { data, meta })
+}
+
+/// Pushes files into one repository, checking the cluster once.
+struct Pusher {
+    repo: Repository,
+    level: i32,
+    cluster: tokio::sync::OnceCell<RepositoryConfig>,
+}
+
+struct Pushed {
+    header: ObjectHeader,
+    stored: usize,
+}
+
+impl Pusher {
+    async fn push(&self, name: &WalFileName, path: &Path, data: Vec<u8>) -> Result<Pushed> {
+        if let Some(cluster) = cluster_of_segment(name, path, &data)? {
+            let bound = self
+                .cluster
+                .get_or_try_init(|| self.repo.bind_cluster(&cluster))
+                .await?;
+            bound.check_same_cluster(&cluster, self.repo.url())?;
+        }
+        let level = self.level;
+        // Compression and hashing are the CPU of a push: off the async threads,
+        // so pushes ahead run truly in parallel.
+        let (header, encoded) = tokio::task::spawn_blocking(move || object::encode(&data, level))
+            .await
+            .map_err(|e| Error::io(format!("compression task failed: {e}")))?
+            .context(|| format!("cannot compress {}", path.display()))?;
+        let stored = encoded.len();
+        let encoded = bytes::Bytes::from(encoded);
+        let key = wal_key(name);
+        match self.repo.put_new(&key, encoded.clone()).await? {
+            Created::New => {}
+            Created::AlreadyExists => {
+                settle_existing(&self.repo, name, &key, header, encoded).await?
+            }
+        }
+        Ok(Pushed { header, stored })
+    }
+}
+
+/// Pushes other segments PostgreSQL has marked `.ready`, oldest first, and
+/// records each in the spool once it is durable. Failures here are only
+/// warnings: PostgreSQL will ask for those segments in turn.
+async fn push_ahead(
+    pusher: &Pusher,
+    spool: &Spool,
+    path: &Path,
+    current: &WalFileName,
+    limit: usize,
+) {
+    let Some(wal_dir) = path.parent() else { return };
+    spool.prune_pushed(wal_dir);
+    let Ok(entries) = std::fs::read_dir(wal_dir.join("archive_status")) else {
+        return;
+    };
+    let mut ready: Vec<WalFileName> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().to_string();
+            WalFileName::parse(file.strip_suffix(".ready")?).ok()
+        })
+        .filter(|n| {
+            matches!(n, WalFileName::Segment(_)) && n != current && spool.pushed(n).is_none()
+        })
+        .collect();
+    ready.sort_by_key(|n| n.to_string());
+    ready.truncate(limit);
+    if ready.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    let concurrency = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
+    let results: Vec<(WalFileName, Result<()>)> =
+        futures::stream::iter(ready.into_iter().map(|name| async move {
+            let path = wal_dir.join(name.to_string());
+            let result = async {
+                let read = read_stable(&path)?;
+                let Some(meta) = read.meta else {
+                    return Ok(()); // changing under us: leave it to PostgreSQL's own call
+                };
+                let pushed = pusher.push(&name, &path, read.data).await?;
+                spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))
+            }
+            .await;
+            (name, result)
+        }))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut done = 0;
+    for (name, result) in results {
+        match result {
+            Ok(()) => done += 1,
+            Err(e) => tracing::warn!(
+                "pushing {name} ahead failed ({e}); it will be pushed when PostgreSQL asks"
+            ),
+        }
+    }
+    tracing::info!(
+        "pushed {done} more segments ahead ({} ms)",
+        started.elapsed().as_millis()
+    );
 }
 
 /// What is stored under a name we are pushing.

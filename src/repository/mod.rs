@@ -41,6 +41,28 @@ pub struct RepositoryConfig {
     pub created_at: chrono::DateTime<chrono::Utc>,
 }
 
+impl RepositoryConfig {
+    /// Refuses WAL of another cluster (or another segment size): two
+    /// clusters' WAL must never mix in one archive.
+    pub fn check_same_cluster(&self, cluster: &RepositoryConfig, url: &RepoUrl) -> Result<()> {
+        let existing = self;
+        if existing.system_identifier != cluster.system_identifier {
+            return Err(Error::conflict(format!(
+                "repository {} belongs to cluster {} but this WAL comes from cluster {}; \
+                 two clusters must not share a repository: give this one its own --repo",
+                url, existing.system_identifier, cluster.system_identifier
+            )));
+        }
+        if existing.wal_segment_size != cluster.wal_segment_size {
+            return Err(Error::conflict(format!(
+                "repository {} holds {}-byte WAL segments, this one is {} bytes",
+                url, existing.wal_segment_size, cluster.wal_segment_size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// What a create-only write found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -237,19 +259,7 @@ impl Repository {
                 }
             }
         };
-        if existing.system_identifier != cluster.system_identifier {
-            return Err(Error::conflict(format!(
-                "repository {} belongs to cluster {} but this WAL comes from cluster {}; \
-                 two clusters must not share a repository: give this one its own --repo",
-                self.url, existing.system_identifier, cluster.system_identifier
-            )));
-        }
-        if existing.wal_segment_size != cluster.wal_segment_size {
-            return Err(Error::conflict(format!(
-                "repository {} holds {}-byte WAL segments, this one is {} bytes",
-                self.url, existing.wal_segment_size, cluster.wal_segment_size
-            )));
-        }
+        existing.check_same_cluster(cluster, &self.url)?;
         Ok(existing)
     }
 }
