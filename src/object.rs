@@ -117,6 +117,67 @@ pub fn encode(data: &[u8], level: i32) -> std::io::Result<(ObjectHeader, Vec<u8>
     Ok((header, assemble(&header, &compressed?)))
 }
 
+/// Like [`encode`] for content read from `reader` (a WAL segment on disk):
+/// one read of each 1 MiB piece, which goes both to a hashing thread and to
+/// a streaming compressor, so memory holds a few pieces and the compressed
+/// output, never the whole file, and hashing overlaps compression.
+pub fn encode_stream(
+    reader: &mut dyn Read,
+    level: i32,
+    size_hint: u64,
+) -> std::io::Result<(ObjectHeader, Vec<u8>)> {
+    use std::io::Write;
+    use std::sync::Arc;
+    const PIECE: usize = 1 << 20;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
+    std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut h = Sha256::new();
+            let mut length = 0u64;
+            for piece in rx {
+                h.update(&piece[..]);
+                length += piece.len() as u64;
+            }
+            (Sha256Digest(h.finalize().into()), length)
+        });
+        let compressed = (|| {
+            let mut out = Vec::with_capacity(HEADER_LEN + (size_hint / 4) as usize);
+            out.extend_from_slice(&[0u8; HEADER_LEN]);
+            let mut encoder = zstd::stream::Encoder::new(out, level)?;
+            loop {
+                let mut piece = vec![0u8; PIECE];
+                let mut filled = 0;
+                while filled < PIECE {
+                    match reader.read(&mut piece[filled..]) {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                if filled == 0 {
+                    break;
+                }
+                piece.truncate(filled);
+                encoder.write_all(&piece)?;
+                if tx.send(Arc::new(piece)).is_err() {
+                    return Err(std::io::Error::other("sha256 thread stopped"));
+                }
+                if filled < PIECE {
+                    break;
+                }
+            }
+            encoder.finish()
+        })();
+        drop(tx);
+        let (sha256, length) = hasher.join().expect("sha256 thread does not panic");
+        let mut out = compressed?;
+        let header = ObjectHeader { length, sha256 };
+        out[..HEADER_LEN].copy_from_slice(&header_bytes(&header));
+        Ok((header, out))
+    })
+}
+
 fn assemble(header: &ObjectHeader, compressed: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len());
     out.extend_from_slice(&header_bytes(header));
@@ -242,6 +303,19 @@ mod tests {
         let (h2, back) = decode(&obj).unwrap();
         assert_eq!(h, h2);
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn streamed_encoding_round_trips() {
+        for len in [0usize, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 17] {
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+                .collect();
+            let (h, obj) = encode_stream(&mut &data[..], 3, len as u64).unwrap();
+            assert_eq!(h.length, len as u64);
+            assert_eq!(h.sha256, Sha256Digest::of(&data));
+            assert_eq!(decode(&obj).unwrap().1, data);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key}
 use crate::spool::{FileIdentity, Spool};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,7 +27,8 @@ pub struct PushOptions {
 fn cluster_of_segment(
     name: &WalFileName,
     path: &Path,
-    data: &[u8],
+    head: &[u8],
+    file_len: u64,
 ) -> Result<Option<RepositoryConfig>> {
     let Some(segment) = name.segment_with_header() else {
         return Ok(None);
@@ -37,12 +39,11 @@ fn cluster_of_segment(
             path.display()
         ))
     };
-    let header = SegmentHeader::parse(data).map_err(|e| refuse(e.0))?;
+    let header = SegmentHeader::parse(head).map_err(|e| refuse(e.0))?;
     header.check_matches(segment).map_err(|e| refuse(e.0))?;
-    if data.len() as u64 != u64::from(header.segment_size) {
+    if file_len != u64::from(header.segment_size) {
         return Err(refuse(format!(
-            "it is {} bytes but its header says segments are {} bytes",
-            data.len(),
+            "it is {file_len} bytes but its header says segments are {} bytes",
             header.segment_size
         )));
     }
@@ -59,7 +60,6 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     let started = Instant::now();
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let spool = Spool::locate(opts.spool.as_deref(), &opts.path);
-    let read = read_stable(&opts.path)?;
 
     // Pushed ahead by an earlier call, and the file is still exactly what was
     // pushed then: nothing to do.
@@ -67,11 +67,8 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
         && let Some(record) = spool.pushed(&name)
     {
         spool.forget_pushed(&name);
-        let now = read
-            .meta
-            .as_ref()
-            .map(|m| FileIdentity::of(m, &Sha256Digest::of(&read.data)));
-        if now.as_ref() == Some(&record) {
+        let (sha, meta) = while_unchanged(&opts.path, || sha256_of_file(&opts.path))?;
+        if meta.is_some_and(|m| FileIdentity::of(&m, &sha) == record) {
             tracing::info!(
                 "{name} was archived ahead; verified unchanged ({} ms)",
                 started.elapsed().as_millis()
@@ -86,10 +83,10 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
         level: opts.compress_level,
         cluster: tokio::sync::OnceCell::new(),
     };
-    let data_len = read.data.len();
-    let pushed = pusher.push(&name, &opts.path, read.data).await?;
+    let pushed = pusher.push(&name, &opts.path).await?;
     tracing::info!(
-        "archived {name} ({data_len} bytes, stored {} bytes, {} ms)",
+        "archived {name} ({} bytes, stored {} bytes, {} ms)",
+        pushed.header.length,
         pushed.stored,
         started.elapsed().as_millis()
     );
@@ -101,36 +98,38 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     Ok(())
 }
 
-/// A file's bytes, and its metadata when it did not change while we read it.
-struct StableRead {
-    data: Vec<u8>,
-    meta: Option<std::fs::Metadata>,
-}
-
-fn read_stable(path: &Path) -> Result<StableRead> {
-    let before = std::fs::metadata(path).context(|| format!("cannot read {}", path.display()))?;
-    let data = std::fs::read(path).context(|| format!("cannot read {}", path.display()))?;
-    let after = std::fs::metadata(path).context(|| format!("cannot read {}", path.display()))?;
-    let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
-        use std::os::unix::fs::MetadataExt;
+/// Runs `f` and says whether `path` kept its identity (inode, size, times)
+/// meanwhile: the metadata afterwards if so.
+fn while_unchanged<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(T, Option<std::fs::Metadata>)> {
+    let stat = || std::fs::metadata(path).context(|| format!("cannot read {}", path.display()));
+    let before = stat()?;
+    let value = f()?;
+    let after = stat()?;
+    use std::os::unix::fs::MetadataExt;
+    let key = |m: &std::fs::Metadata| {
         (
-            a.ino(),
-            a.size(),
-            a.mtime_nsec(),
-            a.mtime(),
-            a.ctime(),
-            a.ctime_nsec(),
-        ) == (
-            b.ino(),
-            b.size(),
-            b.mtime_nsec(),
-            b.mtime(),
-            b.ctime(),
-            b.ctime_nsec(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
         )
     };
-    let meta = same(&before, &after).then_some(after);
-    Ok(StableRead { data, meta })
+    let meta = (key(&before) == key(&after)).then_some(after);
+    Ok((value, meta))
+}
+
+fn sha256_of_file(path: &Path) -> Result<Sha256Digest> {
+    use sha2::Digest;
+    let mut file =
+        std::fs::File::open(path).context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).context(|| format!("cannot read {}", path.display()))?;
+    Ok(Sha256Digest(hasher.finalize().into()))
 }
 
 /// Pushes files into one repository, checking the cluster once.
@@ -143,24 +142,45 @@ struct Pusher {
 struct Pushed {
     header: ObjectHeader,
     stored: usize,
+    /// The file's metadata, when it did not change while it was read.
+    unchanged: Option<std::fs::Metadata>,
 }
 
 impl Pusher {
-    async fn push(&self, name: &WalFileName, path: &Path, data: Vec<u8>) -> Result<Pushed> {
-        if let Some(cluster) = cluster_of_segment(name, path, &data)? {
+    async fn push(&self, name: &WalFileName, path: &Path) -> Result<Pushed> {
+        let cannot_read =
+            |e: std::io::Error| Error::io(format!("cannot read {}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(cannot_read)?;
+        let len = file.metadata().map_err(cannot_read)?.len();
+        let mut head = vec![0u8; 8192.min(len as usize)];
+        file.read_exact(&mut head).map_err(cannot_read)?;
+        if let Some(cluster) = cluster_of_segment(name, path, &head, len)? {
             let bound = self
                 .cluster
                 .get_or_try_init(|| self.repo.bind_cluster(&cluster))
                 .await?;
             bound.check_same_cluster(&cluster, self.repo.url())?;
         }
+        file.seek(SeekFrom::Start(0)).map_err(cannot_read)?;
         let level = self.level;
+        let owned = path.to_path_buf();
         // Compression and hashing are the CPU of a push: off the async threads,
         // so pushes ahead run truly in parallel.
-        let (header, encoded) = tokio::task::spawn_blocking(move || object::encode(&data, level))
-            .await
-            .map_err(|e| Error::io(format!("compression task failed: {e}")))?
-            .context(|| format!("cannot compress {}", path.display()))?;
+        let ((header, encoded), unchanged) = tokio::task::spawn_blocking(move || {
+            while_unchanged(&owned, || {
+                object::encode_stream(&mut file, level, len)
+                    .context(|| format!("cannot read and compress {}", owned.display()))
+            })
+        })
+        .await
+        .map_err(|e| Error::io(format!("compression task failed: {e}")))??;
+        if header.length != len {
+            return Err(Error::io(format!(
+                "{} changed size while being read ({len} to {} bytes); nothing was archived, retry",
+                path.display(),
+                header.length
+            )));
+        }
         let stored = encoded.len();
         let encoded = bytes::Bytes::from(encoded);
         let key = wal_key(name);
@@ -170,7 +190,11 @@ impl Pusher {
                 settle_existing(&self.repo, name, &key, header, encoded).await?
             }
         }
-        Ok(Pushed { header, stored })
+        Ok(Pushed {
+            header,
+            stored,
+            unchanged,
+        })
     }
 }
 
@@ -213,12 +237,14 @@ async fn push_ahead(
         futures::stream::iter(ready.into_iter().map(|name| async move {
             let path = wal_dir.join(name.to_string());
             let result = async {
-                let read = read_stable(&path)?;
-                let Some(meta) = read.meta else {
-                    return Ok(()); // changing under us: leave it to PostgreSQL's own call
-                };
-                let pushed = pusher.push(&name, &path, read.data).await?;
-                spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))
+                let pushed = pusher.push(&name, &path).await?;
+                match pushed.unchanged {
+                    Some(meta) => {
+                        spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))
+                    }
+                    // Changed under us: no record; PostgreSQL's own call pushes it.
+                    None => Ok(()),
+                }
             }
             .await;
             (name, result)
