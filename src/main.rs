@@ -27,7 +27,7 @@ struct Cli {
     )]
     repo: Option<String>,
 
-    /// More log output (-v debug, -vv trace).
+    /// More log output (-v debug, -vv trace; or WALVAULT_VERBOSE=1|2).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
 
@@ -288,10 +288,15 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // WALVAULT_VERBOSE=1 (or 2) where adding -v to archive_command is awkward.
+    let env_verbose: u8 = std::env::var("WALVAULT_VERBOSE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     walvault::logging::init(if cli.quiet {
         -1
     } else {
-        cli.verbose.min(100) as i8
+        cli.verbose.max(env_verbose).min(100) as i8
     });
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -31,7 +31,10 @@ fn point_in_time_recovery(repo_for: &dyn Fn(&Path) -> RepoTarget) {
     std::thread::sleep(Duration::from_millis(300));
     let between_2_and_3 = p.sql("SELECT clock_timestamp()");
     std::thread::sleep(Duration::from_millis(300));
-    p.sql("INSERT INTO t SELECT 3, g FROM generate_series(1, 1000) g");
+    let xid_3 = p.sql(
+        "WITH ins AS (INSERT INTO t SELECT 3, g FROM generate_series(1, 1000) g RETURNING 1) \
+         SELECT txid_current() FROM ins LIMIT 1",
+    );
     p.sql("SELECT pg_create_restore_point('after_3')");
     let lsn_after_3 = p.sql("SELECT pg_current_wal_lsn()");
     p.sql("INSERT INTO t SELECT 4, g FROM generate_series(1, 1000) g");
@@ -56,6 +59,11 @@ fn point_in_time_recovery(repo_for: &dyn Fn(&Path) -> RepoTarget) {
     by_name.wait_promoted();
     assert_eq!(Setup::batches(&by_name), "1:1000 2:1000 3:1000");
     drop(by_name);
+
+    let by_xid = s.restore_and_start("by-xid", &["--xid", &xid_3]);
+    by_xid.wait_promoted();
+    assert_eq!(Setup::batches(&by_xid), "1:1000 2:1000 3:1000");
+    drop(by_xid);
 
     let by_lsn = s.restore_and_start("by-lsn", &["--lsn", &lsn_after_3]);
     by_lsn.wait_promoted();
