@@ -27,6 +27,12 @@ if ! have_pg_server; then
 fi
 have_pg_server || { say "PostgreSQL install did not provide initdb/postgres"; exit 1; }
 
+# The durability test watches push's system calls.
+if ! command -v strace >/dev/null && [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    say "installing strace"
+    apt-get install -y -qq strace >/dev/null || { apt-get update -qq && apt-get install -y -qq strace >/dev/null; }
+fi
+
 # Tests run the server as the 'postgres' OS user when we are root.
 if [[ $(id -u) -eq 0 ]] && ! id postgres >/dev/null 2>&1; then
     say "creating the postgres OS user"

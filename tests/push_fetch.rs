@@ -569,3 +569,75 @@ fn prefetch_serves_verified_local_copies() {
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert_eq!(spooled(), Vec::<String>::new());
 }
+
+/// push exits 0 only after the object is durable: the staged file is
+/// fsynced, linked to its final name (which fails if the name exists), and
+/// the directory fsynced, in that order. Watched with strace.
+#[test]
+fn push_fsyncs_file_then_directory_before_exiting() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    let trace = f.dir.path().join("trace.txt");
+    let out = Command::new("strace")
+        .args([
+            "-f",
+            "-e",
+            "trace=openat,fsync,fdatasync,linkat,renameat,renameat2,rename",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(&f.bin)
+        .arg("--repo")
+        .arg(&root)
+        .arg("push")
+        .arg(&p)
+        .arg(SEG)
+        .output()
+        .expect("strace is needed for this test: run 'make setup'");
+    assert!(out.status.success(), "{}", describe(&out));
+    let final_path = root.join("wal/0000000100000000").join(format!("{SEG}.zst"));
+    let final_path = final_path.to_str().unwrap();
+    let dir = root.join("wal/0000000100000000");
+    let dir = format!("\"{}\"", dir.to_str().unwrap());
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // A call another thread interrupted shows as "<unfinished ...>" and its
+    // result on a later "resumed" line: read the fd from whichever has it.
+    let fd_of = |i: usize| -> String {
+        let pid = lines[i].split_whitespace().next().unwrap();
+        let line = if lines[i].contains("<unfinished") {
+            lines[i..]
+                .iter()
+                .find(|l| l.starts_with(pid) && l.contains("openat resumed"))
+                .unwrap()
+        } else {
+            lines[i]
+        };
+        line.rsplit("= ").next().unwrap().trim().to_string()
+    };
+    // The staged file: created exclusively next to the final name.
+    let staged = lines
+        .iter()
+        .position(|l| {
+            l.contains("openat(")
+                && l.contains(&format!("{final_path}#"))
+                && l.contains("O_EXCL")
+                && !l.contains("= -1")
+        })
+        .expect("no staged file");
+    let staged_fd = fd_of(staged);
+    let fsync_file = (staged..lines.len())
+        .find(|&i| lines[i].contains(&format!("fsync({staged_fd}")))
+        .expect("staged file never fsynced");
+    let link = (fsync_file..lines.len())
+        .find(|&i| lines[i].contains("linkat(") && lines[i].contains(&format!("\"{final_path}\"")))
+        .expect("never linked to its final name after the fsync");
+    let open_dir = (link..lines.len())
+        .find(|&i| lines[i].contains("openat(") && lines[i].contains(&dir))
+        .expect("directory never opened after the link");
+    let dir_fd = fd_of(open_dir);
+    (open_dir..lines.len())
+        .find(|&i| lines[i].contains(&format!("fsync({dir_fd}")))
+        .expect("directory never fsynced after the link");
+}
