@@ -78,17 +78,16 @@ for _ in $(seq 1 300); do
 done
 psql_ -c "SELECT 'archiver: ' || archived_count || ' files archived, ' || failed_count || ' failed' FROM pg_stat_archiver"
 
-step "4. What the repository holds ($REPO)"
-printf '  %-8s %6s files %10s\n' wal "$(find "$REPO/wal" -type f | wc -l)" "$(du -sh "$REPO/wal" | cut -f1)"
-printf '  %-8s %6s files %10s\n' packs "$(find "$REPO/packs" -type f | wc -l)" "$(du -sh "$REPO/packs" | cut -f1)"
-printf '  %-8s %6s files %10s\n' backups "$(find "$REPO/backups" -type f | wc -l)" "$(du -sh "$REPO/backups" | cut -f1)"
-echo "  primary data directory: $(du -sh --exclude=pg_wal "$DATA" | cut -f1) (without pg_wal)"
+step "4. What the repository holds and can recover"
+echo "+ walvault --repo $REPO status --graph"
+"$WALVAULT" --repo "$REPO" status --graph
+echo "  (primary data directory: $(du -sh --exclude=pg_wal "$DATA" | cut -f1) without pg_wal)"
 
 step "5. Point-in-time restore to $TARGET"
 echo "+ walvault --repo $REPO restore --pgdata $RDATA --time '$TARGET'"
 as_pg "$WALVAULT" --repo "$REPO" restore --pgdata "$RDATA" --time "$TARGET"
-echo "+ tail -6 $RDATA/postgresql.auto.conf"
-tail -6 "$RDATA/postgresql.auto.conf" | sed 's/^/  /'
+echo "+ tail -5 $RDATA/postgresql.auto.conf"
+tail -5 "$RDATA/postgresql.auto.conf" | sed 's/^/  /'
 as_pg "$BINDIR/pg_ctl" -D "$RDATA" -l "$DEMO/restored/server.log" -w \
     -o "-c unix_socket_directories=$RSOCK -c archive_mode=off" start >/dev/null
 for _ in $(seq 1 600); do
