@@ -69,6 +69,8 @@ pub enum ObjectError {
     NotAnObject(String),
     UnsupportedVersion(u16),
     Corrupt(String),
+    /// Writing the decoded content failed (not the object's fault).
+    Write(String),
 }
 
 impl fmt::Display for ObjectError {
@@ -81,6 +83,7 @@ impl fmt::Display for ObjectError {
                  (version {FORMAT_VERSION}); upgrade walvault"
             ),
             ObjectError::Corrupt(why) => write!(f, "corrupt object: {why}"),
+            ObjectError::Write(why) => write!(f, "cannot write the content: {why}"),
         }
     }
 }
@@ -176,6 +179,89 @@ pub fn encode_stream(
         out[..HEADER_LEN].copy_from_slice(&header_bytes(&header));
         Ok((header, out))
     })
+}
+
+/// Like [`decode_limited`], writing the content to `out` as it is
+/// decompressed instead of holding it: the sha256 runs on its own thread
+/// beside decompression and writing. `out` holds unproven bytes until this
+/// returns `Ok`; the caller must not let anyone use them before.
+pub fn decode_into(
+    object: &[u8],
+    out: &mut dyn std::io::Write,
+    max: u64,
+) -> Result<ObjectHeader, ObjectError> {
+    use std::sync::Arc;
+    let header = read_header(object)?;
+    if header.length > max {
+        return Err(ObjectError::Corrupt(format!(
+            "header claims {} bytes of content, more than the {max} this object may hold",
+            header.length
+        )));
+    }
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
+        .map_err(|e| ObjectError::Corrupt(e.to_string()))?
+        .single_frame();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
+    let (written, sha256) = std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut h = Sha256::new();
+            for piece in rx {
+                h.update(&piece[..]);
+            }
+            Sha256Digest(h.finalize().into())
+        });
+        let written = (|| {
+            let mut total = 0u64;
+            loop {
+                let mut piece = vec![0u8; 1 << 20];
+                let n = (&mut decoder)
+                    .take(
+                        header
+                            .length
+                            .saturating_add(1)
+                            .saturating_sub(total)
+                            .min(1 << 20),
+                    )
+                    .read(&mut piece)
+                    .map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+                if total > header.length {
+                    return Err(ObjectError::Corrupt(format!(
+                        "content is longer than the {} bytes its header says",
+                        header.length
+                    )));
+                }
+                piece.truncate(n);
+                out.write_all(&piece)
+                    .map_err(|e| ObjectError::Write(e.to_string()))?;
+                if tx.send(Arc::new(piece)).is_err() {
+                    return Err(ObjectError::Write("sha256 thread stopped".into()));
+                }
+            }
+        })();
+        drop(tx);
+        (
+            written,
+            hasher.join().expect("sha256 thread does not panic"),
+        )
+    });
+    let written = written?;
+    if written != header.length {
+        return Err(ObjectError::Corrupt(format!(
+            "content is {written} bytes, header says {}",
+            header.length
+        )));
+    }
+    if sha256 != header.sha256 {
+        return Err(ObjectError::Corrupt(format!(
+            "sha256 of content is {sha256}, header says {}",
+            header.sha256
+        )));
+    }
+    Ok(header)
 }
 
 fn assemble(header: &ObjectHeader, compressed: &[u8]) -> Vec<u8> {
@@ -316,6 +402,21 @@ mod tests {
             assert_eq!(h.sha256, Sha256Digest::of(&data));
             assert_eq!(decode(&obj).unwrap().1, data);
         }
+    }
+
+    #[test]
+    fn streamed_decoding_checks_like_decode() {
+        let data: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        let (h, obj) = encode(&data, 3).unwrap();
+        let mut out = vec![];
+        assert_eq!(decode_into(&obj, &mut out, u64::MAX).unwrap(), h);
+        assert_eq!(out, data);
+        let mut bad = obj.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 1;
+        assert!(decode_into(&bad, &mut vec![], u64::MAX).is_err());
+        assert!(decode_into(&obj[..obj.len() - 3], &mut vec![], u64::MAX).is_err());
+        assert!(decode_into(&obj, &mut vec![], 100).is_err());
     }
 
     #[test]

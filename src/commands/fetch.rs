@@ -4,7 +4,7 @@
 //! `--prefetch K` the following segments of the same timeline are downloaded
 //! in parallel into the spool, so most calls are a local, verified rename.
 
-use crate::commands::write_file_atomically;
+use crate::commands::write_atomically_with;
 use crate::error::{Context, Error, Result};
 use crate::object::{self, Sha256Digest};
 use crate::repository::{RepoUrl, Repository, wal_key};
@@ -87,29 +87,43 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
         repo.require_config().await?;
         return Err(Error::not_found(format!("{name} is not in the archive")));
     };
-    let (_, data) = decode(name, &stored).map_err(|e| {
-        Error::corrupt(format!(
-            "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
-             Run 'walvault verify' and restore the object from another copy",
-            repo.url(),
-            path.display()
-        ))
+    // Decompressed straight into a temporary file beside `path`, hashed on
+    // the way; renamed into place only once length and sha256 are proven.
+    write_atomically_with(path, Some(0o600), |file| {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let result = object::decode_into(&stored, &mut out, limit_for(name));
+        let flushed = std::io::Write::flush(&mut out);
+        match (result, flushed) {
+            (Ok(_), Ok(())) => Ok(()),
+            (Err(object::ObjectError::Write(e)), _) => {
+                Err(Error::io(format!("cannot write {}: {e}", path.display())))
+            }
+            (Ok(_), Err(e)) => Err(Error::io(format!("cannot write {}: {e}", path.display()))),
+            (Err(e), _) => Err(Error::corrupt(format!(
+                "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
+                 Run 'walvault verify' and restore the object from another copy",
+                repo.url(),
+                path.display()
+            ))),
+        }
     })?;
-    write_file_atomically(path, &data, Some(0o600))?;
     tracing::debug!("restored {name} to {}", path.display());
     Ok(())
+}
+
+/// Segments are at most 1 GiB; every other WAL file is a few lines of text.
+fn limit_for(name: &WalFileName) -> u64 {
+    match name.segment_with_header() {
+        Some(_) => object::MAX_CONTENT,
+        None => 16 << 20,
+    }
 }
 
 fn decode(
     name: &WalFileName,
     stored: &[u8],
 ) -> Result<(object::ObjectHeader, Vec<u8>), object::ObjectError> {
-    // Segments are at most 1 GiB; every other WAL file is a few lines of text.
-    let limit = match name.segment_with_header() {
-        Some(_) => object::MAX_CONTENT,
-        None => 16 << 20,
-    };
-    object::decode_limited(stored, limit)
+    object::decode_limited(stored, limit_for(name))
 }
 
 /// Moves a prefetched copy of `name` to `path` after proving its sha256; a

@@ -19,6 +19,19 @@ use std::path::Path;
 /// of it, durably: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. A killed process leaves at most a stray temporary.
 pub fn write_file_atomically(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
+    write_atomically_with(path, mode, |file| {
+        file.write_all(data)
+            .context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// Like [`write_file_atomically`], with `fill` writing the content: only if
+/// it succeeds is the file synced and renamed into place.
+pub fn write_atomically_with(
+    path: &Path,
+    mode: Option<u32>,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -42,8 +55,7 @@ pub fn write_file_atomically(path: &Path, data: &[u8], mode: Option<u32>) -> Res
         let mut file = options
             .open(&tmp)
             .context(|| format!("cannot create {}", tmp.display()))?;
-        file.write_all(data)
-            .context(|| format!("cannot write {}", tmp.display()))?;
+        fill(&mut file)?;
         file.sync_all()
             .context(|| format!("cannot fsync {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
