@@ -28,6 +28,14 @@ impl Sha256Digest {
         Sha256Digest(Sha256::digest(data).into())
     }
 
+    /// The sha256 of a file, read in pieces.
+    pub fn of_file(path: &std::path::Path) -> std::io::Result<Sha256Digest> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher)?;
+        Ok(Sha256Digest(hasher.finalize().into()))
+    }
+
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

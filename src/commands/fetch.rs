@@ -132,8 +132,9 @@ fn hand_over(spool: &Spool, name: &WalFileName, path: &Path) -> Result<bool> {
     let Some((_, sha, file)) = spool.prefetched().into_iter().find(|(n, _, _)| n == name) else {
         return Ok(false);
     };
-    let data = std::fs::read(&file).context(|| format!("cannot read {}", file.display()))?;
-    if Sha256Digest::of(&data) != sha {
+    let actual =
+        Sha256Digest::of_file(&file).context(|| format!("cannot read {}", file.display()))?;
+    if actual != sha {
         tracing::warn!("prefetched copy of {name} is damaged; fetching it again");
         let _ = std::fs::remove_file(&file);
         return Ok(false);

@@ -124,12 +124,7 @@ fn while_unchanged<T>(
 }
 
 fn sha256_of_file(path: &Path) -> Result<Sha256Digest> {
-    use sha2::Digest;
-    let mut file =
-        std::fs::File::open(path).context(|| format!("cannot read {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).context(|| format!("cannot read {}", path.display()))?;
-    Ok(Sha256Digest(hasher.finalize().into()))
+    Sha256Digest::of_file(path).context(|| format!("cannot read {}", path.display()))
 }
 
 /// Pushes files into one repository, checking the cluster once.
