@@ -52,7 +52,7 @@ enum Command {
               value_parser = clap::value_parser!(i32).range(1..=19))]
         compress_level: i32,
         /// Also push up to N other segments PostgreSQL has marked ready, in parallel (0: off).
-        #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 8)]
+        #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 16)]
         push_ahead: usize,
         /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
         #[arg(long, env = "WALVAULT_SPOOL")]
@@ -64,9 +64,10 @@ enum Command {
         name: String,
         /// %p: where to write it, relative to the data directory.
         path: PathBuf,
-        /// Download up to K following segments in parallel ahead of recovery (0: off).
-        #[arg(long, env = "WALVAULT_PREFETCH", default_value_t = 8)]
-        prefetch: usize,
+        /// Download up to K following segments in parallel ahead of recovery (0: off;
+        /// default: as many as fit in 256 MiB, at most 64).
+        #[arg(long, env = "WALVAULT_PREFETCH")]
+        prefetch: Option<usize>,
         /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
         #[arg(long, env = "WALVAULT_SPOOL")]
         spool: Option<PathBuf>,

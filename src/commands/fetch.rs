@@ -18,15 +18,30 @@ pub struct FetchOptions {
     pub name: String,
     /// `%p`: where to put it, relative to the working directory.
     pub path: PathBuf,
-    /// How many following segments to keep downloaded ahead (0: none).
-    pub prefetch: usize,
+    /// How many following segments to keep downloaded ahead (0: none;
+    /// `None`: as many as fit in [`PREFETCH_BUDGET`]).
+    pub prefetch: Option<usize>,
     pub spool: Option<PathBuf>,
+}
+
+/// Disk the prefetch spool may use by default.
+pub const PREFETCH_BUDGET: u64 = 256 << 20;
+const PREFETCH_MAX: usize = 64;
+
+/// The window: given, or what fits the budget (8 while the segment size is unknown).
+fn window_len(given: Option<usize>, segment_size: Option<u32>) -> usize {
+    given.unwrap_or_else(|| match segment_size {
+        Some(s) => ((PREFETCH_BUDGET / u64::from(s.max(1))) as usize).clamp(1, PREFETCH_MAX),
+        None => 8,
+    })
 }
 
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
-        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch > 0 => Some((segment, spool)),
+        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) => {
+            Some((segment, spool))
+        }
         _ => None,
     };
     let Some((segment, spool)) = ahead else {
@@ -36,8 +51,9 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
 
     // Only this segment's successors on its timeline are worth keeping.
     let size = spool.segment_size();
+    let depth = window_len(opts.prefetch, size);
     let window = size
-        .map(|s| successors(segment, s, opts.prefetch))
+        .map(|s| successors(segment, s, depth))
         .unwrap_or_default();
     spool.discard_prefetched(|n| {
         *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
@@ -46,7 +62,7 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     if hand_over(&spool, &name, &opts.path)? {
         tracing::debug!("restored {name} from the prefetch spool");
         let have = spool.prefetched().len();
-        if have * 2 <= opts.prefetch && !window.is_empty() {
+        if have * 2 <= depth && !window.is_empty() {
             let repo = Repository::open(url, false)?;
             prefetch(&repo, &spool, &window).await;
         }
@@ -55,11 +71,16 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let repo = Repository::open(url, false)?;
     // Not prefetched: fetch it and the next ones at once.
     let window = match size {
-        Some(s) => successors(segment, s, opts.prefetch),
+        Some(s) => successors(segment, s, depth),
         None => match repo.config().await {
             Ok(Some(config)) => {
                 spool.remember_segment_size(config.wal_segment_size);
-                successors(segment, config.wal_segment_size, opts.prefetch)
+                let size = Some(config.wal_segment_size);
+                successors(
+                    segment,
+                    config.wal_segment_size,
+                    window_len(opts.prefetch, size),
+                )
             }
             _ => vec![],
         },

@@ -224,10 +224,11 @@ async fn push_ahead(
         return;
     }
     let started = Instant::now();
-    let concurrency = std::thread::available_parallelism()
+    // Two per core: compression keeps the cores busy while the other half
+    // waits on the store (a round trip to S3, an fsync on a filesystem).
+    let concurrency = 2 * std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2);
+        .unwrap_or(2);
     let results: Vec<(WalFileName, Result<()>)> =
         futures::stream::iter(ready.into_iter().map(|name| async move {
             let path = wal_dir.join(name.to_string());
