@@ -28,6 +28,9 @@ test: setup lint
 demo: setup release
 	scripts/demo.sh
 
+bench: setup release
+	scripts/bench.sh
+
 clean:
 	$(CARGO) clean
 	rm -rf .demo
