@@ -15,7 +15,7 @@
 #
 # Knobs: BENCH_SCALE (100), BENCH_RUNS (5), BENCH_RUNS4 (min(BENCH_RUNS,3): runs
 # for scenario 4), BENCH_DRAIN_SEGS (200), BENCH_SEGSIZE_SMALL (1: MiB per WAL
-# segment in scenarios 2 and 3), BENCH_PUSH_AHEAD (8), BENCH_PREFETCH (8),
+# segment in scenarios 2 and 3), BENCH_PUSH_AHEAD (16), BENCH_PREFETCH (64),
 # BENCH_LATENCY_MS (20: round trip added in scenario 3), BENCH_OUT
 # (docs/benchmarks.md), BENCH_KEEP=1 (keep the scratch dir),
 # BENCH_FORCE_MISSING=1 (run scenarios 2/3 even when walvault lacks
@@ -36,8 +36,8 @@ RUNS=${BENCH_RUNS:-5}
 RUNS4=${BENCH_RUNS4:-$((RUNS < 3 ? RUNS : 3))}
 DRAIN_SEGS=${BENCH_DRAIN_SEGS:-200}
 SMALL_SEG=${BENCH_SEGSIZE_SMALL:-1}
-PUSH_AHEAD=${BENCH_PUSH_AHEAD:-8}
-PREFETCH=${BENCH_PREFETCH:-8}
+PUSH_AHEAD=${BENCH_PUSH_AHEAD:-16}  # walvault's default
+PREFETCH=${BENCH_PREFETCH:-64}  # walvault's default for 1 MiB segments (256 MiB of spool)
 LATENCY_MS=${BENCH_LATENCY_MS:-20}
 OUT=${BENCH_OUT:-$ROOT/docs/benchmarks.md}
 SCENARIOS=${BENCH_SCENARIOS:-1 2 3 4}

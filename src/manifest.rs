@@ -78,9 +78,21 @@ pub struct FileEntry {
     pub size: u64,
     pub mode: u32,
     pub mtime: DateTime<Utc>,
+    /// sha256 of the chunks' sha256 digests, in order: the file's identity,
+    /// had without hashing its bytes a second time.
     #[serde(with = "sha_hex")]
-    pub sha256: Sha256Digest,
+    pub chunks_sha256: Sha256Digest,
     pub chunks: Vec<ChunkRef>,
+}
+
+/// [`FileEntry::chunks_sha256`] for a list of chunks.
+pub fn chunks_sha256(chunks: &[ChunkRef]) -> Sha256Digest {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for c in chunks {
+        h.update(c.sha256.0);
+    }
+    Sha256Digest(h.finalize().into())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

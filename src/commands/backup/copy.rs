@@ -7,7 +7,6 @@ use crate::error::{Error, Result};
 use crate::manifest::FileEntry;
 use crate::object::{self, Sha256Digest};
 use crate::pack::{BlobIndex, PackWriter};
-use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -63,7 +62,6 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
         .map(chrono::DateTime::<chrono::Utc>::from)
         .unwrap_or_else(|_| chrono::Utc::now());
 
-    let mut whole = Sha256::new();
     let mut chunks = vec![];
     let mut size = 0u64;
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -75,7 +73,6 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
             break;
         }
         let data = &buf[..n];
-        whole.update(data);
         size += n as u64;
         let sha = Sha256Digest::of(data);
         let chunk = match ctx.index.get(&sha) {
@@ -107,7 +104,7 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
         size,
         mode,
         mtime,
-        sha256: Sha256Digest(whole.finalize().into()),
+        chunks_sha256: crate::manifest::chunks_sha256(&chunks),
         chunks,
     }))
 }

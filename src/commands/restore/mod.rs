@@ -164,6 +164,9 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         ));
     }
 
+    // One flush of the whole filesystem instead of an fsync per file.
+    sync_filesystems(std::iter::once(&pgdata).chain(locations.values()))?;
+
     let write = |name: &str, text: &str| -> Result<()> {
         crate::commands::write_file_atomically(&pgdata.join(name), text.as_bytes(), Some(0o600))
     };
@@ -179,6 +182,25 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         pgdata,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Makes everything written under each directory durable (syncfs: one call
+/// per filesystem, far cheaper than an fsync per file for thousands of files).
+fn sync_filesystems<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    for dir in dirs {
+        let handle =
+            std::fs::File::open(dir).context(|| format!("cannot open {}", dir.display()))?;
+        // SAFETY: syncfs only reads the descriptor, which `handle` keeps open.
+        if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+            return Err(Error::io(format!(
+                "cannot sync the filesystem of {}: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An empty directory, created 0700 if missing; anything else is refused.
