@@ -299,7 +299,15 @@ fn main() -> ExitCode {
     } else {
         cli.verbose.max(env_verbose).min(100) as i8
     });
-    let result = tokio::runtime::Builder::new_multi_thread()
+    // push and fetch run once per WAL file: a single-threaded runtime starts
+    // faster, and their CPU work runs on blocking threads anyway.
+    let mut runtime = match cli.command {
+        Command::Push { .. } | Command::Fetch { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let result = runtime
         .enable_all()
         .build()
         .map_err(|e| Error::io(format!("cannot start the async runtime: {e}")))
