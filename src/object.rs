@@ -199,16 +199,7 @@ pub fn decode_into(
     max: u64,
 ) -> Result<ObjectHeader, ObjectError> {
     use std::sync::Arc;
-    let header = read_header(object)?;
-    if header.length > max {
-        return Err(ObjectError::Corrupt(format!(
-            "header claims {} bytes of content, more than the {max} this object may hold",
-            header.length
-        )));
-    }
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
-        .map_err(|e| ObjectError::Corrupt(e.to_string()))?
-        .single_frame();
+    let (header, mut decoder) = open_content(object, max)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
     let (written, sha256) = std::thread::scope(|s| {
         let hasher = s.spawn(move || {
@@ -339,13 +330,14 @@ pub fn decode(object: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     decode_limited(object, MAX_CONTENT)
 }
 
-/// The most any object holds: a 1 GiB WAL segment (the largest PostgreSQL
-/// allows), or a manifest.
-pub const MAX_CONTENT: u64 = 1 << 30;
+type ContentDecoder<'a> = zstd::stream::read::Decoder<'a, &'a [u8]>;
 
-/// Like [`decode`], refusing before any work an object whose header claims
-/// more than `max` bytes: a tampered header must not cost gigabytes.
-pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+/// The header, and a decoder for the content once the header's claimed
+/// length is known to be within `max`.
+fn open_content(
+    object: &[u8],
+    max: u64,
+) -> Result<(ObjectHeader, ContentDecoder<'_>), ObjectError> {
     let header = read_header(object)?;
     if header.length > max {
         return Err(ObjectError::Corrupt(format!(
@@ -353,9 +345,20 @@ pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>)
             header.length
         )));
     }
-    let mut decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
+    let decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
         .map_err(|e| ObjectError::Corrupt(e.to_string()))?
         .single_frame();
+    Ok((header, decoder))
+}
+
+/// The most any object holds: a 1 GiB WAL segment (the largest PostgreSQL
+/// allows), or a manifest.
+pub const MAX_CONTENT: u64 = 1 << 30;
+
+/// Like [`decode`], refusing before any work an object whose header claims
+/// more than `max` bytes: a tampered header must not cost gigabytes.
+pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
+    let (header, mut decoder) = open_content(object, max)?;
     let mut data = Vec::with_capacity(header.length.min(64 << 20) as usize);
     (&mut decoder)
         .take(header.length.saturating_add(1))
