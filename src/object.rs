@@ -140,7 +140,8 @@ pub fn encode_stream(
     use std::io::Write;
     use std::sync::Arc;
     const PIECE: usize = 1 << 20;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(2);
+    // One piece waiting for the hasher at most: enough to keep both threads busy.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(1);
     std::thread::scope(|s| {
         let hasher = s.spawn(move || {
             let mut h = Sha256::new();
@@ -152,7 +153,10 @@ pub fn encode_stream(
             (Sha256Digest(h.finalize().into()), length)
         });
         let compressed = (|| {
-            let mut out = Vec::with_capacity(HEADER_LEN + (size_hint / 4) as usize);
+            // Room for content that compresses 2:1 or better (WAL does): the
+            // buffer is never regrown, and pages never written are never
+            // resident, so a generous reservation costs no memory.
+            let mut out = Vec::with_capacity(HEADER_LEN + (size_hint / 2) as usize);
             out.extend_from_slice(&[0u8; HEADER_LEN]);
             let mut encoder = zstd::stream::Encoder::new(out, level)?;
             loop {
