@@ -528,10 +528,11 @@ impl PgServer {
 
 /// A primary archiving through walvault, with helpers for backup and restore.
 pub struct Setup {
-    pub dir: tempfile::TempDir,
+    // Fields drop in order: the server must stop before its directory goes.
+    pub primary: PgServer,
     pub bin: PathBuf,
     pub repo: RepoTarget,
-    pub primary: PgServer,
+    pub dir: tempfile::TempDir,
 }
 
 pub fn setup(repo_for: &dyn Fn(&Path) -> RepoTarget) -> Setup {
