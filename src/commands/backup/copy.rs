@@ -17,8 +17,6 @@ pub const CHUNK_SIZE: usize = 1 << 20;
 
 #[derive(Default)]
 pub struct CopyStats {
-    pub read: AtomicU64,
-    pub stored: AtomicU64,
     pub deduplicated: AtomicU64,
 }
 
@@ -86,14 +84,10 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
                 let encoded = object::encode_with_digest(data, sha, ctx.level).map_err(|e| {
                     Error::io(format!("cannot compress {}: {e}", src.abs.display()))
                 })?;
-                ctx.stats
-                    .stored
-                    .fetch_add(encoded.len() as u64, Ordering::Relaxed);
                 ctx.packs.append(sha, n as u64, &encoded)?
             }
         };
         chunks.push(chunk);
-        ctx.stats.read.fetch_add(n as u64, Ordering::Relaxed);
         ctx.progress.inc(n as u64);
         if n < CHUNK_SIZE {
             break;
