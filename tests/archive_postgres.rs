@@ -17,13 +17,7 @@ fn archive_and_recover(repo_for: impl Fn(&Path) -> RepoTarget, wal_segsize_mb: u
     std::fs::create_dir(&keep).unwrap();
     give_to_postgres(&keep);
 
-    let archive_command = format!(
-        "cp %p {}/%f && {}{} --repo {} push %p %f",
-        keep.display(),
-        repo.env_prefix(),
-        bin.display(),
-        repo.url
-    );
+    let archive_command = format!("cp %p {}/%f && {}", keep.display(), repo.push_command(&bin));
     let mut primary = PgServer::init(
         &root.join("primary"),
         PgConfig {
@@ -183,7 +177,7 @@ fn second_cluster_is_refused() {
     let root = dir.path();
     let bin = install_binary(root);
     let repo = RepoTarget::local(&root.join("repo"));
-    let command = format!("{} --repo {} push %p %f", bin.display(), repo.url);
+    let command = repo.push_command(&bin);
     let conf = format!("archive_mode = on\narchive_command = '{command}'");
     let mut first = PgServer::init(
         &root.join("a"),

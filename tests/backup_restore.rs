@@ -262,9 +262,8 @@ fn backup_of_a_restored_cluster_restores_to_latest() {
     let dir = s.root().join("second");
     let mut second = PgServer::existing(&dir, &dir.join("data"), vec![]);
     second.append_conf(&format!(
-        "archive_mode = on\narchive_command = '{} --repo {} push %p %f'",
-        s.bin.display(),
-        repo2.url
+        "archive_mode = on\narchive_command = '{}'",
+        repo2.push_command(&s.bin)
     ));
     second.start();
     second.wait_promoted();

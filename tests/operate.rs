@@ -181,10 +181,9 @@ fn prune_beside_a_live_archiver_deletes_nothing_it_pushes() {
     // Keep PostgreSQL's own copy of each file it archives, to check against.
     let s = setup(&|r| RepoTarget::local(&r.join("repo")));
     s.primary.append_conf(&format!(
-        "archive_command = 'cp %p {}/%f && {} --repo {} push %p %f'",
+        "archive_command = 'cp %p {}/%f && {}'",
         keep.display(),
-        s.bin.display(),
-        s.repo.url
+        s.repo.push_command(&s.bin)
     ));
     s.primary.sql("SELECT pg_reload_conf()");
     s.primary.sql("CREATE TABLE t (id int)");

@@ -122,6 +122,16 @@ impl RepoTarget {
         format!("env {} ", vars.join(" "))
     }
 
+    /// The archive_command line that pushes into this repository.
+    pub fn push_command(&self, bin: &Path) -> String {
+        format!(
+            "{}{} --repo {} push %p %f",
+            self.env_prefix(),
+            bin.display(),
+            self.url
+        )
+    }
+
     /// A walvault invocation with this repository.
     pub fn walvault(&self, bin: &Path) -> Command {
         let mut c = Command::new(bin);
@@ -540,12 +550,7 @@ pub fn setup(repo_for: &dyn Fn(&Path) -> RepoTarget) -> Setup {
     let root = dir.path().to_path_buf();
     let bin = install_binary(&root);
     let repo = repo_for(&root);
-    let archive_command = format!(
-        "{}{} --repo {} push %p %f",
-        repo.env_prefix(),
-        bin.display(),
-        repo.url
-    );
+    let archive_command = repo.push_command(&bin);
     let mut primary = PgServer::init(
         &root.join("primary"),
         PgConfig {
