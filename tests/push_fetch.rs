@@ -641,3 +641,32 @@ fn push_fsyncs_file_then_directory_before_exiting() {
         .find(|&i| lines[i].contains(&format!("fsync({dir_fd}")))
         .expect("directory never fsynced after the link");
 }
+
+/// Promises of the command line that need no server.
+#[test]
+fn cli_keeps_secrets_and_refuses_contradictions() {
+    let f = fixture();
+    // A password in WALVAULT_DBNAME never shows in help.
+    let out = Command::new(&f.bin)
+        .env(
+            "WALVAULT_DBNAME",
+            "postgresql://app:S3cr3tPw@db.internal/app",
+        )
+        .args(["backup", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("S3cr3tPw"));
+    // A standby follows its primary: a recovery target makes no sense.
+    let repo = RepoTarget::local(&f.dir.path().join("repo"));
+    let dest = f.dir.path().join("standby");
+    let out = repo
+        .walvault(&f.bin)
+        .args(["restore", "--standby", "--lsn", "0/3000000", "--pgdata"])
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("takes no recovery target"));
+    assert!(!dest.exists());
+}
