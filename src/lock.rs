@@ -202,7 +202,10 @@ pub fn marker_key(backup_id: &str) -> Key {
 pub async fn write_marker(repo: &Repository, backup_id: &str) -> Result<()> {
     let json = serde_json::to_vec_pretty(&Holder::current(&format!("backup {backup_id}")))
         .expect("serializes");
-    match repo.put_new(&marker_key(backup_id), json.into()).await? {
+    match repo
+        .put_new(&marker_key(backup_id), Bytes::from(json))
+        .await?
+    {
         Created::New => Ok(()),
         Created::AlreadyExists => Err(Error::conflict(format!(
             "another backup {backup_id} is starting in {} this very second; try again",

@@ -34,5 +34,5 @@ pub async fn load(repo: &Repository) -> Result<Option<Retention>> {
 pub async fn store(repo: &Repository, retention: &Retention) -> Result<()> {
     let key = object_store::path::Path::from(RETENTION_KEY);
     let json = serde_json::to_vec_pretty(retention).expect("serializes");
-    repo.put_replace(&key, json.into()).await
+    repo.put_replace(&key, bytes::Bytes::from(json)).await
 }

@@ -7,6 +7,7 @@ use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key}
 use crate::spool::{FileIdentity, Spool};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
+use object_store::PutPayload;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -83,7 +84,7 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
         level: opts.compress_level,
         cluster: tokio::sync::OnceCell::new(),
     };
-    let pushed = pusher.push(&name, &opts.path).await?;
+    let pushed = pusher.push(&name, &opts.path, cores()).await?;
     tracing::info!(
         "archived {name} ({} bytes, stored {} bytes, {} ms)",
         pushed.header.length,
@@ -96,6 +97,12 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
         push_ahead(&pusher, spool, &opts.path, &name, opts.push_ahead).await;
     }
     Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// Runs `f` and says whether `path` kept its identity (inode, size, times)
@@ -142,7 +149,8 @@ struct Pushed {
 }
 
 impl Pusher {
-    async fn push(&self, name: &WalFileName, path: &Path) -> Result<Pushed> {
+    /// Pushes one file, compressing its frames on `workers` threads.
+    async fn push(&self, name: &WalFileName, path: &Path, workers: usize) -> Result<Pushed> {
         let cannot_read =
             |e: std::io::Error| Error::io(format!("cannot read {}: {e}", path.display()));
         let mut file = std::fs::File::open(path).map_err(cannot_read)?;
@@ -161,23 +169,17 @@ impl Pusher {
         let owned = path.to_path_buf();
         // Compression and hashing are the CPU of a push: off the async threads,
         // so pushes ahead run truly in parallel.
-        let ((header, encoded), unchanged) = tokio::task::spawn_blocking(move || {
+        let (encoded, unchanged) = tokio::task::spawn_blocking(move || {
             while_unchanged(&owned, || {
-                object::encode_stream(&mut file, level, len)
+                object::encode_file(&file, len, level, workers)
                     .context(|| format!("cannot read and compress {}", owned.display()))
             })
         })
         .await
         .map_err(|e| Error::io(format!("compression task failed: {e}")))??;
-        if header.length != len {
-            return Err(Error::io(format!(
-                "{} changed size while being read ({len} to {} bytes); nothing was archived, retry",
-                path.display(),
-                header.length
-            )));
-        }
-        let stored = encoded.len();
-        let encoded = bytes::Bytes::from(encoded);
+        let header = encoded.header;
+        let stored = encoded.stored_len();
+        let encoded = PutPayload::from_iter(encoded.parts);
         let key = wal_key(name);
         match self.repo.put_new(&key, encoded.clone()).await? {
             Created::New => {}
@@ -226,14 +228,13 @@ async fn push_ahead(
     let started = Instant::now();
     // Two per core: compression keeps the cores busy while the other half
     // waits on the store (a round trip to S3, an fsync on a filesystem).
-    let concurrency = 2 * std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let concurrency = 2 * cores();
     let results: Vec<(WalFileName, Result<()>)> =
         futures::stream::iter(ready.into_iter().map(|name| async move {
             let path = wal_dir.join(name.to_string());
             let result = async {
-                let pushed = pusher.push(&name, &path).await?;
+                // One compressing thread each: the pushes themselves run in parallel.
+                let pushed = pusher.push(&name, &path, 1).await?;
                 match pushed.unchanged {
                     Some(meta) => {
                         spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))
@@ -282,7 +283,7 @@ async fn settle_existing(
     name: &WalFileName,
     key: &object_store::path::Path,
     ours: ObjectHeader,
-    encoded: bytes::Bytes,
+    encoded: PutPayload,
 ) -> Result<()> {
     let stored = repo.get(key).await?;
     // Compare headers first; decode only as far as needed to tell an intact

@@ -169,12 +169,12 @@ impl Repository {
 
     /// Writes `data` under `key` unless something is already there; returns
     /// only once the object is durable.
-    pub async fn put_new(&self, key: &Key, data: Bytes) -> Result<Created> {
+    pub async fn put_new(&self, key: &Key, data: impl Into<PutPayload>) -> Result<Created> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(key, PutPayload::from(data), opts).await {
+        match self.store.put_opts(key, data.into(), opts).await {
             Ok(_) => Ok(Created::New),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
             Err(e) => Err(self.storage_error("cannot write", key, e)),
@@ -182,9 +182,9 @@ impl Repository {
     }
 
     /// Replaces an object; only for repairing one that fails its own checks.
-    pub async fn put_replace(&self, key: &Key, data: Bytes) -> Result<()> {
+    pub async fn put_replace(&self, key: &Key, data: impl Into<PutPayload>) -> Result<()> {
         self.store
-            .put(key, PutPayload::from(data))
+            .put(key, data.into())
             .await
             .map(|_| ())
             .map_err(|e| self.storage_error("cannot write", key, e))
@@ -243,7 +243,10 @@ impl Repository {
             Some(c) => c,
             None => {
                 let json = serde_json::to_vec_pretty(cluster).expect("config serializes");
-                match self.put_new(&Key::from(CONFIG_KEY), json.into()).await? {
+                match self
+                    .put_new(&Key::from(CONFIG_KEY), Bytes::from(json))
+                    .await?
+                {
                     Created::New => {
                         tracing::info!(
                             "initialized repository {} for cluster {} (PostgreSQL {}, {} MiB segments)",
