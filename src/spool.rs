@@ -170,10 +170,15 @@ impl Spool {
     ) -> Result<()> {
         let dir = self.prefetch_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
-        crate::commands::write_file_atomically(
+        // Not synced: a copy torn by a crash fails the sha256 check at hand-over.
+        crate::commands::write_atomically_with(
             &dir.join(format!("{name}.{}", sha256.to_hex())),
-            data,
             Some(0o600),
+            crate::commands::Durability::Visible,
+            |file| {
+                std::io::Write::write_all(file, data)
+                    .context(|| format!("cannot write into {}", dir.display()))
+            },
         )
     }
 }

@@ -4,7 +4,7 @@
 //! `--prefetch K` the following segments of the same timeline are downloaded
 //! in parallel into the spool, so most calls are a local, verified rename.
 
-use crate::commands::write_atomically_with;
+use crate::commands::{Durability, write_atomically_with};
 use crate::error::{Context, Error, Result};
 use crate::object::{self, Sha256Digest};
 use crate::repository::{RepoUrl, Repository, wal_key};
@@ -110,7 +110,9 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     };
     // Decompressed straight into a temporary file beside `path`, hashed on
     // the way; renamed into place only once length and sha256 are proven.
-    write_atomically_with(path, Some(0o600), |file| {
+    // No fsync: PostgreSQL makes a restored file durable itself when it
+    // keeps it, and asks again after a crash.
+    write_atomically_with(path, Some(0o600), Durability::Visible, |file| {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let result = object::decode_into(&stored, &mut out, limit_for(name));
         let flushed = std::io::Write::flush(&mut out);
@@ -160,15 +162,9 @@ fn hand_over(spool: &Spool, name: &WalFileName, path: &Path) -> Result<bool> {
         let _ = std::fs::remove_file(&file);
         return Ok(false);
     }
+    // No fsync, as in fetch_from_repository.
     std::fs::rename(&file, path)
         .context(|| format!("cannot move {} to {}", file.display(), path.display()))?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .context(|| format!("cannot fsync directory {}", dir.display()))?;
     Ok(true)
 }
 
