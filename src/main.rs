@@ -72,6 +72,33 @@ enum Command {
         #[arg(long, env = "WALVAULT_SPOOL")]
         spool: Option<PathBuf>,
     },
+    /// Internal: the background worker push starts to push ready segments ahead.
+    #[command(hide = true)]
+    PushAhead {
+        /// pg_wal of the cluster.
+        wal_dir: PathBuf,
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        push_ahead: usize,
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
+        compress_level: i32,
+        /// A segment not to push (its own push just did).
+        #[arg(long)]
+        skip: Option<String>,
+    },
+    /// Internal: the background worker fetch starts to download segments ahead.
+    #[command(hide = true)]
+    FetchAhead {
+        /// The segment recovery has just been given; the ones after it are fetched.
+        after: String,
+        #[arg(long)]
+        spool: PathBuf,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        segment_size: u32,
+    },
     /// Take an online base backup of a running server.
     Backup {
         /// Data directory (default: asked from the server).
@@ -302,9 +329,10 @@ fn main() -> ExitCode {
     // push and fetch run once per WAL file: a single-threaded runtime starts
     // faster, and their CPU work runs on blocking threads anyway.
     let mut runtime = match cli.command {
-        Command::Push { .. } | Command::Fetch { .. } => {
-            tokio::runtime::Builder::new_current_thread()
-        }
+        Command::Push { .. }
+        | Command::Fetch { .. }
+        | Command::PushAhead { .. }
+        | Command::FetchAhead { .. } => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let result = runtime
@@ -358,6 +386,36 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 spool,
             };
             fetch::run(&url, &opts).await
+        }
+        Command::PushAhead {
+            wal_dir,
+            spool,
+            push_ahead,
+            compress_level,
+            skip,
+        } => {
+            let opts = push::AheadOptions {
+                wal_dir,
+                spool,
+                push_ahead,
+                compress_level,
+                skip,
+            };
+            push::run_ahead(&url, &opts).await
+        }
+        Command::FetchAhead {
+            after,
+            spool,
+            count,
+            segment_size,
+        } => {
+            let opts = fetch::AheadOptions {
+                after,
+                spool,
+                count,
+                segment_size,
+            };
+            fetch::run_ahead(&url, &opts).await
         }
         Command::Backup {
             pgdata,

@@ -17,6 +17,31 @@ pub struct Spool {
     dir: PathBuf,
 }
 
+/// The two kinds of background worker; each has its own lock, claims and
+/// log in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerKind {
+    Push,
+    Prefetch,
+}
+
+impl WorkerKind {
+    /// The hidden subcommand that runs this worker.
+    pub fn verb(self) -> &'static str {
+        match self {
+            WorkerKind::Push => "push-ahead",
+            WorkerKind::Prefetch => "fetch-ahead",
+        }
+    }
+
+    fn stem(self) -> &'static str {
+        match self {
+            WorkerKind::Push => "push-worker",
+            WorkerKind::Prefetch => "prefetch-worker",
+        }
+    }
+}
+
 /// What a file looked like when it was pushed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
@@ -56,6 +81,87 @@ impl Spool {
         })
     }
 
+    /// The spool at `dir` (a worker is told where its parent's spool is).
+    pub fn at(dir: &Path) -> Spool {
+        Spool {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn worker_file(&self, kind: WorkerKind, ext: &str) -> PathBuf {
+        self.dir.join(format!("{}.{ext}", kind.stem()))
+    }
+
+    /// The worker's lock, if no other worker of this kind holds it. Held for
+    /// the worker's life; the kernel releases it however the worker ends, so
+    /// a crashed worker never blocks the next one.
+    pub fn lock_worker(&self, kind: WorkerKind) -> Option<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&self.dir).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.worker_file(kind, "lock"))
+            .ok()?;
+        file.try_lock().ok()?;
+        Some(file)
+    }
+
+    /// The lock a worker was started with: the starting command takes the
+    /// lock and hands it over as the worker's stdin, so the worker counts as
+    /// running from the moment it is spawned (no second one can start, and
+    /// no one waits in vain for one still starting up).
+    pub fn inherited_worker_lock(&self, kind: WorkerKind) -> Option<std::fs::File> {
+        use std::os::fd::AsFd;
+        let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
+        let ours = std::fs::metadata(self.worker_file(kind, "lock")).ok()?;
+        let theirs = stdin.metadata().ok()?;
+        (ours.dev() == theirs.dev() && ours.ino() == theirs.ino()).then_some(stdin)
+    }
+
+    /// Whether a worker of this kind is alive (holds its lock).
+    pub fn worker_running(&self, kind: WorkerKind) -> bool {
+        let Ok(file) = std::fs::File::open(self.worker_file(kind, "lock")) else {
+            return false;
+        };
+        matches!(
+            file.try_lock_shared(),
+            Err(std::fs::TryLockError::WouldBlock)
+        )
+    }
+
+    /// Where a worker's messages go: it outlives the command that started
+    /// it, so it must not write to that command's stderr.
+    pub fn worker_log(&self, kind: WorkerKind) -> PathBuf {
+        self.worker_file(kind, "log")
+    }
+
+    /// Names the worker is working on now. Only meaningful while
+    /// [`Spool::worker_running`]: a dead worker's claims are stale.
+    pub fn set_claims(&self, kind: WorkerKind, names: &[WalFileName]) {
+        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+        let _ = crate::commands::write_atomically_with(
+            &self.worker_file(kind, "claims"),
+            Some(0o600),
+            crate::commands::Durability::Visible,
+            |file| {
+                std::io::Write::write_all(file, text.as_bytes())
+                    .context(|| format!("cannot write into {}", self.dir.display()))
+            },
+        );
+    }
+
+    pub fn claimed(&self, kind: WorkerKind, name: &WalFileName) -> bool {
+        std::fs::read_to_string(self.worker_file(kind, "claims"))
+            .is_ok_and(|text| text.lines().any(|l| l == name.to_string()))
+    }
+
     fn pushed_dir(&self) -> PathBuf {
         self.dir.join("pushed")
     }
@@ -89,10 +195,16 @@ impl Spool {
         let dir = self.pushed_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         let json = serde_json::to_vec(identity).expect("serializes");
-        crate::commands::write_file_atomically(
+        // Not synced: the segment is already durable, so a record lost or torn
+        // by a crash (it then fails to parse) only costs a second, identical push.
+        crate::commands::write_atomically_with(
             &dir.join(format!("{name}.json")),
-            &json,
             Some(0o600),
+            crate::commands::Durability::Visible,
+            |file| {
+                std::io::Write::write_all(file, &json)
+                    .context(|| format!("cannot write into {}", dir.display()))
+            },
         )
     }
 
@@ -143,13 +255,18 @@ impl Spool {
     }
 
     /// Removes everything in the prefetch folder that `keep` does not want,
-    /// including leftovers of interrupted downloads.
+    /// including leftovers of interrupted downloads, except while a prefetch
+    /// worker runs: its downloads in progress are not leftovers.
     pub fn discard_prefetched(&self, keep: impl Fn(&WalFileName) -> bool) {
         let Ok(entries) = std::fs::read_dir(self.prefetch_dir()) else {
             return;
         };
+        let downloading = self.worker_running(WorkerKind::Prefetch);
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().to_string();
+            if downloading && file.starts_with('.') {
+                continue;
+            }
             let wanted = file
                 .split_once('.')
                 .filter(|(_, sha)| Sha256Digest::from_hex(sha).is_some())

@@ -262,7 +262,14 @@ fn backlog_drains_with_push_ahead() {
     pg.sql("SELECT pg_reload_conf()");
     pg.wait_archived(&last);
     let log = pg.log();
-    assert!(log.contains("more segments ahead"), "no push-ahead:\n{log}");
+    // The pushing ahead is done by a background worker, which logs to the spool.
+    let spool = root.join("primary/data/pg_wal/walvault-spool");
+    wait_for_spool_workers(&spool);
+    let worker_log = std::fs::read_to_string(spool.join("push-worker.log")).unwrap();
+    assert!(
+        worker_log.contains("segments ahead"),
+        "no push-ahead:\n{worker_log}"
+    );
     assert!(
         log.contains("archived ahead; verified unchanged"),
         "no call answered from a record:\n{log}"

@@ -1,17 +1,19 @@
 //! `walvault fetch <name> <path>`: PostgreSQL's restore_command.
 //!
 //! Recovery asks for one segment at a time and waits for each; with
-//! `--prefetch K` the following segments of the same timeline are downloaded
-//! in parallel into the spool, so most calls are a local, verified rename.
+//! `--prefetch K` a background worker downloads the following K segments of
+//! the same timeline in parallel into the spool while recovery replays, so
+//! most calls are a local, verified rename.
 
 use crate::commands::{Durability, write_atomically_with};
 use crate::error::{Context, Error, Result};
 use crate::object::{self, Sha256Digest};
 use crate::repository::{RepoUrl, Repository, wal_key};
-use crate::spool::Spool;
+use crate::spool::{Spool, WorkerKind};
 use crate::wal::{SegmentName, WalFileName};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 pub struct FetchOptions {
     /// `%f`: the file PostgreSQL asks for.
@@ -36,6 +38,10 @@ fn window_len(given: Option<usize>, segment_size: Option<u32>) -> usize {
     })
 }
 
+/// How long a fetch waits for the background worker to finish downloading
+/// a segment it has claimed before downloading the segment itself.
+const CLAIM_WAIT: Duration = Duration::from_secs(60);
+
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
@@ -59,37 +65,111 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
     });
 
+    wait_for_worker(&spool, &name).await;
     if hand_over(&spool, &name, &opts.path)? {
         tracing::debug!("restored {name} from the prefetch spool");
-        let have = spool.prefetched().len();
-        if have * 2 <= depth && !window.is_empty() {
-            let repo = Repository::open(url, false)?;
-            prefetch(&repo, &spool, &window).await;
+        // Refill once half the window is used up, in the background.
+        if let Some(size) = size
+            && spool.prefetched().len() * 2 <= depth
+        {
+            start_worker(&spool, url, segment, depth, size);
         }
         return Ok(());
     }
     let repo = Repository::open(url, false)?;
-    // Not prefetched: fetch it and the next ones at once.
-    let window = match size {
-        Some(s) => successors(segment, s, depth),
+    fetch_from_repository(&repo, &name, &opts.path).await?;
+    let size = match size {
+        Some(s) => Some(s),
         None => match repo.config().await {
             Ok(Some(config)) => {
                 spool.remember_segment_size(config.wal_segment_size);
-                let size = Some(config.wal_segment_size);
-                successors(
-                    segment,
-                    config.wal_segment_size,
-                    window_len(opts.prefetch, size),
-                )
+                Some(config.wal_segment_size)
             }
-            _ => vec![],
+            _ => None,
         },
     };
-    let (result, ()) = tokio::join!(
-        fetch_from_repository(&repo, &name, &opts.path),
-        prefetch(&repo, &spool, &window)
+    if let Some(size) = size {
+        start_worker(
+            &spool,
+            url,
+            segment,
+            window_len(opts.prefetch, Some(size)),
+            size,
+        );
+    }
+    Ok(())
+}
+
+/// If the background worker is downloading `name` right now, waits for it
+/// rather than downloading the same object twice.
+async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
+    let since = Instant::now();
+    let spooled = || spool.prefetched().iter().any(|(n, _, _)| n == name);
+    while !spooled()
+        && since.elapsed() < CLAIM_WAIT
+        && spool.claimed(WorkerKind::Prefetch, name)
+        && spool.worker_running(WorkerKind::Prefetch)
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, size: u32) {
+    let args: Vec<std::ffi::OsString> = vec![
+        "--count".into(),
+        count.to_string().into(),
+        "--segment-size".into(),
+        size.to_string().into(),
+        WalFileName::Segment(after).to_string().into(),
+    ];
+    crate::commands::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
+}
+
+pub struct AheadOptions {
+    /// The segment just handed to recovery.
+    pub after: String,
+    pub spool: PathBuf,
+    /// How many of its successors to keep spooled.
+    pub count: usize,
+    pub segment_size: u32,
+}
+
+/// The prefetch worker (`walvault fetch-ahead`, started by fetch): downloads
+/// the segments after `after` that are not spooled yet, in parallel, and
+/// exits. Recovery meanwhile goes on replaying and calling fetch, which finds
+/// them spooled, so replay and downloads overlap.
+pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
+    let WalFileName::Segment(after) =
+        WalFileName::parse(&opts.after).map_err(|e| Error::usage(e.to_string()))?
+    else {
+        return Err(Error::usage(format!("{} is not a WAL segment", opts.after)));
+    };
+    let spool = Spool::at(&opts.spool);
+    let Some(_lock) = spool
+        .inherited_worker_lock(WorkerKind::Prefetch)
+        .or_else(|| spool.lock_worker(WorkerKind::Prefetch))
+    else {
+        return Ok(());
+    };
+    let started = Instant::now();
+    let window = successors(after, opts.segment_size, opts.count.min(PREFETCH_MAX * 4));
+    let have: Vec<WalFileName> = spool.prefetched().into_iter().map(|(n, _, _)| n).collect();
+    let wanted: Vec<WalFileName> = window
+        .iter()
+        .map(|s| WalFileName::Segment(*s))
+        .filter(|n| !have.contains(n))
+        .collect();
+    spool.set_claims(WorkerKind::Prefetch, &wanted);
+    let repo = Repository::open(url, false)?;
+    let got = prefetch(&repo, &spool, &wanted).await;
+    spool.set_claims(WorkerKind::Prefetch, &[]);
+    tracing::info!(
+        "prefetched {got} of {} segments after {} ({} ms)",
+        wanted.len(),
+        opts.after,
+        started.elapsed().as_millis()
     );
-    result
+    Ok(())
 }
 
 fn successors(segment: SegmentName, segment_size: u32, count: usize) -> Vec<SegmentName> {
@@ -113,16 +193,13 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     // No fsync: PostgreSQL makes a restored file durable itself when it
     // keeps it, and asks again after a crash.
     write_atomically_with(path, Some(0o600), Durability::Visible, |file| {
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let result = object::decode_into(&stored, &mut out, limit_for(name));
-        let flushed = std::io::Write::flush(&mut out);
-        match (result, flushed) {
-            (Ok(_), Ok(())) => Ok(()),
-            (Err(object::ObjectError::Write(e)), _) => {
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+        match object::decode_to_file(&stored, file, limit_for(name), workers) {
+            Ok(_) => Ok(()),
+            Err(object::ObjectError::Write(e)) => {
                 Err(Error::io(format!("cannot write {}: {e}", path.display())))
             }
-            (Ok(_), Err(e)) => Err(Error::io(format!("cannot write {}: {e}", path.display()))),
-            (Err(e), _) => Err(Error::corrupt(format!(
+            Err(e) => Err(Error::corrupt(format!(
                 "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
                  Run 'walvault verify' and restore the object from another copy",
                 repo.url(),
@@ -168,23 +245,17 @@ fn hand_over(spool: &Spool, name: &WalFileName, path: &Path) -> Result<bool> {
     Ok(true)
 }
 
-/// Downloads, verifies and spools those of `window` not already spooled.
-/// Best effort: a segment missing or failing here is fetched on demand.
-async fn prefetch(repo: &Repository, spool: &Spool, window: &[SegmentName]) {
-    let have: Vec<WalFileName> = spool.prefetched().into_iter().map(|(n, _, _)| n).collect();
-    let wanted: Vec<WalFileName> = window
-        .iter()
-        .map(|s| WalFileName::Segment(*s))
-        .filter(|n| !have.contains(n))
-        .collect();
+/// Downloads, verifies and spools `wanted`, all in parallel; returns how
+/// many were spooled. Best effort: a segment missing or failing here is
+/// fetched on demand.
+async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> usize {
     futures::stream::iter(wanted.iter().map(|name| async move {
         match repo.get(&wal_key(name)).await {
             Ok(Some(stored)) => match decode(name, &stored) {
-                Ok((header, data)) => {
-                    if let Err(e) = spool.store_prefetched(name, &header.sha256, &data) {
-                        tracing::debug!("cannot spool {name}: {e}");
-                    }
-                }
+                Ok((header, data)) => match spool.store_prefetched(name, &header.sha256, &data) {
+                    Ok(()) => return true,
+                    Err(e) => tracing::debug!("cannot spool {name}: {e}"),
+                },
                 Err(e) => {
                     tracing::warn!("{name} in the repository is damaged ({e}); not prefetched")
                 }
@@ -192,8 +263,10 @@ async fn prefetch(repo: &Repository, spool: &Spool, window: &[SegmentName]) {
             Ok(None) => {}
             Err(e) => tracing::debug!("prefetch of {name} failed: {e}"),
         }
+        false
     }))
-    .buffer_unordered(window.len().max(1))
-    .collect::<Vec<()>>()
-    .await;
+    .buffer_unordered(wanted.len().max(1))
+    .filter(|spooled| std::future::ready(*spooled))
+    .count()
+    .await
 }

@@ -88,3 +88,45 @@ pub fn write_atomically_with(
     }
     result
 }
+
+/// Starts `walvault <args>` as a background worker unless one of its kind
+/// already runs: its own process group (a signal to the command that starts
+/// it does not reach it), its lock as stdin, no stdout, stderr to its log in
+/// the spool.
+/// The starting command returns at once, so PostgreSQL never waits for it.
+/// Failing to start one is only a warning: the work is then done on demand.
+/// `args` follow `walvault --repo URL <worker verb> --spool DIR`.
+pub fn spawn_worker(
+    spool: &crate::spool::Spool,
+    kind: crate::spool::WorkerKind,
+    url: &crate::repository::RepoUrl,
+    args: &[std::ffi::OsString],
+) {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    // Taken here and handed over as the worker's stdin (see
+    // `Spool::inherited_worker_lock`); if it is held, a worker runs already.
+    let Some(lock) = spool.lock_worker(kind) else {
+        return;
+    };
+    let started = (|| -> std::io::Result<()> {
+        let log = std::fs::File::create(spool.worker_log(kind))?;
+        let dir = std::path::absolute(spool.dir())?;
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--repo")
+            .arg(url.to_string())
+            .arg(kind.verb())
+            .arg("--spool")
+            .arg(dir)
+            .args(args)
+            .stdin(Stdio::from(lock))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        Ok(())
+    })();
+    if let Err(e) = started {
+        tracing::warn!("cannot start the background {kind:?} worker ({e}); continuing without it");
+    }
+}

@@ -4,13 +4,14 @@ use crate::error::{Context, Error, Result};
 use crate::object::Sha256Digest;
 use crate::object::{self, ObjectError, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
-use crate::spool::{FileIdentity, Spool};
+use crate::spool::{FileIdentity, Spool, WorkerKind};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
 use object_store::PutPayload;
+use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct PushOptions {
     /// `%p`: the file, relative to the working directory (the data directory).
@@ -57,33 +58,35 @@ fn cluster_of_segment(
     }))
 }
 
+/// How long a push waits for the background worker to finish a segment it
+/// has claimed before pushing the segment itself.
+const CLAIM_WAIT: Duration = Duration::from_secs(120);
+
 pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     let started = Instant::now();
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let spool = Spool::locate(opts.spool.as_deref(), &opts.path);
 
-    // Pushed ahead by an earlier call, and the file is still exactly what was
-    // pushed then: nothing to do.
-    if let Some(spool) = &spool
-        && let Some(record) = spool.pushed(&name)
-    {
-        spool.forget_pushed(&name);
-        let (sha, meta) = while_unchanged(&opts.path, || sha256_of_file(&opts.path))?;
-        if meta.is_some_and(|m| FileIdentity::of(&m, &sha) == record) {
-            tracing::info!(
-                "{name} was archived ahead; verified unchanged ({} ms)",
-                started.elapsed().as_millis()
-            );
-            return Ok(());
+    if let Some(spool) = &spool {
+        wait_for_worker(spool, &name).await;
+        // Pushed ahead, and the file is still exactly what was pushed then:
+        // nothing to do.
+        if let Some(record) = spool.pushed(&name) {
+            spool.forget_pushed(&name);
+            let (sha, meta) = while_unchanged(&opts.path, || sha256_of_file(&opts.path))?;
+            if meta.is_some_and(|m| FileIdentity::of(&m, &sha) == record) {
+                tracing::info!(
+                    "{name} was archived ahead; verified unchanged ({} ms)",
+                    started.elapsed().as_millis()
+                );
+                start_worker(spool, url, opts, &name);
+                return Ok(());
+            }
+            tracing::debug!("{name} changed since it was pushed ahead; pushing it again");
         }
-        tracing::debug!("{name} changed since it was pushed ahead; pushing it again");
     }
 
-    let pusher = Pusher {
-        repo: Repository::open(url, true)?,
-        level: opts.compress_level,
-        cluster: tokio::sync::OnceCell::new(),
-    };
+    let pusher = Pusher::new(url, opts.compress_level)?;
     let pushed = pusher.push(&name, &opts.path, cores()).await?;
     tracing::info!(
         "archived {name} ({} bytes, stored {} bytes, {} ms)",
@@ -91,12 +94,175 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
         pushed.stored,
         started.elapsed().as_millis()
     );
-    if opts.push_ahead > 0
-        && let (Some(spool), WalFileName::Segment(_)) = (&spool, name)
-    {
-        push_ahead(&pusher, spool, &opts.path, &name, opts.push_ahead).await;
+    if let Some(spool) = &spool {
+        start_worker(spool, url, opts, &name);
     }
     Ok(())
+}
+
+/// If the background worker is pushing `name` right now, waits for it (a
+/// few milliseconds, usually) rather than compressing the same bytes twice.
+async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
+    let since = Instant::now();
+    while spool.pushed(name).is_none()
+        && since.elapsed() < CLAIM_WAIT
+        && spool.claimed(WorkerKind::Push, name)
+        && spool.worker_running(WorkerKind::Push)
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Starts the push-ahead worker when other segments wait to be archived.
+fn start_worker(spool: &Spool, url: &RepoUrl, opts: &PushOptions, current: &WalFileName) {
+    if opts.push_ahead == 0 || !matches!(current, WalFileName::Segment(_)) {
+        return;
+    }
+    let Some(wal_dir) = opts.path.parent() else {
+        return;
+    };
+    if spool.worker_running(WorkerKind::Push)
+        || ready_segments(wal_dir, spool, &HashSet::from([*current]), 1).is_empty()
+    {
+        return;
+    }
+    let wal_dir = std::path::absolute(wal_dir).unwrap_or_else(|_| wal_dir.to_path_buf());
+    let args: Vec<std::ffi::OsString> = vec![
+        "--push-ahead".into(),
+        opts.push_ahead.to_string().into(),
+        "--compress-level".into(),
+        opts.compress_level.to_string().into(),
+        // Still `.ready` until we exit: the worker must not push it again.
+        "--skip".into(),
+        current.to_string().into(),
+        wal_dir.into(),
+    ];
+    crate::commands::spawn_worker(spool, WorkerKind::Push, url, &args);
+}
+
+/// Segments PostgreSQL has marked `.ready` in `wal_dir` and that are neither
+/// recorded as pushed nor in `skip`: the oldest `limit` of them.
+fn ready_segments(
+    wal_dir: &Path,
+    spool: &Spool,
+    skip: &HashSet<WalFileName>,
+    limit: usize,
+) -> Vec<WalFileName> {
+    let Ok(entries) = std::fs::read_dir(wal_dir.join("archive_status")) else {
+        return vec![];
+    };
+    let mut ready: Vec<WalFileName> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().to_string();
+            WalFileName::parse(file.strip_suffix(".ready")?).ok()
+        })
+        .filter(|n| {
+            matches!(n, WalFileName::Segment(_)) && !skip.contains(n) && spool.pushed(n).is_none()
+        })
+        .collect();
+    ready.sort_by_key(|n| n.to_string());
+    ready.truncate(limit);
+    ready
+}
+
+pub struct AheadOptions {
+    /// pg_wal, whose archive_status says what is ready.
+    pub wal_dir: PathBuf,
+    pub spool: PathBuf,
+    /// Segments taken on per round, pushed in parallel.
+    pub push_ahead: usize,
+    pub compress_level: i32,
+    /// Pushed by the command that started the worker.
+    pub skip: Option<String>,
+}
+
+/// A worker lives at most this long; the next push starts another.
+const WORKER_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The push-ahead worker (`walvault push-ahead`, started by push): pushes
+/// `.ready` segments, oldest first, recording each in the spool once it is
+/// durable, until none is left. While it works PostgreSQL's archiver goes on
+/// calling push, which finds the records, so archiving and pushing overlap.
+/// Failures here are only logged: PostgreSQL's own call pushes that segment
+/// and reports the error.
+pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
+    let spool = Spool::at(&opts.spool);
+    let Some(_lock) = spool
+        .inherited_worker_lock(WorkerKind::Push)
+        .or_else(|| spool.lock_worker(WorkerKind::Push))
+    else {
+        return Ok(());
+    };
+    let pusher = Pusher::new(url, opts.compress_level)?;
+    let started = Instant::now();
+    // Segments this worker could not record: left to PostgreSQL's own calls.
+    let mut given_up: HashSet<WalFileName> = opts
+        .skip
+        .iter()
+        .filter_map(|n| WalFileName::parse(n).ok())
+        .collect();
+    let mut done = 0;
+    while started.elapsed() < WORKER_LIFETIME {
+        spool.prune_pushed(&opts.wal_dir);
+        let ready = ready_segments(&opts.wal_dir, &spool, &given_up, opts.push_ahead.max(1));
+        if ready.is_empty() {
+            break;
+        }
+        spool.set_claims(WorkerKind::Push, &ready);
+        for (name, result) in push_all(&pusher, &spool, &opts.wal_dir, ready).await {
+            match result {
+                Ok(true) => done += 1,
+                Ok(false) => {
+                    given_up.insert(name);
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "pushing {name} ahead failed ({e}); it will be pushed when PostgreSQL asks"
+                    );
+                    given_up.insert(name);
+                }
+            }
+        }
+    }
+    spool.set_claims(WorkerKind::Push, &[]);
+    tracing::info!(
+        "pushed {done} segments ahead ({} ms)",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// Pushes `names` in parallel; for each, whether it was recorded.
+async fn push_all(
+    pusher: &Pusher,
+    spool: &Spool,
+    wal_dir: &Path,
+    names: Vec<WalFileName>,
+) -> Vec<(WalFileName, Result<bool>)> {
+    // Two per core: compression keeps the cores busy while the other half
+    // waits on the store (a round trip to S3, an fsync on a filesystem).
+    let concurrency = 2 * cores();
+    futures::stream::iter(names.into_iter().map(|name| async move {
+        let path = wal_dir.join(name.to_string());
+        let result = async {
+            // One compressing thread each: the pushes themselves run in parallel.
+            let pushed = pusher.push(&name, &path, 1).await?;
+            match pushed.unchanged {
+                Some(meta) => {
+                    spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))?;
+                    Ok(true)
+                }
+                // Changed under us: no record; PostgreSQL's own call pushes it.
+                None => Ok(false),
+            }
+        }
+        .await;
+        (name, result)
+    }))
+    .buffer_unordered(concurrency)
+    .collect()
+    .await
 }
 
 fn cores() -> usize {
@@ -149,6 +315,14 @@ struct Pushed {
 }
 
 impl Pusher {
+    fn new(url: &RepoUrl, level: i32) -> Result<Pusher> {
+        Ok(Pusher {
+            repo: Repository::open(url, true)?,
+            level,
+            cluster: tokio::sync::OnceCell::new(),
+        })
+    }
+
     /// Pushes one file, compressing its frames on `workers` threads.
     async fn push(&self, name: &WalFileName, path: &Path, workers: usize) -> Result<Pushed> {
         let cannot_read =
@@ -193,75 +367,6 @@ impl Pusher {
             unchanged,
         })
     }
-}
-
-/// Pushes other segments PostgreSQL has marked `.ready`, oldest first, and
-/// records each in the spool once it is durable. Failures here are only
-/// warnings: PostgreSQL will ask for those segments in turn.
-async fn push_ahead(
-    pusher: &Pusher,
-    spool: &Spool,
-    path: &Path,
-    current: &WalFileName,
-    limit: usize,
-) {
-    let Some(wal_dir) = path.parent() else { return };
-    spool.prune_pushed(wal_dir);
-    let Ok(entries) = std::fs::read_dir(wal_dir.join("archive_status")) else {
-        return;
-    };
-    let mut ready: Vec<WalFileName> = entries
-        .flatten()
-        .filter_map(|e| {
-            let file = e.file_name().to_string_lossy().to_string();
-            WalFileName::parse(file.strip_suffix(".ready")?).ok()
-        })
-        .filter(|n| {
-            matches!(n, WalFileName::Segment(_)) && n != current && spool.pushed(n).is_none()
-        })
-        .collect();
-    ready.sort_by_key(|n| n.to_string());
-    ready.truncate(limit);
-    if ready.is_empty() {
-        return;
-    }
-    let started = Instant::now();
-    // Two per core: compression keeps the cores busy while the other half
-    // waits on the store (a round trip to S3, an fsync on a filesystem).
-    let concurrency = 2 * cores();
-    let results: Vec<(WalFileName, Result<()>)> =
-        futures::stream::iter(ready.into_iter().map(|name| async move {
-            let path = wal_dir.join(name.to_string());
-            let result = async {
-                // One compressing thread each: the pushes themselves run in parallel.
-                let pushed = pusher.push(&name, &path, 1).await?;
-                match pushed.unchanged {
-                    Some(meta) => {
-                        spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))
-                    }
-                    // Changed under us: no record; PostgreSQL's own call pushes it.
-                    None => Ok(()),
-                }
-            }
-            .await;
-            (name, result)
-        }))
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    let mut done = 0;
-    for (name, result) in results {
-        match result {
-            Ok(()) => done += 1,
-            Err(e) => tracing::warn!(
-                "pushing {name} ahead failed ({e}); it will be pushed when PostgreSQL asks"
-            ),
-        }
-    }
-    tracing::info!(
-        "pushed {done} more segments ahead ({} ms)",
-        started.elapsed().as_millis()
-    );
 }
 
 /// What is stored under a name we are pushing.

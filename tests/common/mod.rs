@@ -634,3 +634,27 @@ impl Setup {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 }
+
+/// Waits (at most a minute) until no background worker holds a lock in the
+/// spool `dir`: push and fetch return before their workers finish.
+pub fn wait_for_spool_workers(dir: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for stem in ["push-worker", "prefetch-worker"] {
+        let lock = dir.join(format!("{stem}.lock"));
+        loop {
+            let free = match std::fs::File::open(&lock) {
+                Ok(file) => file.try_lock().is_ok(),
+                Err(_) => true,
+            };
+            if free {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the {stem} in {} did not finish within a minute",
+                dir.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}

@@ -5,6 +5,9 @@
 //! restores any object without walvault, and walvault itself checks the
 //! original length and sha256 on every read.
 
+mod parallel;
+
+pub use parallel::{Encoded, FRAME, decode_to_file, encode_file};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::io::Read;
@@ -99,7 +102,7 @@ impl fmt::Display for ObjectError {
     }
 }
 
-fn header_bytes(header: &ObjectHeader) -> [u8; HEADER_LEN] {
+pub(crate) fn header_bytes(header: &ObjectHeader) -> [u8; HEADER_LEN] {
     let mut out = [0u8; HEADER_LEN];
     out[0..4].copy_from_slice(&SKIPPABLE_MAGIC.to_le_bytes());
     out[4..8].copy_from_slice(&(PAYLOAD_LEN as u32).to_le_bytes());
@@ -129,137 +132,6 @@ pub fn encode(data: &[u8], level: i32) -> std::io::Result<(ObjectHeader, Vec<u8>
         sha256,
     };
     Ok((header, assemble(&header, &compressed?)))
-}
-
-/// Content is cut into independent zstd frames of this size, so the frames
-/// of one segment compress on all cores at once. Measured on real WAL, 1 MiB
-/// frames also compress slightly better than one 16 MiB frame: with the
-/// frame's size known up front zstd picks better-fitting parameters.
-pub const FRAME: usize = 1 << 20;
-
-/// An object ready to store: the header part, then one part per frame, so
-/// nothing is copied into one big buffer on the way to the store.
-pub struct Encoded {
-    pub header: ObjectHeader,
-    pub parts: Vec<bytes::Bytes>,
-}
-
-impl Encoded {
-    pub fn stored_len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
-}
-
-/// Compresses and checksums the first `len` bytes of `file` (a WAL segment)
-/// into one object, with `workers` threads compressing frames in parallel
-/// and one more hashing. Each frame is read once, into a buffer that is
-/// compressed and then handed to the hasher; buffers go round in a pool of
-/// `workers + 1`, so memory holds a few frames and the compressed output,
-/// never the whole file.
-pub fn encode_file(
-    file: &std::fs::File,
-    len: u64,
-    level: i32,
-    workers: usize,
-) -> std::io::Result<Encoded> {
-    use std::collections::BTreeMap;
-    use std::os::unix::fs::FileExt;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Mutex, mpsc};
-
-    let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
-    let frames = len_usize.div_ceil(FRAME).max(1);
-    let workers = workers.clamp(1, frames);
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let first_error: Mutex<Option<std::io::Error>> = Mutex::new(None);
-    let outputs: Mutex<Vec<bytes::Bytes>> = Mutex::new(vec![bytes::Bytes::new(); frames]);
-    let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..=workers {
-        let _ = pool_tx.send(Vec::new());
-    }
-    let pool_rx = Mutex::new(pool_rx);
-    let (hash_tx, hash_rx) = mpsc::channel::<(usize, Vec<u8>)>();
-
-    let sha256 = std::thread::scope(|s| {
-        // The hasher takes frames in order; a frame finished early waits in
-        // `pending`, holding one of the pool's few buffers.
-        let hasher = s.spawn(move || {
-            let mut h = Sha256::new();
-            let mut pending = BTreeMap::new();
-            let mut want = 0usize;
-            for (i, buf) in hash_rx {
-                pending.insert(i, buf);
-                while let Some(buf) = pending.remove(&want) {
-                    h.update(&buf[..]);
-                    want += 1;
-                    let _ = pool_tx.send(buf);
-                }
-            }
-            Sha256Digest(h.finalize().into())
-        });
-        for _ in 0..workers {
-            let hash_tx = hash_tx.clone();
-            let (next, failed, first_error, outputs, pool_rx) =
-                (&next, &failed, &first_error, &outputs, &pool_rx);
-            s.spawn(move || {
-                let mut compressor = match zstd::bulk::Compressor::new(level) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failed.store(true, Ordering::SeqCst);
-                        first_error.lock().unwrap().get_or_insert(e);
-                        return;
-                    }
-                };
-                loop {
-                    let Ok(mut buf) = pool_rx.lock().unwrap().recv() else {
-                        return;
-                    };
-                    // A claimed frame is always handed to the hasher, even
-                    // after a failure, so the hasher never waits forever.
-                    if failed.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= frames {
-                        return;
-                    }
-                    let start = i * FRAME;
-                    let end = (start + FRAME).min(len_usize);
-                    buf.resize(end - start, 0);
-                    let result = file
-                        .read_exact_at(&mut buf, start as u64)
-                        .and_then(|()| compressor.compress(&buf));
-                    match result {
-                        Ok(mut frame) => {
-                            frame.shrink_to_fit();
-                            outputs.lock().unwrap()[i] = bytes::Bytes::from(frame);
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::SeqCst);
-                            first_error.lock().unwrap().get_or_insert(e);
-                        }
-                    }
-                    if hash_tx.send((i, buf)).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(hash_tx);
-        hasher.join().expect("sha256 thread does not panic")
-    });
-    if let Some(e) = first_error.into_inner().unwrap() {
-        return Err(e);
-    }
-    let header = ObjectHeader {
-        length: len,
-        sha256,
-    };
-    let mut parts = Vec::with_capacity(frames + 1);
-    parts.push(bytes::Bytes::copy_from_slice(&header_bytes(&header)));
-    parts.extend(outputs.into_inner().unwrap());
-    Ok(Encoded { header, parts })
 }
 
 /// Like [`decode_limited`], writing the content to `out` as it is
