@@ -488,6 +488,78 @@ fn push_ahead_records_never_outlive_a_changed_file() {
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
 }
 
+/// Processes whose command line contains `needle`, as pids.
+fn pids_with(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// A push-ahead worker killed at any point blocks nothing: its lock goes
+/// with it, and PostgreSQL's own calls archive every segment exactly.
+#[test]
+fn a_killed_push_worker_blocks_nothing() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let names: Vec<String> = (3..27)
+        .map(|i| format!("0000000100000000000000{i:02X}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let wal = pg_wal_with_ready(&f, &refs, 9);
+    let spool = wal.join("walvault-spool");
+    let out = repo
+        .walvault(&f.bin)
+        .args(["push", "--push-ahead", "2"])
+        .arg(wal.join(&names[0]))
+        .arg(&names[0])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let needle = spool.to_string_lossy().to_string();
+    let workers = pids_with(&needle);
+    assert!(workers.len() <= 1, "more than one worker: {workers:?}");
+    for pid in workers {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    wait_for_spool_workers(&spool);
+    // PostgreSQL goes on calling push in order, as if nothing happened.
+    for n in &names[1..] {
+        let out = repo
+            .walvault(&f.bin)
+            .args(["push", "--push-ahead", "2"])
+            .arg(wal.join(n))
+            .arg(n)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n}: {}", describe(&out));
+        std::fs::rename(
+            wal.join("archive_status").join(format!("{n}.ready")),
+            wal.join("archive_status").join(format!("{n}.done")),
+        )
+        .unwrap();
+    }
+    wait_for_spool_workers(&spool);
+    let dest = f.dir.path().join("back");
+    for n in &names {
+        let out = f.fetch(&repo, n, &dest);
+        assert!(out.status.success(), "{n}: {}", describe(&out));
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(wal.join(n)).unwrap(),
+            "{n} differs"
+        );
+    }
+}
+
 #[test]
 fn prefetch_serves_verified_local_copies() {
     let f = fixture();
