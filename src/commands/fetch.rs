@@ -40,6 +40,7 @@ fn window_len(given: Option<usize>, segment_size: Option<u32>) -> usize {
 
 /// How long a fetch waits for the background worker to finish downloading
 /// a segment it has claimed before downloading the segment itself.
+/// Also the most a prefetch worker spends downloading.
 const CLAIM_WAIT: Duration = Duration::from_secs(60);
 
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
@@ -161,7 +162,16 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         .collect();
     spool.set_claims(WorkerKind::Prefetch, &wanted);
     let repo = Repository::open(url, false)?;
-    let got = prefetch(&repo, &spool, &wanted).await;
+    // Downloads stuck on the store must not keep recovery waiting on claims.
+    let got = tokio::time::timeout(CLAIM_WAIT, prefetch(&repo, &spool, &wanted))
+        .await
+        .unwrap_or_else(|_| {
+            tracing::warn!(
+                "prefetching took over {} s; recovery fetches the rest itself",
+                CLAIM_WAIT.as_secs()
+            );
+            0
+        });
     spool.set_claims(WorkerKind::Prefetch, &[]);
     tracing::info!(
         "prefetched {got} of {} segments after {} ({} ms)",

@@ -177,8 +177,10 @@ pub struct AheadOptions {
     pub skip: Option<String>,
 }
 
-/// A worker lives at most this long; the next push starts another.
+/// A worker takes on new rounds for this long; the next push starts another.
 const WORKER_LIFETIME: Duration = Duration::from_secs(600);
+/// The most one round of pushes may take (shorter than [`CLAIM_WAIT`]).
+const ROUND_LIMIT: Duration = Duration::from_secs(100);
 
 /// The push-ahead worker (`walvault push-ahead`, started by push): pushes
 /// `.ready` segments, oldest first, recording each in the spool once it is
@@ -210,7 +212,19 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
             break;
         }
         spool.set_claims(WorkerKind::Push, &ready);
-        for (name, result) in push_all(&pusher, &spool, &opts.wal_dir, ready).await {
+        // A round stuck on the store (a hung connection) must not hold
+        // PostgreSQL's calls waiting on its claims: give up the round.
+        let Ok(results) =
+            tokio::time::timeout(ROUND_LIMIT, push_all(&pusher, &spool, &opts.wal_dir, ready))
+                .await
+        else {
+            tracing::warn!(
+                "pushing ahead took over {} s; leaving the rest to PostgreSQL's own calls",
+                ROUND_LIMIT.as_secs()
+            );
+            break;
+        };
+        for (name, result) in results {
             match result {
                 Ok(true) => done += 1,
                 Ok(false) => {
