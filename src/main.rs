@@ -51,7 +51,7 @@ enum Command {
         #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
               value_parser = clap::value_parser!(i32).range(1..=19))]
         compress_level: i32,
-        /// Also push up to N other segments PostgreSQL has marked ready, in parallel (0: off).
+        /// Push up to N other segments PostgreSQL has marked ready ahead of its calls, in a background worker (0: off).
         #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 16)]
         push_ahead: usize,
         /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).

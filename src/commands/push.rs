@@ -8,7 +8,7 @@ use crate::spool::{FileIdentity, Spool, WorkerKind};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
 use object_store::PutPayload;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -179,8 +179,9 @@ pub struct AheadOptions {
 
 /// A worker takes on new rounds for this long; the next push starts another.
 const WORKER_LIFETIME: Duration = Duration::from_secs(600);
-/// The most one round of pushes may take (shorter than [`CLAIM_WAIT`]).
-const ROUND_LIMIT: Duration = Duration::from_secs(100);
+/// The most the worker waits for any of its pushes to finish (shorter than
+/// [`CLAIM_WAIT`]).
+const PUSH_LIMIT: Duration = Duration::from_secs(100);
 
 /// The push-ahead worker (`walvault push-ahead`, started by push): pushes
 /// `.ready` segments, oldest first, recording each in the spool once it is
@@ -205,37 +206,61 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         .filter_map(|n| WalFileName::parse(n).ok())
         .collect();
     let mut done = 0;
-    while started.elapsed() < WORKER_LIFETIME {
-        spool.prune_pushed(&opts.wal_dir);
-        let ready = ready_segments(&opts.wal_dir, &spool, &given_up, opts.push_ahead.max(1));
-        if ready.is_empty() {
-            break;
+    // A sliding window, not rounds: `concurrency` pushes run while up to
+    // `push_ahead` segments are claimed, and each finished push is replaced
+    // at once, so the cores never wait for the slowest push of a batch.
+    let concurrency = (2 * cores()).min(opts.push_ahead.max(1));
+    let mut queue: VecDeque<WalFileName> = VecDeque::new();
+    let mut busy: HashSet<WalFileName> = HashSet::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    loop {
+        if queue.is_empty() && busy.len() < opts.push_ahead && started.elapsed() < WORKER_LIFETIME {
+            spool.prune_pushed(&opts.wal_dir);
+            let skip: HashSet<WalFileName> = given_up.union(&busy).copied().collect();
+            queue.extend(ready_segments(
+                &opts.wal_dir,
+                &spool,
+                &skip,
+                opts.push_ahead.max(1) - busy.len(),
+            ));
         }
-        spool.set_claims(WorkerKind::Push, &ready);
-        // A round stuck on the store (a hung connection) must not hold
-        // PostgreSQL's calls waiting on its claims: give up the round.
-        let Ok(results) =
-            tokio::time::timeout(ROUND_LIMIT, push_all(&pusher, &spool, &opts.wal_dir, ready))
-                .await
-        else {
-            tracing::warn!(
-                "pushing ahead took over {} s; leaving the rest to PostgreSQL's own calls",
-                ROUND_LIMIT.as_secs()
-            );
-            break;
+        let mut claims_changed = false;
+        while in_flight.len() < concurrency
+            && let Some(name) = queue.pop_front()
+        {
+            busy.insert(name);
+            in_flight.push(push_one(&pusher, &spool, &opts.wal_dir, name));
+            claims_changed = true;
+        }
+        if claims_changed {
+            let claimed: Vec<WalFileName> = busy.iter().chain(&queue).copied().collect();
+            spool.set_claims(WorkerKind::Push, &claimed);
+        }
+        // A push stuck on the store (a hung connection) must not hold
+        // PostgreSQL's calls waiting on its claims: give up.
+        let next = match tokio::time::timeout(PUSH_LIMIT, in_flight.next()).await {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    "no push ahead finished within {} s; leaving the rest to PostgreSQL's own calls",
+                    PUSH_LIMIT.as_secs()
+                );
+                break;
+            }
         };
-        for (name, result) in results {
-            match result {
-                Ok(true) => done += 1,
-                Ok(false) => {
-                    given_up.insert(name);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "pushing {name} ahead failed ({e}); it will be pushed when PostgreSQL asks"
-                    );
-                    given_up.insert(name);
-                }
+        let (name, result) = next;
+        busy.remove(&name);
+        match result {
+            Ok(true) => done += 1,
+            Ok(false) => {
+                given_up.insert(name);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "pushing {name} ahead failed ({e}); it will be pushed when PostgreSQL asks"
+                );
+                given_up.insert(name);
             }
         }
     }
@@ -247,36 +272,28 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
     Ok(())
 }
 
-/// Pushes `names` in parallel; for each, whether it was recorded.
-async fn push_all(
+/// Pushes one segment ahead; whether it was recorded.
+async fn push_one(
     pusher: &Pusher,
     spool: &Spool,
     wal_dir: &Path,
-    names: Vec<WalFileName>,
-) -> Vec<(WalFileName, Result<bool>)> {
-    // Two per core: compression keeps the cores busy while the other half
-    // waits on the store (a round trip to S3, an fsync on a filesystem).
-    let concurrency = 2 * cores();
-    futures::stream::iter(names.into_iter().map(|name| async move {
-        let path = wal_dir.join(name.to_string());
-        let result = async {
-            // One compressing thread each: the pushes themselves run in parallel.
-            let pushed = pusher.push(&name, &path, 1).await?;
-            match pushed.unchanged {
-                Some(meta) => {
-                    spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))?;
-                    Ok(true)
-                }
-                // Changed under us: no record; PostgreSQL's own call pushes it.
-                None => Ok(false),
+    name: WalFileName,
+) -> (WalFileName, Result<bool>) {
+    let path = wal_dir.join(name.to_string());
+    let result = async {
+        // One compressing thread each: the pushes themselves run in parallel.
+        let pushed = pusher.push(&name, &path, 1).await?;
+        match pushed.unchanged {
+            Some(meta) => {
+                spool.record_pushed(&name, &FileIdentity::of(&meta, &pushed.header.sha256))?;
+                Ok(true)
             }
+            // Changed under us: no record; PostgreSQL's own call pushes it.
+            None => Ok(false),
         }
-        .await;
-        (name, result)
-    }))
-    .buffer_unordered(concurrency)
-    .collect()
-    .await
+    }
+    .await;
+    (name, result)
 }
 
 fn cores() -> usize {
