@@ -170,7 +170,7 @@ pub struct AheadOptions {
     /// pg_wal, whose archive_status says what is ready.
     pub wal_dir: PathBuf,
     pub spool: PathBuf,
-    /// Segments taken on per round, pushed in parallel.
+    /// The most segments claimed at once (two per core are pushed at once).
     pub push_ahead: usize,
     pub compress_level: i32,
     /// Pushed by the command that started the worker.
