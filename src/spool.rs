@@ -113,11 +113,18 @@ impl Spool {
         Some(file)
     }
 
+    /// The lock a worker runs under: the one it was started with, else
+    /// (started by hand) its own, if no other worker of its kind holds it.
+    pub fn worker_lock(&self, kind: WorkerKind) -> Option<std::fs::File> {
+        self.inherited_worker_lock(kind)
+            .or_else(|| self.lock_worker(kind))
+    }
+
     /// The lock a worker was started with: the starting command takes the
     /// lock and hands it over as the worker's stdin, so the worker counts as
     /// running from the moment it is spawned (no second one can start, and
     /// no one waits in vain for one still starting up).
-    pub fn inherited_worker_lock(&self, kind: WorkerKind) -> Option<std::fs::File> {
+    fn inherited_worker_lock(&self, kind: WorkerKind) -> Option<std::fs::File> {
         use std::os::fd::AsFd;
         let stdin = std::fs::File::from(std::io::stdin().as_fd().try_clone_to_owned().ok()?);
         let ours = std::fs::metadata(self.worker_file(kind, "lock")).ok()?;
@@ -146,15 +153,7 @@ impl Spool {
     /// [`Spool::worker_running`]: a dead worker's claims are stale.
     pub fn set_claims(&self, kind: WorkerKind, names: &[WalFileName]) {
         let text: String = names.iter().map(|n| format!("{n}\n")).collect();
-        let _ = crate::commands::write_atomically_with(
-            &self.worker_file(kind, "claims"),
-            Some(0o600),
-            crate::commands::Durability::Visible,
-            |file| {
-                std::io::Write::write_all(file, text.as_bytes())
-                    .context(|| format!("cannot write into {}", self.dir.display()))
-            },
-        );
+        let _ = write_visible(&self.worker_file(kind, "claims"), text.as_bytes());
     }
 
     pub fn claimed(&self, kind: WorkerKind, name: &WalFileName) -> bool {
@@ -197,15 +196,7 @@ impl Spool {
         let json = serde_json::to_vec(identity).expect("serializes");
         // Not synced: the segment is already durable, so a record lost or torn
         // by a crash (it then fails to parse) only costs a second, identical push.
-        crate::commands::write_atomically_with(
-            &dir.join(format!("{name}.json")),
-            Some(0o600),
-            crate::commands::Durability::Visible,
-            |file| {
-                std::io::Write::write_all(file, &json)
-                    .context(|| format!("cannot write into {}", dir.display()))
-            },
-        )
+        write_visible(&dir.join(format!("{name}.json")), &json)
     }
 
     /// The record for `name`, if any.
@@ -288,14 +279,17 @@ impl Spool {
         let dir = self.prefetch_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         // Not synced: a copy torn by a crash fails the sha256 check at hand-over.
-        crate::commands::write_atomically_with(
-            &dir.join(format!("{name}.{}", sha256.to_hex())),
-            Some(0o600),
-            crate::commands::Durability::Visible,
-            |file| {
-                std::io::Write::write_all(file, data)
-                    .context(|| format!("cannot write into {}", dir.display()))
-            },
-        )
+        write_visible(&dir.join(format!("{name}.{}", sha256.to_hex())), data)
     }
+}
+
+/// Spool files need no fsync: each is checked before it counts (see the
+/// module comment), so a crash can only cost work done ahead.
+fn write_visible(path: &Path, data: &[u8]) -> Result<()> {
+    crate::commands::write_bytes(
+        path,
+        data,
+        Some(0o600),
+        crate::commands::Durability::Visible,
+    )
 }

@@ -146,10 +146,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         return Err(Error::usage(format!("{} is not a WAL segment", opts.after)));
     };
     let spool = Spool::at(&opts.spool);
-    let Some(_lock) = spool
-        .inherited_worker_lock(WorkerKind::Prefetch)
-        .or_else(|| spool.lock_worker(WorkerKind::Prefetch))
-    else {
+    let Some(_lock) = spool.worker_lock(WorkerKind::Prefetch) else {
         return Ok(());
     };
     let started = Instant::now();

@@ -19,7 +19,17 @@ use std::path::Path;
 /// of it, durably: a temporary file in the same directory, fsync, rename,
 /// fsync of the directory. A killed process leaves at most a stray temporary.
 pub fn write_file_atomically(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
-    write_atomically_with(path, mode, Durability::Durable, |file| {
+    write_bytes(path, data, mode, Durability::Durable)
+}
+
+/// Like [`write_file_atomically`], fsyncing only if `durability` asks.
+pub fn write_bytes(
+    path: &Path,
+    data: &[u8],
+    mode: Option<u32>,
+    durability: Durability,
+) -> Result<()> {
+    write_atomically_with(path, mode, durability, |file| {
         file.write_all(data)
             .context(|| format!("cannot write {}", path.display()))
     })

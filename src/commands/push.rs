@@ -191,10 +191,7 @@ const PUSH_LIMIT: Duration = Duration::from_secs(100);
 /// and reports the error.
 pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
     let spool = Spool::at(&opts.spool);
-    let Some(_lock) = spool
-        .inherited_worker_lock(WorkerKind::Push)
-        .or_else(|| spool.lock_worker(WorkerKind::Push))
-    else {
+    let Some(_lock) = spool.worker_lock(WorkerKind::Push) else {
         return Ok(());
     };
     let pusher = Pusher::new(url, opts.compress_level)?;
