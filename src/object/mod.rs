@@ -275,6 +275,19 @@ pub fn decode(object: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
     decode_limited(object, MAX_CONTENT)
 }
 
+/// The header, once its claimed length is known to be within `max`: a
+/// tampered header must not size any buffer or work.
+pub(crate) fn read_header_within(object: &[u8], max: u64) -> Result<ObjectHeader, ObjectError> {
+    let header = read_header(object)?;
+    if header.length > max {
+        return Err(ObjectError::Corrupt(format!(
+            "header claims {} bytes of content, more than the {max} this object may hold",
+            header.length
+        )));
+    }
+    Ok(header)
+}
+
 type ContentDecoder<'a> = zstd::stream::read::Decoder<'a, &'a [u8]>;
 
 /// The header, and a decoder for the content once the header's claimed
@@ -283,13 +296,7 @@ fn open_content(
     object: &[u8],
     max: u64,
 ) -> Result<(ObjectHeader, ContentDecoder<'_>), ObjectError> {
-    let header = read_header(object)?;
-    if header.length > max {
-        return Err(ObjectError::Corrupt(format!(
-            "header claims {} bytes of content, more than the {max} this object may hold",
-            header.length
-        )));
-    }
+    let header = read_header_within(object, max)?;
     let decoder = zstd::stream::read::Decoder::with_buffer(&object[HEADER_LEN..])
         .map_err(|e| ObjectError::Corrupt(e.to_string()))?;
     Ok((header, decoder))

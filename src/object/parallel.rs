@@ -5,7 +5,9 @@
 //! thread hashes the buffers in frame order. The pool holds `workers + 1`
 //! buffers, so memory holds a few frames, never the whole content.
 
-use super::{HEADER_LEN, ObjectError, ObjectHeader, Sha256Digest, header_bytes, read_header};
+use super::{
+    HEADER_LEN, ObjectError, ObjectHeader, Sha256Digest, header_bytes, read_header_within,
+};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -249,13 +251,7 @@ pub fn decode_to_file(
     max: u64,
     workers: usize,
 ) -> Result<ObjectHeader, ObjectError> {
-    let header = read_header(object)?;
-    if header.length > max {
-        return Err(ObjectError::Corrupt(format!(
-            "header claims {} bytes of content, more than the {max} this object may hold",
-            header.length
-        )));
-    }
+    let header = read_header_within(object, max)?;
     let Some(spans) = frame_spans(object, &header) else {
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let header = super::decode_into(object, &mut out, max)?;
