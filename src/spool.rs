@@ -270,16 +270,23 @@ impl Spool {
     }
 
     /// Stores a verified segment for a later fetch.
+    /// `fill` writes the content and must prove it has `sha256`; only then is
+    /// the copy renamed into place.
     pub fn store_prefetched(
         &self,
         name: &WalFileName,
         sha256: &Sha256Digest,
-        data: &[u8],
+        fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
     ) -> Result<()> {
         let dir = self.prefetch_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         // Not synced: a copy torn by a crash fails the sha256 check at hand-over.
-        write_visible(&dir.join(format!("{name}.{}", sha256.to_hex())), data)
+        crate::commands::write_atomically_with(
+            &dir.join(format!("{name}.{}", sha256.to_hex())),
+            Some(0o600),
+            crate::commands::Durability::Visible,
+            fill,
+        )
     }
 }
 

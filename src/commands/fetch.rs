@@ -67,11 +67,12 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     });
 
     wait_for_worker(&spool, &name).await;
-    if hand_over(&spool, &name, &opts.path)? {
+    let spooled = spool.prefetched();
+    if hand_over(&spooled, &name, &opts.path)? {
         tracing::debug!("restored {name} from the prefetch spool");
         // Refill once half the window is used up, in the background.
         if let Some(size) = size
-            && spool.prefetched().len() * 2 <= depth
+            && (spooled.len() - 1) * 2 <= depth
         {
             start_worker(&spool, url, segment, depth, size);
         }
@@ -106,10 +107,11 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
 async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
     let since = Instant::now();
     let spooled = || spool.prefetched().iter().any(|(n, _, _)| n == name);
-    while !spooled()
-        && since.elapsed() < CLAIM_WAIT
-        && spool.claimed(WorkerKind::Prefetch, name)
+    // Cheapest test first: most calls find no claim and list nothing here.
+    while spool.claimed(WorkerKind::Prefetch, name)
         && spool.worker_running(WorkerKind::Prefetch)
+        && since.elapsed() < CLAIM_WAIT
+        && !spooled()
     {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -226,51 +228,79 @@ fn limit_for(name: &WalFileName) -> u64 {
     }
 }
 
-fn decode(
-    name: &WalFileName,
-    stored: &[u8],
-) -> Result<(object::ObjectHeader, Vec<u8>), object::ObjectError> {
-    object::decode_limited(stored, limit_for(name))
-}
-
 /// Moves a prefetched copy of `name` to `path` after proving its sha256; a
 /// copy that fails is deleted and the caller fetches from the repository.
-fn hand_over(spool: &Spool, name: &WalFileName, path: &Path) -> Result<bool> {
-    let Some((_, sha, file)) = spool.prefetched().into_iter().find(|(n, _, _)| n == name) else {
+/// `spooled` is the spool's listing.
+fn hand_over(
+    spooled: &[(WalFileName, Sha256Digest, PathBuf)],
+    name: &WalFileName,
+    path: &Path,
+) -> Result<bool> {
+    let Some((_, sha, file)) = spooled.iter().find(|(n, _, _)| n == name) else {
         return Ok(false);
     };
     let actual =
-        Sha256Digest::of_file(&file).context(|| format!("cannot read {}", file.display()))?;
-    if actual != sha {
+        Sha256Digest::of_file(file).context(|| format!("cannot read {}", file.display()))?;
+    if actual != *sha {
         tracing::warn!("prefetched copy of {name} is damaged; fetching it again");
-        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(file);
         return Ok(false);
     }
     // No fsync, as in fetch_from_repository.
-    std::fs::rename(&file, path)
+    std::fs::rename(file, path)
         .context(|| format!("cannot move {} to {}", file.display(), path.display()))?;
     Ok(true)
 }
 
 /// Downloads, verifies and spools `wanted`, all in parallel; returns how
 /// many were spooled. Best effort: a segment missing or failing here is
-/// fetched on demand.
+/// fetched on demand. Each is decoded straight into its spool file, off the
+/// async thread, so memory holds the compressed objects, not the segments.
 async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> usize {
     futures::stream::iter(wanted.iter().map(|name| async move {
-        match repo.get(&wal_key(name)).await {
-            Ok(Some(stored)) => match decode(name, &stored) {
-                Ok((header, data)) => match spool.store_prefetched(name, &header.sha256, &data) {
-                    Ok(()) => return true,
-                    Err(e) => tracing::debug!("cannot spool {name}: {e}"),
-                },
-                Err(e) => {
-                    tracing::warn!("{name} in the repository is damaged ({e}); not prefetched")
+        let stored = match repo.get(&wal_key(name)).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return false,
+            Err(e) => {
+                tracing::debug!("prefetch of {name} failed: {e}");
+                return false;
+            }
+        };
+        let (name, spool) = (*name, Spool::at(spool.dir()));
+        let spooled = tokio::task::spawn_blocking(move || {
+            let limit = limit_for(&name);
+            let damaged = |e: object::ObjectError| {
+                Error::corrupt(format!(
+                    "{name} in the repository is damaged ({e}); not prefetched"
+                ))
+            };
+            let header = object::read_header_within(&stored, limit).map_err(damaged)?;
+            spool.store_prefetched(&name, &header.sha256, |file| {
+                match object::decode_to_file(&stored, file, limit, 1) {
+                    Ok(_) => Ok(()),
+                    Err(object::ObjectError::Write(e)) => {
+                        Err(Error::io(format!("cannot spool {name}: {e}")))
+                    }
+                    Err(e) => Err(damaged(e)),
                 }
-            },
-            Ok(None) => {}
-            Err(e) => tracing::debug!("prefetch of {name} failed: {e}"),
+            })
+        })
+        .await;
+        match spooled {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) if e.kind == crate::error::ErrorKind::Corrupt => {
+                tracing::warn!("{e}");
+                false
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("{e}");
+                false
+            }
+            Err(e) => {
+                tracing::debug!("prefetch of {name} failed: {e}");
+                false
+            }
         }
-        false
     }))
     .buffer_unordered(wanted.len().max(1))
     .filter(|spooled| std::future::ready(*spooled))

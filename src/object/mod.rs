@@ -277,7 +277,7 @@ pub fn decode(object: &[u8]) -> Result<(ObjectHeader, Vec<u8>), ObjectError> {
 
 /// The header, once its claimed length is known to be within `max`: a
 /// tampered header must not size any buffer or work.
-pub(crate) fn read_header_within(object: &[u8], max: u64) -> Result<ObjectHeader, ObjectError> {
+pub fn read_header_within(object: &[u8], max: u64) -> Result<ObjectHeader, ObjectError> {
     let header = read_header(object)?;
     if header.length > max {
         return Err(ObjectError::Corrupt(format!(
