@@ -488,6 +488,13 @@ fn push_ahead_records_never_outlive_a_changed_file() {
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
 }
 
+/// Segment names of timeline 1, log 0, for segment numbers `range`.
+fn segment_names(range: std::ops::Range<u32>) -> Vec<String> {
+    range
+        .map(|i| format!("0000000100000000000000{i:02X}"))
+        .collect()
+}
+
 /// Processes whose command line contains `needle`, as pids.
 fn pids_with(needle: &str) -> Vec<i32> {
     std::fs::read_dir("/proc")
@@ -510,19 +517,20 @@ fn a_killed_push_worker_blocks_nothing() {
     let f = fixture();
     let root = f.dir.path().join("repo");
     let repo = RepoTarget::local(&root);
-    let names: Vec<String> = (3..27)
-        .map(|i| format!("0000000100000000000000{i:02X}"))
-        .collect();
+    let names = segment_names(3..27);
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let wal = pg_wal_with_ready(&f, &refs, 9);
     let spool = wal.join("walvault-spool");
-    let out = repo
-        .walvault(&f.bin)
-        .args(["push", "--push-ahead", "2"])
-        .arg(wal.join(&names[0]))
-        .arg(&names[0])
-        .output()
-        .unwrap();
+    // As PostgreSQL calls it, with a small window so the worker has work left.
+    let push = |n: &str| {
+        repo.walvault(&f.bin)
+            .args(["push", "--push-ahead", "2"])
+            .arg(wal.join(n))
+            .arg(n)
+            .output()
+            .unwrap()
+    };
+    let out = push(&names[0]);
     assert!(out.status.success(), "{}", describe(&out));
     let needle = spool.to_string_lossy().to_string();
     let workers = pids_with(&needle);
@@ -533,13 +541,7 @@ fn a_killed_push_worker_blocks_nothing() {
     wait_for_spool_workers(&spool);
     // PostgreSQL goes on calling push in order, as if nothing happened.
     for n in &names[1..] {
-        let out = repo
-            .walvault(&f.bin)
-            .args(["push", "--push-ahead", "2"])
-            .arg(wal.join(n))
-            .arg(n)
-            .output()
-            .unwrap();
+        let out = push(n);
         assert!(out.status.success(), "{n}: {}", describe(&out));
         std::fs::rename(
             wal.join("archive_status").join(format!("{n}.ready")),
@@ -565,9 +567,7 @@ fn prefetch_serves_verified_local_copies() {
     let f = fixture();
     let root = f.dir.path().join("repo");
     let repo = RepoTarget::local(&root);
-    let names: Vec<String> = (3..13)
-        .map(|i| format!("0000000100000000000000{i:02X}"))
-        .collect();
+    let names = segment_names(3..13);
     let mut originals = vec![];
     for n in &names {
         let data = synthetic_segment(n, 7, MIB, 1);
