@@ -2,8 +2,9 @@
 //!
 //! Both directions run the same pipeline: workers take frames in turn, each
 //! producing one frame's original bytes in a pooled buffer, and one more
-//! thread hashes the buffers in frame order. The pool holds `workers + 1`
-//! buffers, so memory holds a few frames, never the whole content.
+//! thread hashes the buffers in frame order; on the way there, a writer
+//! thread may store them. The pool holds `workers + 2` buffers at most, so
+//! memory holds a few frames, never the whole content.
 
 use super::{
     HEADER_LEN, ObjectError, ObjectHeader, Sha256Digest, header_bytes, read_header_within,
@@ -70,26 +71,38 @@ impl Drop for PooledCompressor {
     }
 }
 
+/// Stores a frame's original bytes where they belong.
+type FrameWriter<'a, E> = dyn Fn(usize, &[u8]) -> Result<(), E> + Sync + 'a;
+
 /// Runs `work(frame, buffer)` for frames `0..frames` on `workers` threads;
-/// `work` leaves the frame's original bytes in `buffer`. Returns the sha256
-/// of all frames' bytes in order, or the first error. `init` makes each
-/// worker's state (a zstd context).
+/// `work` leaves the frame's original bytes in `buffer`, which then goes to
+/// `writer(frame, bytes)` on a thread of its own, if given, and to the
+/// hasher. Returns the sha256 of all frames' bytes in order, or the first
+/// error. `init` makes each worker's state (a zstd context).
 fn ordered_parallel<S, E: Send>(
     frames: usize,
     workers: usize,
     init: impl Fn() -> Result<S, E> + Sync,
     work: impl Fn(&mut S, usize, &mut Vec<u8>) -> Result<(), E> + Sync,
+    writer: Option<&FrameWriter<'_, E>>,
 ) -> Result<Sha256Digest, E> {
     let workers = workers.clamp(1, frames.max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<E>> = Mutex::new(None);
     let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..=workers {
+    for _ in 0..workers + 1 + usize::from(writer.is_some()) {
         let _ = pool_tx.send(SPARE_BUFFERS.lock().unwrap().pop().unwrap_or_default());
     }
     let pool_rx = Mutex::new(pool_rx);
     let (hash_tx, hash_rx) = mpsc::channel::<(usize, Vec<u8>)>();
+    let (done_tx, done_rx) = match writer {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
+            (tx, Some(rx))
+        }
+        None => (hash_tx.clone(), None),
+    };
     let fail = |e: E| {
         failed.store(true, Ordering::SeqCst);
         first_error.lock().unwrap().get_or_insert(e);
@@ -112,8 +125,24 @@ fn ordered_parallel<S, E: Send>(
             }
             Sha256Digest(h.finalize().into())
         });
-        for _ in 0..workers {
+        if let (Some(write), Some(done_rx)) = (writer, done_rx) {
             let hash_tx = hash_tx.clone();
+            let (failed, fail) = (&failed, &fail);
+            s.spawn(move || {
+                for (i, buf) in done_rx {
+                    if !failed.load(Ordering::SeqCst)
+                        && let Err(e) = write(i, &buf[..])
+                    {
+                        fail(e);
+                    }
+                    if hash_tx.send((i, buf)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        for _ in 0..workers {
+            let hash_tx = done_tx.clone();
             let (next, failed, pool_rx, init, work, fail) =
                 (&next, &failed, &pool_rx, &init, &work, &fail);
             s.spawn(move || {
@@ -144,6 +173,7 @@ fn ordered_parallel<S, E: Send>(
             });
         }
         drop(hash_tx);
+        drop(done_tx);
         hasher.join().expect("sha256 thread does not panic")
     });
     let mut spare = SPARE_BUFFERS.lock().unwrap();
@@ -198,6 +228,7 @@ pub fn encode_file(
             outputs.lock().unwrap()[i] = bytes::Bytes::from(frame);
             Ok(())
         },
+        None,
     )?;
     let header = ObjectHeader {
         length: len,
@@ -275,9 +306,15 @@ pub fn decode_to_file(
                     span.content_len
                 )));
             }
-            file.write_all_at(buf, span.content_offset)
-                .map_err(|e| ObjectError::Write(e.to_string()))
+            Ok(())
         },
+        // One writer: ext4 serializes buffered writes to a file on its inode
+        // lock, where parallel writers spun for a sixth of a fetch's CPU
+        // (perf); a fetch into fresh page cache took 6% less with it.
+        Some(&|i, bytes| {
+            file.write_all_at(bytes, spans[i].content_offset)
+                .map_err(|e| ObjectError::Write(e.to_string()))
+        }),
     )?;
     if sha256 != header.sha256 {
         return Err(ObjectError::Corrupt(format!(
