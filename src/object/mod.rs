@@ -332,6 +332,43 @@ pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>)
     Ok((header, data))
 }
 
+/// Like [`decode_limited`], into the start of `out` instead of a new
+/// buffer (restore writes chunks from an aligned one). An object claiming
+/// more than `max` bytes, or more than `out` holds, is refused unread.
+pub fn decode_to_slice(
+    object: &[u8],
+    out: &mut [u8],
+    max: u64,
+) -> Result<ObjectHeader, ObjectError> {
+    let (header, mut decoder) = open_content(object, max.min(out.len() as u64))?;
+    let out = &mut out[..header.length as usize];
+    decoder.read_exact(out).map_err(|e| {
+        ObjectError::Corrupt(format!(
+            "content is shorter than the {} bytes the header says ({e})",
+            header.length
+        ))
+    })?;
+    let mut more = [0u8; 1];
+    match decoder.read(&mut more) {
+        Ok(0) => {}
+        Ok(_) => {
+            return Err(ObjectError::Corrupt(format!(
+                "content is longer than the {} bytes the header says",
+                header.length
+            )));
+        }
+        Err(e) => return Err(ObjectError::Corrupt(format!("zstd: {e}"))),
+    }
+    let actual = Sha256Digest::of(out);
+    if actual != header.sha256 {
+        return Err(ObjectError::Corrupt(format!(
+            "sha256 of content is {actual}, header says {}",
+            header.sha256
+        )));
+    }
+    Ok(header)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ mod copy;
 mod pg;
 mod walk;
 
+pub use copy::CHUNK_SIZE;
 pub use pg::connection_config;
 
 use crate::catalog;

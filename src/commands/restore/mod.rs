@@ -133,10 +133,11 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         let rt = tokio::runtime::Handle::current();
         workers.push(tokio::task::spawn_blocking(move || {
             let mut bytes = 0u64;
+            let mut buffer = files::ChunkBuffer::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(entry) = files.get(i) else { break };
-                bytes += files::restore_file(&repo, &rt, entry, &dests[i])?;
+                bytes += files::restore_file(&repo, &rt, entry, &dests[i], &mut buffer)?;
             }
             Ok::<_, Error>(bytes)
         }));
