@@ -51,10 +51,29 @@ pub struct FileIdentity {
     mtime_ns: i64,
     ctime_ns: i64,
     sha256: String,
+    /// Wall-clock time (ns since the epoch) before the pushed bytes were
+    /// read; absent in records of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    read_from_ns: Option<i64>,
+}
+
+/// How much older than the read a file's ctime must be for its metadata
+/// alone to prove it unchanged later: more than the coarsest timestamps a
+/// Linux filesystem keeps (whole seconds on ext4 with small inodes).
+const SETTLED: i64 = 2_000_000_000;
+
+fn epoch_ns(t: std::time::SystemTime) -> Option<i64> {
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_nanos()).ok()
 }
 
 impl FileIdentity {
-    pub fn of(meta: &std::fs::Metadata, sha256: &Sha256Digest) -> FileIdentity {
+    /// `meta` as it was after reading the file, which began at `read_from`.
+    pub fn of(
+        meta: &std::fs::Metadata,
+        sha256: &Sha256Digest,
+        read_from: std::time::SystemTime,
+    ) -> FileIdentity {
         FileIdentity {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -62,7 +81,38 @@ impl FileIdentity {
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
             ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
             sha256: sha256.to_hex(),
+            read_from_ns: epoch_ns(read_from),
         }
+    }
+
+    fn same_metadata(&self, meta: &std::fs::Metadata) -> bool {
+        let now = FileIdentity::of(meta, &Sha256Digest([0; 32]), std::time::UNIX_EPOCH);
+        (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+            == (now.dev, now.ino, now.size, now.mtime_ns, now.ctime_ns)
+    }
+
+    /// Whether the file `meta` describes, whose content hashes to `sha256`,
+    /// is the one recorded.
+    pub fn matches(&self, meta: &std::fs::Metadata, sha256: &Sha256Digest) -> bool {
+        self.same_metadata(meta) && self.sha256 == sha256.to_hex()
+    }
+
+    /// Whether `meta` alone proves the file is still what was pushed, with
+    /// no need to read it again (git's answer to "racily clean" files).
+    /// Every write sets ctime to the current time, which no one can set
+    /// back. The recorded ctime was older than the read by more than any
+    /// timestamp granularity, so a write after the read, or during it,
+    /// leaves a newer ctime than recorded. A clock set back since the record
+    /// was made voids that argument: then the caller reads the file again.
+    pub fn unchanged_by_metadata(
+        &self,
+        meta: &std::fs::Metadata,
+        now: std::time::SystemTime,
+    ) -> bool {
+        let (Some(read_from), Some(now)) = (self.read_from_ns, epoch_ns(now)) else {
+            return false;
+        };
+        self.same_metadata(meta) && self.ctime_ns + SETTLED < read_from && read_from <= now
     }
 }
 
@@ -299,4 +349,52 @@ fn write_visible(path: &Path, data: &[u8]) -> Result<()> {
         Some(0o600),
         crate::commands::Durability::Visible,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn metadata_proves_a_file_unchanged_only_once_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000000010000000000000001");
+        std::fs::write(&path, b"segment").unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let sha = Sha256Digest::of(b"segment");
+        let ctime =
+            std::time::UNIX_EPOCH + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+
+        // Read right after its last write: the timestamps prove nothing.
+        let racy = FileIdentity::of(&meta, &sha, SystemTime::now());
+        assert!(!racy.unchanged_by_metadata(&meta, SystemTime::now()));
+        assert!(racy.matches(&meta, &sha));
+
+        // Read well after its last write (as a backlog is).
+        let read_from = ctime + Duration::from_secs(3);
+        let settled = FileIdentity::of(&meta, &sha, read_from);
+        assert!(settled.unchanged_by_metadata(&meta, read_from + Duration::from_secs(1)));
+        // A clock set back since then voids the proof.
+        assert!(!settled.unchanged_by_metadata(&meta, read_from - Duration::from_secs(1)));
+        // Records of older versions carry no read time.
+        let mut old = serde_json::to_value(&settled).unwrap();
+        old.as_object_mut().unwrap().remove("read_from_ns");
+        let old: FileIdentity = serde_json::from_value(old).unwrap();
+        assert!(!old.unchanged_by_metadata(&meta, read_from + Duration::from_secs(1)));
+        assert!(old.matches(&meta, &sha));
+
+        // Any write afterwards gives the file a newer ctime.
+        std::thread::sleep(Duration::from_millis(50));
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"!").unwrap();
+        drop(f);
+        let changed = std::fs::metadata(&path).unwrap();
+        assert!(!settled.unchanged_by_metadata(&changed, read_from + Duration::from_secs(1)));
+        assert!(!settled.matches(&changed, &sha));
+    }
 }
