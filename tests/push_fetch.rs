@@ -231,33 +231,56 @@ fn segments_whose_header_disagrees_are_refused() {
 fn a_damaged_object_is_never_handed_over() {
     let f = fixture();
     let root = f.dir.path().join("repo");
-    let repo = RepoTarget::local(&root);
-    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
-    assert!(f.push(&repo, &p, SEG).status.success());
     let obj = root.join("wal/0000000100000000").join(format!("{SEG}.zst"));
-    let mut bytes = std::fs::read(&obj).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    std::fs::write(&obj, &bytes).unwrap();
+    damaged_objects_are_never_handed_over(&f, &RepoTarget::local(&root), &obj);
+}
+
+#[test]
+fn s3_damaged_object_is_never_handed_over() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let obj = s3.object_path("d", &format!("wal/0000000100000000/{SEG}.zst"));
+    damaged_objects_are_never_handed_over(&f, &s3_target(&s3, "d"), &obj);
+}
+
+/// Flipped, truncated and extended objects (at `obj`, the file behind the
+/// store) fail with exit 4 and leave the destination untouched; the
+/// archiver pushing the true content again repairs the damage.
+fn damaged_objects_are_never_handed_over(f: &Fixture, repo: &RepoTarget, obj: &std::path::Path) {
+    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    assert!(f.push(repo, &p, SEG).status.success());
+    let good = std::fs::read(obj).unwrap();
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x01;
+    let mut extended = good.clone();
+    extended.extend_from_slice(&good[good.len() - 100..]);
 
     let dest = f.dir.path().join("RECOVERYXLOG");
     std::fs::write(&dest, b"previous").unwrap();
-    let out = f.fetch(&repo, SEG, &dest);
-    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
-    assert_eq!(
-        std::fs::read(&dest).unwrap(),
-        b"previous",
-        "destination was touched"
-    );
+    for (what, bytes) in [
+        ("a flipped bit", &flipped[..]),
+        ("a truncated object", &good[..good.len() - 1000]),
+        ("an object cut after its header", &good[..60]),
+        ("bytes after the last frame", &extended[..]),
+    ] {
+        std::fs::write(obj, bytes).unwrap();
+        let out = f.fetch(repo, SEG, &dest);
+        assert_eq!(out.status.code(), Some(4), "{what}: {}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("damaged"),
+            "{what}"
+        );
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            b"previous",
+            "{what}: destination was touched"
+        );
+    }
 
-    std::fs::write(&obj, &bytes[..bytes.len() - 1000]).unwrap();
-    assert_eq!(f.fetch(&repo, SEG, &dest).status.code(), Some(4));
-
-    // The archiver, pushing the true content again, repairs the damage.
-    let out = f.push(&repo, &p, SEG);
+    std::fs::write(obj, &flipped).unwrap();
+    let out = f.push(repo, &p, SEG);
     assert!(out.status.success(), "{}", describe(&out));
-    assert!(f.fetch(&repo, SEG, &dest).status.success());
+    assert!(f.fetch(repo, SEG, &dest).status.success());
     assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&p).unwrap());
 }
 

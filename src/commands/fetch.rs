@@ -8,7 +8,7 @@
 use crate::commands::{Durability, write_atomically_with};
 use crate::error::{Context, Error, Result};
 use crate::object::{self, Sha256Digest};
-use crate::repository::{RepoUrl, Repository, wal_key};
+use crate::repository::{ObjectReader, RepoUrl, Repository, wal_key};
 use crate::spool::{Spool, WorkerKind};
 use crate::wal::{SegmentName, WalFileName};
 use futures::StreamExt;
@@ -191,7 +191,7 @@ fn successors(segment: SegmentName, segment_size: u32, count: usize) -> Vec<Segm
 
 async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Path) -> Result<()> {
     let key = wal_key(name);
-    let Some(stored) = repo.get(&key).await? else {
+    let Some(reader) = repo.open_object(&key).await? else {
         // Recovery asks for files that do not exist yet; that is "end of
         // archive", not a failure. A repository that is not there at all is.
         repo.require_config().await?;
@@ -199,25 +199,110 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     };
     // Decompressed straight into a temporary file beside `path`, hashed on
     // the way; renamed into place only once length and sha256 are proven.
-    // No fsync: PostgreSQL makes a restored file durable itself when it
-    // keeps it, and asks again after a crash.
-    write_atomically_with(path, Some(0o600), Durability::Visible, |file| {
-        let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-        match object::decode_to_file(&stored, file, limit_for(name), workers) {
-            Ok(_) => Ok(()),
-            Err(object::ObjectError::Write(e)) => {
-                Err(Error::io(format!("cannot write {}: {e}", path.display())))
-            }
-            Err(e) => Err(Error::corrupt(format!(
-                "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
-                 Run 'walvault verify' and restore the object from another copy",
-                repo.url(),
-                path.display()
-            ))),
+    // Frames are decoded as they arrive, while the rest is still read. No
+    // fsync: PostgreSQL makes a restored file durable itself when it keeps
+    // it, and asks again after a crash.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let limit = limit_for(name);
+    let explain = |e: object::ObjectError| match e {
+        object::ObjectError::Write(e) => Error::io(format!("cannot write {}: {e}", path.display())),
+        object::ObjectError::Read(e) => Error::io(format!(
+            "cannot read {key} in {}: {e}; nothing was written to {}",
+            repo.url(),
+            path.display()
+        )),
+        e => Error::corrupt(format!(
+            "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
+             Run 'walvault verify' and restore the object from another copy",
+            repo.url(),
+            path.display()
+        )),
+    };
+    match reader {
+        ObjectReader::File { mut file, size } => {
+            let mut fill = |buf: &mut bytes::BytesMut| read_piece(&mut file, buf);
+            write_atomically_with(path, Some(0o600), Durability::Visible, |out| {
+                object::decode_to_file_from(&mut fill, size as usize, out, limit, workers)
+                    .map(drop)
+                    .map_err(explain)
+            })?;
         }
-    })?;
+        ObjectReader::Stream { mut stream, size } => {
+            // The body is read here while a blocking thread decodes it.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
+            let target = path.to_path_buf();
+            let decode = tokio::task::spawn_blocking(move || {
+                let mut fill = |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
+                    Some(Ok(piece)) => {
+                        buf.extend_from_slice(&piece);
+                        Ok(piece.len().max(1)) // an empty piece is not the end
+                    }
+                    Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
+                        &e.to_string(),
+                    ))),
+                    None => Ok(0),
+                };
+                let mut result = Ok(());
+                let written =
+                    write_atomically_with(&target, Some(0o600), Durability::Visible, |out| {
+                        match object::decode_to_file_from(
+                            &mut fill,
+                            size as usize,
+                            out,
+                            limit,
+                            workers,
+                        ) {
+                            Ok(_) => Ok(()),
+                            Err(e) => {
+                                result = Err(e);
+                                Err(Error::io("not decoded"))
+                            }
+                        }
+                    });
+                (written, result)
+            });
+            let pump = async move {
+                while let Some(piece) = stream.next().await {
+                    if tx.send(piece).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let ((written, result), ()) = match tokio::join!(decode, pump) {
+                (Ok(done), ()) => (done, ()),
+                (Err(e), ()) => return Err(Error::io(format!("decoding {name} failed: {e}"))),
+            };
+            result.map_err(explain)?;
+            written?;
+        }
+    }
     tracing::debug!("restored {name} to {}", path.display());
     Ok(())
+}
+
+/// Reads the next piece of a local object onto the end of `buf`.
+fn read_piece(
+    file: &mut std::fs::File,
+    buf: &mut bytes::BytesMut,
+) -> Result<usize, object::ObjectError> {
+    use std::io::Read;
+    const PIECE: usize = 256 << 10;
+    let start = buf.len();
+    let room = buf.capacity().saturating_sub(start).clamp(8 << 10, PIECE);
+    buf.resize(start + room, 0);
+    loop {
+        match file.read(&mut buf[start..]) {
+            Ok(n) => {
+                buf.truncate(start + n);
+                return Ok(n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                buf.truncate(start);
+                return Err(object::ObjectError::Read(e.to_string()));
+            }
+        }
+    }
 }
 
 /// Segments are at most 1 GiB; every other WAL file is a few lines of text.

@@ -7,7 +7,7 @@
 
 mod parallel;
 
-pub use parallel::{Encoded, FRAME, decode_to_file, encode_file};
+pub use parallel::{Encoded, FRAME, Fill, decode_to_file, decode_to_file_from, encode_file};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::io::Read;
@@ -85,6 +85,8 @@ pub enum ObjectError {
     Corrupt(String),
     /// Writing the decoded content failed (not the object's fault).
     Write(String),
+    /// Reading the object failed (not its fault either).
+    Read(String),
 }
 
 impl fmt::Display for ObjectError {
@@ -98,6 +100,7 @@ impl fmt::Display for ObjectError {
             ),
             ObjectError::Corrupt(why) => write!(f, "corrupt object: {why}"),
             ObjectError::Write(why) => write!(f, "cannot write the content: {why}"),
+            ObjectError::Read(why) => write!(f, "cannot read the object: {why}"),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::{
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
 
 /// Content is cut into independent zstd frames of this size, so the frames
@@ -72,22 +72,26 @@ impl Drop for PooledCompressor {
 }
 
 /// Stores a frame's original bytes where they belong.
-type FrameWriter<'a, E> = dyn Fn(usize, &[u8]) -> Result<(), E> + Sync + 'a;
+type FrameWriter<'a, J, E> = dyn Fn(&J, &[u8]) -> Result<(), E> + Sync + 'a;
 
-/// Runs `work(frame, buffer)` for frames `0..frames` on `workers` threads;
-/// `work` leaves the frame's original bytes in `buffer`, which then goes to
-/// `writer(frame, bytes)` on a thread of its own, if given, and to the
-/// hasher. Returns the sha256 of all frames' bytes in order, or the first
-/// error. `init` makes each worker's state (a zstd context).
-fn ordered_parallel<S, E: Send>(
-    frames: usize,
+/// Runs `work(job, buffer)` for every job `jobs` yields, on `workers`
+/// threads; `work` leaves the frame's original bytes in `buffer`, which then
+/// goes to `writer(job, bytes)` on a thread of its own, if given, and to the
+/// hasher. Jobs are taken in order, one worker at a time, so `jobs` may read
+/// its input as it goes. Returns the sha256 of all frames' bytes in job
+/// order, or the first error. `init` makes each worker's state (a zstd
+/// context).
+fn ordered_parallel<J: Send, S, E: Send>(
+    jobs: impl Iterator<Item = J> + Send,
     workers: usize,
     init: impl Fn() -> Result<S, E> + Sync,
-    work: impl Fn(&mut S, usize, &mut Vec<u8>) -> Result<(), E> + Sync,
-    writer: Option<&FrameWriter<'_, E>>,
+    work: impl Fn(&mut S, &J, &mut Vec<u8>) -> Result<(), E> + Sync,
+    writer: Option<&FrameWriter<'_, J, E>>,
 ) -> Result<Sha256Digest, E> {
-    let workers = workers.clamp(1, frames.max(1));
-    let next = AtomicUsize::new(0);
+    let most = jobs.size_hint().1.unwrap_or(usize::MAX);
+    let workers = workers.clamp(1, most.max(1));
+    // The next job and its place in the order, taken together.
+    let next = Mutex::new((0usize, jobs));
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<E>> = Mutex::new(None);
     let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
@@ -96,13 +100,7 @@ fn ordered_parallel<S, E: Send>(
     }
     let pool_rx = Mutex::new(pool_rx);
     let (hash_tx, hash_rx) = mpsc::channel::<(usize, Vec<u8>)>();
-    let (done_tx, done_rx) = match writer {
-        Some(_) => {
-            let (tx, rx) = mpsc::channel::<(usize, Vec<u8>)>();
-            (tx, Some(rx))
-        }
-        None => (hash_tx.clone(), None),
-    };
+    let (write_tx, write_rx) = mpsc::channel::<(usize, J, Vec<u8>)>();
     let fail = |e: E| {
         failed.store(true, Ordering::SeqCst);
         first_error.lock().unwrap().get_or_insert(e);
@@ -125,13 +123,13 @@ fn ordered_parallel<S, E: Send>(
             }
             Sha256Digest(h.finalize().into())
         });
-        if let (Some(write), Some(done_rx)) = (writer, done_rx) {
+        if let Some(write) = writer {
             let hash_tx = hash_tx.clone();
             let (failed, fail) = (&failed, &fail);
             s.spawn(move || {
-                for (i, buf) in done_rx {
+                for (i, job, buf) in write_rx {
                     if !failed.load(Ordering::SeqCst)
-                        && let Err(e) = write(i, &buf[..])
+                        && let Err(e) = write(&job, &buf[..])
                     {
                         fail(e);
                     }
@@ -140,9 +138,11 @@ fn ordered_parallel<S, E: Send>(
                     }
                 }
             });
+        } else {
+            drop(write_rx);
         }
         for _ in 0..workers {
-            let hash_tx = done_tx.clone();
+            let (hash_tx, write_tx) = (hash_tx.clone(), write_tx.clone());
             let (next, failed, pool_rx, init, work, fail) =
                 (&next, &failed, &pool_rx, &init, &work, &fail);
             s.spawn(move || {
@@ -157,23 +157,31 @@ fn ordered_parallel<S, E: Send>(
                     if failed.load(Ordering::SeqCst) {
                         return;
                     }
-                    let i = next.fetch_add(1, Ordering::SeqCst);
-                    if i >= frames {
-                        return;
-                    }
+                    let (i, job) = {
+                        let mut next = next.lock().unwrap();
+                        let Some(job) = next.1.next() else {
+                            return;
+                        };
+                        next.0 += 1;
+                        (next.0 - 1, job)
+                    };
                     // A claimed frame always reaches the hasher, even after a
                     // failure, so the hasher never waits forever.
-                    if let Err(e) = work(&mut state, i, &mut buf) {
+                    if let Err(e) = work(&mut state, &job, &mut buf) {
                         fail(e);
                     }
-                    if hash_tx.send((i, buf)).is_err() {
+                    let sent = match writer {
+                        Some(_) => write_tx.send((i, job, buf)).is_ok(),
+                        None => hash_tx.send((i, buf)).is_ok(),
+                    };
+                    if !sent {
                         return;
                     }
                 }
             });
         }
         drop(hash_tx);
-        drop(done_tx);
+        drop(write_tx);
         hasher.join().expect("sha256 thread does not panic")
     });
     let mut spare = SPARE_BUFFERS.lock().unwrap();
@@ -215,10 +223,10 @@ pub fn encode_file(
     let frames = len_usize.div_ceil(FRAME).max(1);
     let outputs: Mutex<Vec<bytes::Bytes>> = Mutex::new(vec![bytes::Bytes::new(); frames]);
     let sha256 = ordered_parallel(
-        frames,
+        0..frames,
         workers,
         || PooledCompressor::take(level),
-        |compressor, i, buf| {
+        |compressor, &i, buf| {
             let start = i * FRAME;
             let end = (start + FRAME).min(len_usize);
             buf.resize(end - start, 0);
@@ -240,70 +248,151 @@ pub fn encode_file(
     Ok(Encoded { header, parts })
 }
 
-/// A content frame: where it lies in the object, how much it holds.
-struct FrameSpan {
-    compressed: std::ops::Range<usize>,
+/// A content frame cut from an object, and where its content goes.
+struct Frame {
+    compressed: bytes::Bytes,
     content_offset: u64,
     content_len: usize,
 }
 
-/// The object's content frames, when every frame says its content size and
-/// the sizes add up to the header's length; `None` otherwise (a version 1
-/// object written by streaming, or a damaged one): decode it in one pass.
-fn frame_spans(object: &[u8], header: &ObjectHeader) -> Option<Vec<FrameSpan>> {
-    let mut spans = vec![];
-    let mut pos = HEADER_LEN;
-    let mut offset = 0u64;
-    while pos < object.len() {
-        let rest = &object[pos..];
-        let size = zstd::zstd_safe::find_frame_compressed_size(rest).ok()?;
-        let content = zstd::zstd_safe::get_frame_content_size(rest).ok()??;
-        if size == 0 || content > FRAME as u64 * 64 {
+/// Appends more of an object to the buffer; 0 at its end.
+pub type Fill<'a> = dyn FnMut(&mut bytes::BytesMut) -> Result<usize, ObjectError> + Send + 'a;
+
+/// Cuts an object into its content frames as its bytes arrive, so the
+/// first frames decompress while the rest is still being read. Each frame
+/// must state its content size (walvault writes them so), and the sizes
+/// must add up to the header's length.
+struct FrameCutter<'a> {
+    buf: bytes::BytesMut,
+    fill: &'a mut Fill<'a>,
+    at_end: bool,
+    done: bool,
+    offset: u64,
+    length: u64,
+}
+
+impl FrameCutter<'_> {
+    fn cut(&mut self) -> Result<Option<Frame>, ObjectError> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Ok(size) = zstd::zstd_safe::find_frame_compressed_size(&self.buf)
+                    && size > 0
+                    && size <= self.buf.len()
+                {
+                    let content = match zstd::zstd_safe::get_frame_content_size(&self.buf) {
+                        Ok(Some(c)) if c <= FRAME as u64 * 64 => c,
+                        _ => {
+                            return Err(ObjectError::Corrupt(
+                                "a frame does not state a sensible content size".into(),
+                            ));
+                        }
+                    };
+                    if self.offset + content > self.length {
+                        return Err(ObjectError::Corrupt(format!(
+                            "frames hold more than the {} bytes the header says",
+                            self.length
+                        )));
+                    }
+                    let frame = Frame {
+                        compressed: self.buf.split_to(size).freeze(),
+                        content_offset: self.offset,
+                        content_len: content as usize,
+                    };
+                    self.offset += content;
+                    return Ok(Some(frame));
+                }
+                if self.at_end {
+                    return Err(ObjectError::Corrupt(
+                        "the object ends inside a frame, or holds bytes that are no frame".into(),
+                    ));
+                }
+            } else if self.at_end {
+                if self.offset != self.length {
+                    return Err(ObjectError::Corrupt(format!(
+                        "content is {} bytes, header says {}",
+                        self.offset, self.length
+                    )));
+                }
+                return Ok(None);
+            }
+            if (self.fill)(&mut self.buf)? == 0 {
+                self.at_end = true;
+            }
+        }
+    }
+}
+
+impl Iterator for FrameCutter<'_> {
+    type Item = Result<Frame, ObjectError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
             return None;
         }
-        spans.push(FrameSpan {
-            compressed: pos..pos + size,
-            content_offset: offset,
-            content_len: content as usize,
-        });
-        pos += size;
-        offset += content;
+        let cut = self.cut().transpose();
+        self.done = !matches!(cut, Some(Ok(_)));
+        cut
     }
-    (offset == header.length && !spans.is_empty()).then_some(spans)
 }
 
 /// Decompresses an object into `file` (from offset 0) and proves it is the
 /// original: same length, same sha256. Frames are decompressed on `workers`
-/// threads and written where they belong. `file` holds unproven bytes until
-/// this returns `Ok`; the caller must not let anyone use them before.
-pub fn decode_to_file(
-    object: &[u8],
+/// threads as soon as `fill` has delivered them, and one more thread writes
+/// them where they belong. `size_hint` is the object's size, if known.
+/// `file` holds unproven bytes until this returns `Ok`; the caller must not
+/// let anyone use them before.
+pub fn decode_to_file_from(
+    fill: &mut Fill<'_>,
+    size_hint: usize,
     file: &std::fs::File,
     max: u64,
     workers: usize,
 ) -> Result<ObjectHeader, ObjectError> {
-    let header = read_header_within(object, max)?;
-    let Some(spans) = frame_spans(object, &header) else {
+    // Never more room up front than the largest object could need.
+    let room =
+        size_hint.min(zstd::zstd_safe::compress_bound(max.min(1 << 31) as usize) + HEADER_LEN);
+    let mut buf = bytes::BytesMut::with_capacity(room);
+    // Enough for the header and the first frame's header.
+    while buf.len() < HEADER_LEN + 18 && fill(&mut buf)? > 0 {}
+    let header = read_header_within(&buf, max)?;
+    let sized = matches!(
+        zstd::zstd_safe::get_frame_content_size(&buf[HEADER_LEN..]),
+        Ok(Some(_))
+    );
+    if !sized {
+        // One frame of unstated size (version 1 objects): decode it in one
+        // pass, streaming, once it is all here.
+        while fill(&mut buf)? > 0 {}
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-        let header = super::decode_into(object, &mut out, max)?;
+        let header = super::decode_into(&buf, &mut out, max)?;
         std::io::Write::flush(&mut out).map_err(|e| ObjectError::Write(e.to_string()))?;
         return Ok(header);
+    }
+    let _ = buf.split_to(HEADER_LEN);
+    let mut cutter_fill: &mut Fill<'_> = fill;
+    let frames = FrameCutter {
+        buf,
+        fill: &mut cutter_fill,
+        at_end: false,
+        done: false,
+        offset: 0,
+        length: header.length,
     };
     let sha256 = ordered_parallel(
-        spans.len(),
+        frames,
         workers,
         || zstd::bulk::Decompressor::new().map_err(|e| ObjectError::Corrupt(format!("zstd: {e}"))),
-        |decompressor, i, buf| {
-            let span = &spans[i];
+        |decompressor, frame, buf| {
+            let frame = frame.as_ref().map_err(Clone::clone)?;
             buf.clear();
-            buf.reserve(span.content_len);
+            buf.reserve(frame.content_len);
             let n = decompressor
-                .decompress_to_buffer(&object[span.compressed.clone()], buf)
+                .decompress_to_buffer(&frame.compressed[..], buf)
                 .map_err(|e| ObjectError::Corrupt(format!("zstd: {e}")))?;
-            if n != span.content_len {
+            if n != frame.content_len {
                 return Err(ObjectError::Corrupt(format!(
                     "a frame holds {n} bytes where its header says {}",
-                    span.content_len
+                    frame.content_len
                 )));
             }
             Ok(())
@@ -311,9 +400,11 @@ pub fn decode_to_file(
         // One writer: ext4 serializes buffered writes to a file on its inode
         // lock, where parallel writers spun for a sixth of a fetch's CPU
         // (perf); a fetch into fresh page cache took 6% less with it.
-        Some(&|i, bytes| {
-            file.write_all_at(bytes, spans[i].content_offset)
-                .map_err(|e| ObjectError::Write(e.to_string()))
+        Some(&|frame, bytes| match frame {
+            Ok(frame) => file
+                .write_all_at(bytes, frame.content_offset)
+                .map_err(|e| ObjectError::Write(e.to_string())),
+            Err(e) => Err(e.clone()),
         }),
     )?;
     if sha256 != header.sha256 {
@@ -325,6 +416,22 @@ pub fn decode_to_file(
     Ok(header)
 }
 
+/// [`decode_to_file_from`] for an object already in memory.
+pub fn decode_to_file(
+    object: &[u8],
+    file: &std::fs::File,
+    max: u64,
+    workers: usize,
+) -> Result<ObjectHeader, ObjectError> {
+    let mut rest = object;
+    let mut fill = |buf: &mut bytes::BytesMut| {
+        let n = rest.len().min(FRAME);
+        buf.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        Ok(n)
+    };
+    decode_to_file_from(&mut fill, object.len(), file, max, workers)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +466,54 @@ mod tests {
                 assert_eq!(decoded(&object, workers).unwrap(), data);
             }
         }
+    }
+
+    /// Decodes `object` delivered `piece` bytes at a time, as a slow store would.
+    fn decoded_in_pieces(object: &[u8], piece: usize) -> Result<Vec<u8>, ObjectError> {
+        let mut file = tempfile::tempfile().unwrap();
+        let mut rest = object;
+        let mut fill = |buf: &mut bytes::BytesMut| {
+            let n = rest.len().min(piece);
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            Ok(n)
+        };
+        decode_to_file_from(&mut fill, 0, &file, u64::MAX, 2)?;
+        let mut back = vec![];
+        file.rewind().unwrap();
+        file.read_to_end(&mut back).unwrap();
+        Ok(back)
+    }
+
+    #[test]
+    fn frames_are_cut_from_pieces_of_any_size() {
+        let data: Vec<u8> = (0..3 * FRAME + 17)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
+        let object = encoded(&data);
+        for piece in [1, 7, 4096, FRAME + 3, object.len()] {
+            assert_eq!(decoded_in_pieces(&object, piece).unwrap(), data, "{piece}");
+        }
+        let (_, single) = super::super::encode(&data[..1000], 3).unwrap();
+        assert_eq!(decoded_in_pieces(&single, 5).unwrap(), &data[..1000]);
+        let mut extended = object.clone();
+        extended.extend_from_slice(&object[object.len() - 50..]);
+        for bad in [
+            &object[..object.len() - 1],
+            &object[..HEADER_LEN + 3],
+            &extended[..],
+        ] {
+            assert!(matches!(
+                decoded_in_pieces(bad, 999),
+                Err(ObjectError::Corrupt(_))
+            ));
+        }
+        let failing = {
+            let file = tempfile::tempfile().unwrap();
+            let mut fill = |_: &mut bytes::BytesMut| Err(ObjectError::Read("gone".into()));
+            decode_to_file_from(&mut fill, 0, &file, u64::MAX, 2)
+        };
+        assert!(matches!(failing, Err(ObjectError::Read(_))));
     }
 
     #[test]

@@ -75,6 +75,19 @@ pub struct Repository {
     url: RepoUrl,
 }
 
+/// An object being read: a local file (read in large pieces, in place),
+/// or the body of a response from the store.
+pub enum ObjectReader {
+    File {
+        file: std::fs::File,
+        size: u64,
+    },
+    Stream {
+        stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+        size: u64,
+    },
+}
+
 impl Repository {
     /// Opens the repository at `url`. A missing local directory is created
     /// only when `create` is set (push), so a typo'd path on read is an error,
@@ -142,6 +155,25 @@ impl Repository {
         };
         match result.bytes().await {
             Ok(b) => Ok(Some(b)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.storage_error("cannot read", key, e)),
+        }
+    }
+
+    /// Opens an object for reading as it arrives; `None` when there is none.
+    pub async fn open_object(&self, key: &Key) -> Result<Option<ObjectReader>> {
+        match self.store.get(key).await {
+            Ok(r) => {
+                let size = r.meta.size;
+                Ok(Some(match r.payload {
+                    object_store::GetResultPayload::File(file, _) => {
+                        ObjectReader::File { file, size }
+                    }
+                    object_store::GetResultPayload::Stream(stream) => {
+                        ObjectReader::Stream { stream, size }
+                    }
+                }))
+            }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.storage_error("cannot read", key, e)),
         }
