@@ -277,6 +277,19 @@ fn damaged_objects_are_never_handed_over(f: &Fixture, repo: &RepoTarget, obj: &s
         );
     }
 
+    // Longer than any object of a history file can be: refused unread.
+    let history = obj
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("00000002.history.zst");
+    std::fs::write(&history, vec![0x5a; 17 << 20]).unwrap();
+    let out = f.fetch(repo, "00000002.history", &dest);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than any object"));
+    assert_eq!(std::fs::read(&dest).unwrap(), b"previous");
+
     std::fs::write(obj, &flipped).unwrap();
     let out = f.push(repo, &p, SEG);
     assert!(out.status.success(), "{}", describe(&out));

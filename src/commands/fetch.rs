@@ -218,40 +218,51 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
             path.display()
         )),
     };
+    // Room for the whole object up front, unless it is longer than any
+    // object of this kind can be (then it is not read at all).
+    let (ObjectReader::File { size, .. } | ObjectReader::Stream { size, .. }) = &reader;
+    let size = *size;
+    if size > object::max_stored_len(limit) {
+        return Err(explain(object::ObjectError::Corrupt(format!(
+            "it is {size} bytes long, more than any object of at most {limit} bytes of content"
+        ))));
+    }
+    let room = || bytes::BytesMut::with_capacity(size as usize);
     match reader {
-        ObjectReader::File { mut file, size } => {
+        ObjectReader::File { mut file, .. } => {
             let mut fill = |buf: &mut bytes::BytesMut| read_piece(&mut file, buf);
             write_atomically_with(path, Some(0o600), Durability::Visible, |out| {
-                object::decode_to_file_from(&mut fill, size as usize, out, limit, workers)
+                object::decode_to_file_from(room(), &mut fill, out, limit, workers)
                     .map(drop)
                     .map_err(explain)
             })?;
         }
-        ObjectReader::Stream { mut stream, size } => {
+        ObjectReader::Stream { mut stream, .. } => {
             // The body is read here while a blocking thread decodes it.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
             let target = path.to_path_buf();
+            let initial = room();
             let decode = tokio::task::spawn_blocking(move || {
+                let mut received = 0u64;
                 let mut fill = |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
                     Some(Ok(piece)) => {
                         buf.extend_from_slice(&piece);
+                        received += piece.len() as u64;
                         Ok(piece.len().max(1)) // an empty piece is not the end
                     }
                     Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
                         &e.to_string(),
+                    ))),
+                    // A connection cut short is the store's failure, not damage.
+                    None if received < size => Err(object::ObjectError::Read(format!(
+                        "the store sent {received} of its {size} bytes"
                     ))),
                     None => Ok(0),
                 };
                 let mut result = Ok(());
                 let written =
                     write_atomically_with(&target, Some(0o600), Durability::Visible, |out| {
-                        match object::decode_to_file_from(
-                            &mut fill,
-                            size as usize,
-                            out,
-                            limit,
-                            workers,
-                        ) {
+                        match object::decode_to_file_from(initial, &mut fill, out, limit, workers) {
                             Ok(_) => Ok(()),
                             Err(e) => {
                                 result = Err(e);
@@ -361,7 +372,7 @@ async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> u
             };
             let header = object::read_header_within(&stored, limit).map_err(damaged)?;
             spool.store_prefetched(&name, &header.sha256, |file| {
-                match object::decode_to_file(&stored, file, limit, 1) {
+                match object::decode_to_file(stored, file, limit, 1) {
                     Ok(_) => Ok(()),
                     Err(object::ObjectError::Write(e)) => {
                         Err(Error::io(format!("cannot spool {name}: {e}")))

@@ -305,6 +305,15 @@ fn open_content(
     Ok((header, decoder))
 }
 
+/// The most bytes an object of `max_content` bytes of content can take in
+/// the store: zstd's worst case (incompressible data in 1 MiB frames), the
+/// header, and room to spare. Anything longer is not such an object.
+pub fn max_stored_len(max_content: u64) -> u64 {
+    max_content
+        .saturating_add(max_content / 64)
+        .saturating_add(HEADER_LEN as u64 + (64 << 10))
+}
+
 /// The most any object holds: a 1 GiB WAL segment (the largest PostgreSQL
 /// allows), or a manifest.
 pub const MAX_CONTENT: u64 = 1 << 30;

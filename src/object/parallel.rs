@@ -248,6 +248,9 @@ pub fn encode_file(
     Ok(Encoded { header, parts })
 }
 
+/// The most content one frame may claim: a frame's buffer is sized by it.
+const MAX_FRAME_CONTENT: u64 = FRAME as u64 * 64;
+
 /// A content frame cut from an object, and where its content goes.
 struct Frame {
     compressed: bytes::Bytes,
@@ -280,7 +283,7 @@ impl FrameCutter<'_> {
                     && size <= self.buf.len()
                 {
                     let content = match zstd::zstd_safe::get_frame_content_size(&self.buf) {
-                        Ok(Some(c)) if c <= FRAME as u64 * 64 => c,
+                        Ok(Some(c)) if c <= MAX_FRAME_CONTENT => c,
                         _ => {
                             return Err(ObjectError::Corrupt(
                                 "a frame does not state a sensible content size".into(),
@@ -342,34 +345,43 @@ impl Iterator for FrameCutter<'_> {
 /// `file` holds unproven bytes until this returns `Ok`; the caller must not
 /// let anyone use them before.
 pub fn decode_to_file_from(
+    mut buf: bytes::BytesMut,
     fill: &mut Fill<'_>,
-    size_hint: usize,
     file: &std::fs::File,
     max: u64,
     workers: usize,
 ) -> Result<ObjectHeader, ObjectError> {
-    // Never more room up front than the largest object could need.
-    let room =
-        size_hint.min(zstd::zstd_safe::compress_bound(max.min(1 << 31) as usize) + HEADER_LEN);
-    let mut buf = bytes::BytesMut::with_capacity(room);
+    // A store may send more than any object of `max` bytes could be.
+    let cap = super::max_stored_len(max);
+    let mut more = |buf: &mut bytes::BytesMut| -> Result<usize, ObjectError> {
+        let n = fill(buf)?;
+        if buf.len() as u64 > cap {
+            return Err(ObjectError::Corrupt(format!(
+                "the object holds more than the {cap} bytes any object of {max} bytes can"
+            )));
+        }
+        Ok(n)
+    };
     // Enough for the header and the first frame's header.
-    while buf.len() < HEADER_LEN + 18 && fill(&mut buf)? > 0 {}
+    while buf.len() < HEADER_LEN + 18 && more(&mut buf)? > 0 {}
     let header = read_header_within(&buf, max)?;
     let sized = matches!(
         zstd::zstd_safe::get_frame_content_size(&buf[HEADER_LEN..]),
-        Ok(Some(_))
+        Ok(Some(size)) if size <= MAX_FRAME_CONTENT
     );
     if !sized {
-        // One frame of unstated size (version 1 objects): decode it in one
-        // pass, streaming, once it is all here.
-        while fill(&mut buf)? > 0 {}
+        // One frame of unstated or outsized size (objects of walvault before
+        // format 2): decode it in one pass, streaming, once it is all here.
+        while more(&mut buf)? > 0 {}
         let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
         let header = super::decode_into(&buf, &mut out, max)?;
         std::io::Write::flush(&mut out).map_err(|e| ObjectError::Write(e.to_string()))?;
         return Ok(header);
     }
     let _ = buf.split_to(HEADER_LEN);
-    let mut cutter_fill: &mut Fill<'_> = fill;
+    let mut cutter_fill: &mut Fill<'_> = &mut more;
+    // As many workers as there are frames to keep busy, for small files.
+    let workers = workers.min(header.length.div_ceil(FRAME as u64).max(1) as usize);
     let frames = FrameCutter {
         buf,
         fill: &mut cutter_fill,
@@ -416,21 +428,15 @@ pub fn decode_to_file_from(
     Ok(header)
 }
 
-/// [`decode_to_file_from`] for an object already in memory.
+/// [`decode_to_file_from`] for an object already in memory (taken over
+/// without a copy when nothing else holds it).
 pub fn decode_to_file(
-    object: &[u8],
+    object: bytes::Bytes,
     file: &std::fs::File,
     max: u64,
     workers: usize,
 ) -> Result<ObjectHeader, ObjectError> {
-    let mut rest = object;
-    let mut fill = |buf: &mut bytes::BytesMut| {
-        let n = rest.len().min(FRAME);
-        buf.extend_from_slice(&rest[..n]);
-        rest = &rest[n..];
-        Ok(n)
-    };
-    decode_to_file_from(&mut fill, object.len(), file, max, workers)
+    decode_to_file_from(object.into(), &mut |_| Ok(0), file, max, workers)
 }
 #[cfg(test)]
 mod tests {
@@ -448,7 +454,12 @@ mod tests {
 
     fn decoded(object: &[u8], workers: usize) -> Result<Vec<u8>, ObjectError> {
         let mut file = tempfile::tempfile().unwrap();
-        decode_to_file(object, &file, u64::MAX, workers)?;
+        decode_to_file(
+            bytes::Bytes::copy_from_slice(object),
+            &file,
+            u64::MAX,
+            workers,
+        )?;
         let mut back = vec![];
         file.rewind().unwrap();
         file.read_to_end(&mut back).unwrap();
@@ -478,7 +489,7 @@ mod tests {
             rest = &rest[n..];
             Ok(n)
         };
-        decode_to_file_from(&mut fill, 0, &file, u64::MAX, 2)?;
+        decode_to_file_from(bytes::BytesMut::new(), &mut fill, &file, u64::MAX, 2)?;
         let mut back = vec![];
         file.rewind().unwrap();
         file.read_to_end(&mut back).unwrap();
@@ -511,7 +522,7 @@ mod tests {
         let failing = {
             let file = tempfile::tempfile().unwrap();
             let mut fill = |_: &mut bytes::BytesMut| Err(ObjectError::Read("gone".into()));
-            decode_to_file_from(&mut fill, 0, &file, u64::MAX, 2)
+            decode_to_file_from(bytes::BytesMut::new(), &mut fill, &file, u64::MAX, 2)
         };
         assert!(matches!(failing, Err(ObjectError::Read(_))));
     }
@@ -536,7 +547,7 @@ mod tests {
         assert!(matches!(decoded(&lying, 2), Err(ObjectError::Corrupt(_))));
         let capped = {
             let file = tempfile::tempfile().unwrap();
-            decode_to_file(&object, &file, 100, 2)
+            decode_to_file(object.clone().into(), &file, 100, 2)
         };
         assert!(matches!(capped, Err(ObjectError::Corrupt(_))));
     }
