@@ -67,6 +67,36 @@ fn epoch_ns(t: std::time::SystemTime) -> Option<i64> {
     i64::try_from(d.as_nanos()).ok()
 }
 
+/// Whether `path` lies on a local filesystem whose timestamps the kernel
+/// itself keeps (ext4, xfs, btrfs, tmpfs, zfs, f2fs, bcachefs). A network
+/// filesystem may answer stat from a cache that is seconds old, so there a
+/// record is always checked by re-hashing.
+pub fn local_timestamps(path: &Path) -> bool {
+    const LOCAL: [i64; 7] = [
+        0xEF53,     // ext2/3/4
+        0x58465342, // xfs
+        0x9123683E, // btrfs
+        0x01021994, // tmpfs
+        0x2FC12FC1, // zfs
+        0xF2F52010, // f2fs
+        0xCA451A4E, // bcachefs
+    ];
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: statfs writes a struct statfs into `fs`, which is read only
+    // after it returned 0; `c_path` is a valid C string that outlives the call.
+    if unsafe { libc::statfs(c_path.as_ptr(), fs.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: statfs returned 0, so it filled `fs`.
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between platforms
+    let kind = unsafe { fs.assume_init() }.f_type as i64;
+    LOCAL.contains(&kind)
+}
+
 impl FileIdentity {
     /// `meta` as it was after reading the file, which began at `read_from`.
     pub fn of(
@@ -367,6 +397,10 @@ mod tests {
         let ctime =
             std::time::UNIX_EPOCH + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
 
+        assert!(
+            local_timestamps(&path),
+            "the test's temp dir is on a local filesystem"
+        );
         // Read right after its last write: the timestamps prove nothing.
         let racy = FileIdentity::of(&meta, &sha, SystemTime::now());
         assert!(!racy.unchanged_by_metadata(&meta, SystemTime::now()));

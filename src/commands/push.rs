@@ -75,7 +75,9 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
             spool.forget_pushed(&name);
             let meta = std::fs::metadata(&opts.path)
                 .context(|| format!("cannot read {}", opts.path.display()))?;
-            if record.unchanged_by_metadata(&meta, std::time::SystemTime::now()) {
+            if crate::spool::local_timestamps(&opts.path)
+                && record.unchanged_by_metadata(&meta, std::time::SystemTime::now())
+            {
                 tracing::info!(
                     "{name} was archived ahead; its metadata proves it unchanged ({} ms)",
                     started.elapsed().as_millis()
@@ -236,12 +238,20 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         while in_flight.len() < concurrency
             && let Some(name) = queue.pop_front()
         {
+            // Archived meanwhile by PostgreSQL's own call: nothing to do.
+            let status = opts.wal_dir.join(format!("archive_status/{name}.ready"));
+            if !status.exists() {
+                continue;
+            }
             busy.insert(name);
             in_flight.push(push_one(&pusher, &spool, &opts.wal_dir, name));
             claims_changed = true;
         }
+        // Only pushes under way are claimed: a call for a segment that is
+        // merely queued pushes it itself rather than wait on a worker that
+        // runs at low priority.
         if claims_changed {
-            let claimed: Vec<WalFileName> = busy.iter().chain(&queue).copied().collect();
+            let claimed: Vec<WalFileName> = busy.iter().copied().collect();
             spool.set_claims(WorkerKind::Push, &claimed);
         }
         // A push stuck on the store (a hung connection) must not hold
@@ -259,6 +269,11 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         };
         let (name, result) = next;
         busy.remove(&name);
+        if !matches!(result, Ok(true)) {
+            // No record will come: release the claim so no call waits on it.
+            let claimed: Vec<WalFileName> = busy.iter().copied().collect();
+            spool.set_claims(WorkerKind::Push, &claimed);
+        }
         match result {
             Ok(true) => done += 1,
             Ok(false) => {
