@@ -397,21 +397,34 @@ impl Pusher {
         file.seek(SeekFrom::Start(0)).map_err(cannot_read)?;
         let level = self.level;
         let owned = path.to_path_buf();
+        let key = wal_key(name);
+        // In a local repository the object is written as it is made.
+        let staged = self.repo.stage(&key);
         // Compression and hashing are the CPU of a push: off the async threads,
         // so pushes ahead run truly in parallel.
-        let (encoded, unchanged) = tokio::task::spawn_blocking(move || {
-            while_unchanged(&owned, || {
-                object::encode_file(&file, len, level, workers)
-                    .context(|| format!("cannot read and compress {}", owned.display()))
-            })
+        let (encoded, unchanged, staged) = tokio::task::spawn_blocking(move || {
+            let (encoded, unchanged) = while_unchanged(&owned, || {
+                object::encode_file(
+                    &file,
+                    len,
+                    level,
+                    workers,
+                    staged.as_ref().map(|s| s.file()),
+                )
+                .context(|| format!("cannot read and compress {}", owned.display()))
+            })?;
+            Ok::<_, Error>((encoded, unchanged, staged))
         })
         .await
         .map_err(|e| Error::io(format!("compression task failed: {e}")))??;
         let header = encoded.header;
         let stored = encoded.stored_len();
         let encoded = PutPayload::from_iter(encoded.parts);
-        let key = wal_key(name);
-        match self.repo.put_new(&key, encoded.clone()).await? {
+        let created = match staged {
+            Some(staged) => self.repo.put_staged(&key, staged).await?,
+            None => self.repo.put_new(&key, encoded.clone()).await?,
+        };
+        match created {
             Created::New => {}
             Created::AlreadyExists => {
                 settle_existing(&self.repo, name, &key, header, encoded).await?

@@ -406,10 +406,24 @@ mod tests {
         use std::io::Write;
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(data).unwrap();
-        let encoded = encode_file(&file, data.len() as u64, 3, workers).unwrap();
+        let encoded = encode_file(&file, data.len() as u64, 3, workers, None).unwrap();
         let object: Vec<u8> = encoded.parts.concat();
         assert_eq!(object.len(), encoded.stored_len());
         (encoded.header, object)
+    }
+
+    #[test]
+    fn an_object_written_as_it_is_made_is_the_object() {
+        use std::io::{Read, Write};
+        let data: Vec<u8> = (0..3 * FRAME + 17).map(|i| (i % 13) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&data).unwrap();
+        let mut out = tempfile::tempfile().unwrap();
+        let encoded = encode_file(&file, data.len() as u64, 3, 2, Some(&out)).unwrap();
+        let mut written = vec![];
+        out.read_to_end(&mut written).unwrap();
+        assert_eq!(written, encoded.parts.concat());
+        assert_eq!(decode(&written).unwrap().1, data);
     }
 
     #[test]
@@ -436,7 +450,7 @@ mod tests {
         use std::io::Write;
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&[7u8; 3 * FRAME]).unwrap();
-        assert!(encode_file(&file, 4 * FRAME as u64, 3, 2).is_err());
+        assert!(encode_file(&file, 4 * FRAME as u64, 3, 2, None).is_err());
     }
 
     #[test]
@@ -447,7 +461,7 @@ mod tests {
         use std::io::Write;
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&data).unwrap();
-        let encoded = encode_file(&file, data.len() as u64, 3, 2).unwrap();
+        let encoded = encode_file(&file, data.len() as u64, 3, 2, None).unwrap();
         let p = &encoded.parts;
         let swapped = [&p[0][..], &p[2][..], &p[1][..], &p[3][..]].concat();
         assert!(matches!(decode(&swapped), Err(ObjectError::Corrupt(_))));

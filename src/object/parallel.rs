@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 /// Content is cut into independent zstd frames of this size, so the frames
 /// of one segment compress on all cores at once. Measured on real WAL, 1 MiB
@@ -99,8 +99,15 @@ fn ordered_parallel<J: Send, S, E: Send>(
         let _ = pool_tx.send(SPARE_BUFFERS.lock().unwrap().pop().unwrap_or_default());
     }
     let pool_rx = Mutex::new(pool_rx);
-    let (hash_tx, hash_rx) = mpsc::channel::<(usize, Vec<u8>)>();
-    let (write_tx, write_rx) = mpsc::channel::<(usize, J, Vec<u8>)>();
+    // A decoded frame goes to the hasher and, at the same time, to the
+    // writer; whichever finishes with it last returns it to the pool.
+    let (hash_tx, hash_rx) = mpsc::channel::<(usize, Arc<Vec<u8>>)>();
+    let (write_tx, write_rx) = mpsc::channel::<(J, Arc<Vec<u8>>)>();
+    let give_back = |pool: &mpsc::Sender<Vec<u8>>, buf: Arc<Vec<u8>>| {
+        if let Some(buf) = Arc::into_inner(buf) {
+            let _ = pool.send(buf);
+        }
+    };
     let fail = |e: E| {
         failed.store(true, Ordering::SeqCst);
         first_error.lock().unwrap().get_or_insert(e);
@@ -109,6 +116,7 @@ fn ordered_parallel<J: Send, S, E: Send>(
         // A frame finished early waits in `pending`, holding one of the
         // pool's buffers; the frame the hasher waits for always has a worker,
         // since frames are claimed in order by workers that hold a buffer.
+        let writer_pool = pool_tx.clone();
         let hasher = s.spawn(move || {
             let mut h = Sha256::new();
             let mut pending = BTreeMap::new();
@@ -118,28 +126,26 @@ fn ordered_parallel<J: Send, S, E: Send>(
                 while let Some(buf) = pending.remove(&want) {
                     h.update(&buf[..]);
                     want += 1;
-                    let _ = pool_tx.send(buf);
+                    give_back(&pool_tx, buf);
                 }
             }
             Sha256Digest(h.finalize().into())
         });
         if let Some(write) = writer {
-            let hash_tx = hash_tx.clone();
             let (failed, fail) = (&failed, &fail);
             s.spawn(move || {
-                for (i, job, buf) in write_rx {
+                for (job, buf) in write_rx {
                     if !failed.load(Ordering::SeqCst)
                         && let Err(e) = write(&job, &buf[..])
                     {
                         fail(e);
                     }
-                    if hash_tx.send((i, buf)).is_err() {
-                        return;
-                    }
+                    give_back(&writer_pool, buf);
                 }
             });
         } else {
             drop(write_rx);
+            drop(writer_pool);
         }
         for _ in 0..workers {
             let (hash_tx, write_tx) = (hash_tx.clone(), write_tx.clone());
@@ -170,8 +176,14 @@ fn ordered_parallel<J: Send, S, E: Send>(
                     if let Err(e) = work(&mut state, &job, &mut buf) {
                         fail(e);
                     }
+                    // The hasher and the writer hold the only references,
+                    // so one of them gives the buffer back.
+                    let buf = Arc::new(buf);
                     let sent = match writer {
-                        Some(_) => write_tx.send((i, job, buf)).is_ok(),
+                        Some(_) => {
+                            hash_tx.send((i, buf.clone())).is_ok()
+                                && write_tx.send((job, buf)).is_ok()
+                        }
                         None => hash_tx.send((i, buf)).is_ok(),
                     };
                     if !sent {
@@ -212,40 +224,91 @@ impl Encoded {
 
 /// Compresses and checksums the first `len` bytes of `file` (a WAL segment)
 /// into one object of 1 MiB frames, compressed on `workers` threads. Each
-/// frame is read once.
+/// frame is read once. With `out`, the object is also written to that file
+/// as it is made: frames in order as soon as each is ready, with writeback
+/// started at once, the header last.
 pub fn encode_file(
     file: &std::fs::File,
     len: u64,
     level: i32,
     workers: usize,
+    out: Option<&std::fs::File>,
 ) -> std::io::Result<Encoded> {
     let len_usize = usize::try_from(len).map_err(std::io::Error::other)?;
     let frames = len_usize.div_ceil(FRAME).max(1);
     let outputs: Mutex<Vec<bytes::Bytes>> = Mutex::new(vec![bytes::Bytes::new(); frames]);
-    let sha256 = ordered_parallel(
-        0..frames,
-        workers,
-        || PooledCompressor::take(level),
-        |compressor, &i, buf| {
-            let start = i * FRAME;
-            let end = (start + FRAME).min(len_usize);
-            buf.resize(end - start, 0);
-            file.read_exact_at(buf, start as u64)?;
-            let mut frame = compressor.compress(buf)?;
-            frame.shrink_to_fit();
-            outputs.lock().unwrap()[i] = bytes::Bytes::from(frame);
-            Ok(())
-        },
-        None,
-    )?;
+    let (ready_tx, ready_rx) = mpsc::channel::<(usize, bytes::Bytes)>();
+    let sha256 = std::thread::scope(|s| {
+        let appender = out.map(|out| s.spawn(move || append_in_order(out, ready_rx)));
+        let sha256 = ordered_parallel(
+            0..frames,
+            workers,
+            || PooledCompressor::take(level),
+            |compressor, &i, buf| {
+                let start = i * FRAME;
+                let end = (start + FRAME).min(len_usize);
+                buf.resize(end - start, 0);
+                file.read_exact_at(buf, start as u64)?;
+                let mut frame = compressor.compress(buf)?;
+                frame.shrink_to_fit();
+                let frame = bytes::Bytes::from(frame);
+                if out.is_some() {
+                    let _ = ready_tx.send((i, frame.clone()));
+                }
+                outputs.lock().unwrap()[i] = frame;
+                Ok(())
+            },
+            None,
+        );
+        drop(ready_tx);
+        let appended = appender.map(|a| a.join().expect("appender does not panic"));
+        let sha256 = sha256?;
+        appended.transpose()?;
+        Ok::<_, std::io::Error>(sha256)
+    })?;
     let header = ObjectHeader {
         length: len,
         sha256,
     };
+    let header_part = bytes::Bytes::copy_from_slice(&header_bytes(&header));
+    if let Some(out) = out {
+        out.write_all_at(&header_part, 0)?;
+    }
     let mut parts = Vec::with_capacity(frames + 1);
-    parts.push(bytes::Bytes::copy_from_slice(&header_bytes(&header)));
+    parts.push(header_part);
     parts.extend(outputs.into_inner().unwrap());
     Ok(Encoded { header, parts })
+}
+
+/// Writes frames into `out` after the header's place, in frame order as
+/// they arrive, starting writeback of each at once so that the final fsync
+/// has little left to wait for.
+fn append_in_order(
+    out: &std::fs::File,
+    ready: mpsc::Receiver<(usize, bytes::Bytes)>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut pending = BTreeMap::new();
+    let (mut want, mut offset) = (0usize, HEADER_LEN as u64);
+    for (i, frame) in ready {
+        pending.insert(i, frame);
+        while let Some(frame) = pending.remove(&want) {
+            out.write_all_at(&frame, offset)?;
+            // SAFETY: only asks the kernel to start writing back a range of
+            // a file we hold open; no memory is passed.
+            unsafe {
+                libc::sync_file_range(
+                    out.as_raw_fd(),
+                    offset as i64,
+                    frame.len() as i64,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            offset += frame.len() as u64;
+            want += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The most content one frame may claim: a frame's buffer is sized by it.
@@ -446,7 +509,7 @@ mod tests {
     fn encoded(data: &[u8]) -> Vec<u8> {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(data).unwrap();
-        encode_file(&file, data.len() as u64, 3, 2)
+        encode_file(&file, data.len() as u64, 3, 2, None)
             .unwrap()
             .parts
             .concat()

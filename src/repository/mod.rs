@@ -6,6 +6,7 @@
 //! its directory before a write is reported done.
 
 mod layout;
+mod staged;
 mod url;
 
 pub use layout::{
@@ -13,6 +14,7 @@ pub use layout::{
     wal_name_of_key,
 };
 
+pub use staged::StagedObject;
 pub use url::RepoUrl;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -136,6 +138,13 @@ impl Repository {
 
     pub fn url(&self) -> &RepoUrl {
         &self.url
+    }
+
+    fn local_root(&self) -> Option<&std::path::Path> {
+        match &self.url {
+            RepoUrl::Local(root) => Some(root),
+            RepoUrl::S3 { .. } => None,
+        }
     }
 
     fn storage_error(&self, action: &str, key: &Key, e: object_store::Error) -> Error {
