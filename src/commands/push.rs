@@ -418,17 +418,24 @@ impl Pusher {
         .await
         .map_err(|e| Error::io(format!("compression task failed: {e}")))??;
         let header = encoded.header;
-        let stored = encoded.stored_len();
-        let encoded = PutPayload::from_iter(encoded.parts);
-        let created = match staged {
-            Some(staged) => self.repo.put_staged(&key, staged).await?,
-            None => self.repo.put_new(&key, encoded.clone()).await?,
-        };
-        match created {
-            Created::New => {}
-            Created::AlreadyExists => {
-                settle_existing(&self.repo, name, &key, header, encoded).await?
+        let stored = encoded.stored_len;
+        // The name taken already: our object, to compare with what is there.
+        let taken = match staged {
+            Some(staged) => self
+                .repo
+                .put_staged(&key, staged)
+                .await?
+                .map(PutPayload::from),
+            None => {
+                let ours = PutPayload::from_iter(encoded.parts);
+                match self.repo.put_new(&key, ours.clone()).await? {
+                    Created::New => None,
+                    Created::AlreadyExists => Some(ours),
+                }
             }
+        };
+        if let Some(ours) = taken {
+            settle_existing(&self.repo, name, &key, header, ours).await?;
         }
         Ok(Pushed {
             header,

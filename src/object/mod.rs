@@ -408,7 +408,7 @@ mod tests {
         file.write_all(data).unwrap();
         let encoded = encode_file(&file, data.len() as u64, 3, workers, None).unwrap();
         let object: Vec<u8> = encoded.parts.concat();
-        assert_eq!(object.len(), encoded.stored_len());
+        assert_eq!(object.len(), encoded.stored_len);
         (encoded.header, object)
     }
 
@@ -422,8 +422,12 @@ mod tests {
         let encoded = encode_file(&file, data.len() as u64, 3, 2, Some(&out)).unwrap();
         let mut written = vec![];
         out.read_to_end(&mut written).unwrap();
-        assert_eq!(written, encoded.parts.concat());
-        assert_eq!(decode(&written).unwrap().1, data);
+        assert!(encoded.parts.is_empty(), "memory keeps no copy");
+        assert_eq!(written.len(), encoded.stored_len);
+        let (header, back) = decode(&written).unwrap();
+        assert_eq!((header, back), (encoded.header, data.clone()));
+        let (_, in_memory) = encode_bytes(&data, 2);
+        assert_eq!(written, in_memory);
     }
 
     #[test]

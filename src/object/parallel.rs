@@ -213,20 +213,17 @@ fn ordered_parallel<J: Send, S, E: Send>(
 /// nothing is copied into one big buffer on the way to the store.
 pub struct Encoded {
     pub header: ObjectHeader,
+    /// Empty when the object was written to a file as it was made.
     pub parts: Vec<bytes::Bytes>,
-}
-
-impl Encoded {
-    pub fn stored_len(&self) -> usize {
-        self.parts.iter().map(|p| p.len()).sum()
-    }
+    pub stored_len: usize,
 }
 
 /// Compresses and checksums the first `len` bytes of `file` (a WAL segment)
 /// into one object of 1 MiB frames, compressed on `workers` threads. Each
-/// frame is read once. With `out`, the object is also written to that file
-/// as it is made: frames in order as soon as each is ready, with writeback
-/// started at once, the header last.
+/// frame is read once. With `out`, the object is written to that file
+/// instead, as it is made: frames in order as soon as each is ready, with
+/// writeback started at once, the header last; memory then holds only the
+/// frames not written yet.
 pub fn encode_file(
     file: &std::fs::File,
     len: u64,
@@ -253,9 +250,10 @@ pub fn encode_file(
                 frame.shrink_to_fit();
                 let frame = bytes::Bytes::from(frame);
                 if out.is_some() {
-                    let _ = ready_tx.send((i, frame.clone()));
+                    let _ = ready_tx.send((i, frame));
+                } else {
+                    outputs.lock().unwrap()[i] = frame;
                 }
-                outputs.lock().unwrap()[i] = frame;
                 Ok(())
             },
             None,
@@ -263,21 +261,31 @@ pub fn encode_file(
         drop(ready_tx);
         let appended = appender.map(|a| a.join().expect("appender does not panic"));
         let sha256 = sha256?;
-        appended.transpose()?;
-        Ok::<_, std::io::Error>(sha256)
+        Ok::<_, std::io::Error>((sha256, appended.transpose()?))
     })?;
+    let (sha256, appended) = sha256;
     let header = ObjectHeader {
         length: len,
         sha256,
     };
     let header_part = bytes::Bytes::copy_from_slice(&header_bytes(&header));
-    if let Some(out) = out {
+    if let (Some(out), Some(end)) = (out, appended) {
         out.write_all_at(&header_part, 0)?;
+        return Ok(Encoded {
+            header,
+            parts: vec![],
+            stored_len: end as usize,
+        });
     }
     let mut parts = Vec::with_capacity(frames + 1);
     parts.push(header_part);
     parts.extend(outputs.into_inner().unwrap());
-    Ok(Encoded { header, parts })
+    let stored_len = parts.iter().map(|p| p.len()).sum();
+    Ok(Encoded {
+        header,
+        parts,
+        stored_len,
+    })
 }
 
 /// Writes frames into `out` after the header's place, in frame order as
@@ -286,7 +294,7 @@ pub fn encode_file(
 fn append_in_order(
     out: &std::fs::File,
     ready: mpsc::Receiver<(usize, bytes::Bytes)>,
-) -> std::io::Result<()> {
+) -> std::io::Result<u64> {
     use std::os::fd::AsRawFd;
     let mut pending = BTreeMap::new();
     let (mut want, mut offset) = (0usize, HEADER_LEN as u64);
@@ -308,7 +316,7 @@ fn append_in_order(
             want += 1;
         }
     }
-    Ok(())
+    Ok(offset)
 }
 
 /// The most content one frame may claim: a frame's buffer is sized by it.

@@ -8,8 +8,9 @@
 //! linked into place exactly as the store's create-only put does: fsync the
 //! file, link (refused if the name exists), fsync the directory.
 
-use super::{Created, Key, Repository};
+use super::{Key, Repository};
 use crate::error::{Error, Result};
+use bytes::Bytes;
 use std::fs::File;
 use std::path::PathBuf;
 
@@ -70,7 +71,9 @@ impl Repository {
 
     /// Makes a complete staged object durable under `key`, unless something
     /// is there already; returns only once it is durable, like `put_new`.
-    pub async fn put_staged(&self, key: &Key, staged: StagedObject) -> Result<Created> {
+    /// When the name is taken, the staged bytes come back, for the caller
+    /// to compare with what is there.
+    pub async fn put_staged(&self, key: &Key, staged: StagedObject) -> Result<Option<Bytes>> {
         let url = self.url.to_string();
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
@@ -81,7 +84,9 @@ impl Repository {
             match std::fs::hard_link(&staged.staging, &staged.dest) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Ok(Created::AlreadyExists);
+                    let ours =
+                        std::fs::read(&staged.staging).map_err(|e| failed("reading it back", e))?;
+                    return Ok(Some(Bytes::from(ours)));
                 }
                 Err(e) => return Err(failed("link", e)),
             }
@@ -89,7 +94,7 @@ impl Repository {
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| failed("fsync of its directory", e))?;
-            Ok(Created::New)
+            Ok(None)
         })
         .await
         .map_err(|e| Error::io(format!("storage task failed: {e}")))?
