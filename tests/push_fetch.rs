@@ -524,6 +524,51 @@ fn push_ahead_records_never_outlive_a_changed_file() {
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
 }
 
+#[test]
+fn settled_records_are_proven_by_metadata_and_still_catch_changes() {
+    let f = fixture();
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let names = [
+        "000000010000000000000003",
+        "000000010000000000000004",
+        "000000010000000000000005",
+    ];
+    let wal = pg_wal_with_ready(&f, &names, 0);
+    // Written well before they are read, as a backlog is.
+    std::thread::sleep(Duration::from_millis(2200));
+    let push = |name: &str| {
+        repo.walvault(&f.bin)
+            .args(["push", "--push-ahead", "8"])
+            .arg(wal.join(name))
+            .arg(name)
+            .output()
+            .unwrap()
+    };
+    assert!(push(names[0]).status.success());
+    wait_for_spool_workers(&wal.join("walvault-spool"));
+    let out = push(names[1]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("verified unchanged by its metadata"),
+        "{}",
+        describe(&out)
+    );
+    // Other bytes, same size, and the old mtime put back: ctime still
+    // tells, and the real comparison runs and refuses.
+    let path = wal.join(names[2]);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, synthetic_segment(names[2], 7, MIB, 0x33)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let out = push(names[2]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}
+
 /// Segment names of timeline 1, log 0, for segment numbers `range`.
 fn segment_names(range: std::ops::Range<u32>) -> Vec<String> {
     range

@@ -75,21 +75,19 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
             spool.forget_pushed(&name);
             let meta = std::fs::metadata(&opts.path)
                 .context(|| format!("cannot read {}", opts.path.display()))?;
-            if crate::spool::local_timestamps(&opts.path)
+            let proof = if crate::spool::local_timestamps(&opts.path)
                 && record.unchanged_by_metadata(&meta, std::time::SystemTime::now())
             {
+                Some("by its metadata")
+            } else {
+                // Written too recently for its timestamps to prove anything.
+                let (sha, meta) = while_unchanged(&opts.path, || sha256_of_file(&opts.path))?;
+                meta.is_some_and(|m| record.matches(&m, &sha))
+                    .then_some("by its sha256")
+            };
+            if let Some(proof) = proof {
                 tracing::info!(
-                    "{name} was archived ahead; its metadata proves it unchanged ({} ms)",
-                    started.elapsed().as_millis()
-                );
-                start_worker(spool, url, opts, &name);
-                return Ok(());
-            }
-            // Written too recently for its timestamps to prove anything: hash it.
-            let (sha, meta) = while_unchanged(&opts.path, || sha256_of_file(&opts.path))?;
-            if meta.is_some_and(|m| record.matches(&m, &sha)) {
-                tracing::info!(
-                    "{name} was archived ahead; verified unchanged ({} ms)",
+                    "{name} was archived ahead; verified unchanged {proof} ({} ms)",
                     started.elapsed().as_millis()
                 );
                 start_worker(spool, url, opts, &name);
