@@ -326,17 +326,6 @@ fn main() -> ExitCode {
     } else {
         cli.verbose.max(env_verbose).min(100) as i8
     });
-    // The push worker runs behind PostgreSQL: under load, the archiver's
-    // own calls waited in the CPU queue behind the worker's threads
-    // (measured: half the time between two calls in a drain). At nice 10 it
-    // still gets a share, and every idle cycle; calls wait only for pushes
-    // it has under way. The prefetch worker is not lowered: recovery waits
-    // on every segment it has claimed.
-    if matches!(cli.command, Command::PushAhead { .. }) {
-        // SAFETY: nice(2) only lowers this thread's priority, which the
-        // threads it starts inherit; no memory is involved.
-        unsafe { libc::nice(10) };
-    }
     // push and fetch run once per WAL file: a single-threaded runtime starts
     // faster, and their CPU work runs on blocking threads anyway.
     let mut runtime = match cli.command {

@@ -617,6 +617,13 @@ fn a_killed_push_worker_blocks_nothing() {
     let workers = pids_with(&needle);
     assert!(workers.len() <= 1, "more than one worker: {workers:?}");
     for pid in workers {
+        // The worker runs behind PostgreSQL (operations.md): nice 10. The
+        // field after the command name's closing parenthesis is the 3rd of
+        // /proc/PID/stat; nice is the 19th.
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            assert_eq!(fields[16], "10", "nice of the push worker: {stat}");
+        }
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     }
     wait_for_spool_workers(&spool);

@@ -122,7 +122,24 @@ pub fn spawn_worker(
     let started = (|| -> std::io::Result<()> {
         let log = std::fs::File::create(spool.worker_log(kind))?;
         let dir = std::path::absolute(spool.dir())?;
-        std::process::Command::new(std::env::current_exe()?)
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        if kind == crate::spool::WorkerKind::Push {
+            // The push worker runs behind PostgreSQL: under load, the
+            // archiver's own calls waited in the CPU queue behind its threads
+            // (half the time between two calls in a drain). At nice 10 it
+            // still gets a share, and every idle cycle; calls wait only for
+            // pushes it has under way. The prefetch worker is not lowered:
+            // recovery waits on every segment it has claimed.
+            // SAFETY: between fork and exec this only calls setpriority(2),
+            // which is async-signal-safe and touches no memory.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+                    Ok(())
+                });
+            }
+        }
+        command
             .arg("--repo")
             .arg(url.to_string())
             .arg(kind.verb())
