@@ -204,19 +204,20 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     // it, and asks again after a crash.
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let limit = limit_for(name);
-    let explain = |e: object::ObjectError| match e {
-        object::ObjectError::Write(e) => Error::io(format!("cannot write {}: {e}", path.display())),
-        object::ObjectError::Read(e) => Error::io(format!(
-            "cannot read {key} in {}: {e}; nothing was written to {}",
-            repo.url(),
-            path.display()
-        )),
-        e => Error::corrupt(format!(
-            "{name} in {} ({key}) is damaged: {e}; nothing was written to {}. \
-             Run 'walvault verify' and restore the object from another copy",
-            repo.url(),
-            path.display()
-        )),
+    // Owned, so that the thread decoding a streamed object can use it too.
+    let explain = {
+        let (name, url, shown) = (*name, repo.url().to_string(), path.display().to_string());
+        let key = key.clone();
+        move |e: object::ObjectError| match e {
+            object::ObjectError::Write(e) => Error::io(format!("cannot write {shown}: {e}")),
+            object::ObjectError::Read(e) => Error::io(format!(
+                "cannot read {key} in {url}: {e}; nothing was written to {shown}"
+            )),
+            e => Error::corrupt(format!(
+                "{name} in {url} ({key}) is damaged: {e}; nothing was written to {shown}. \
+                 Run 'walvault verify' and restore the object from another copy"
+            )),
+        }
     };
     // Room for the whole object up front, unless it is longer than any
     // object of this kind can be (then it is not read at all).
@@ -231,11 +232,7 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     match reader {
         ObjectReader::File { mut file, .. } => {
             let mut fill = |buf: &mut bytes::BytesMut| read_piece(&mut file, buf);
-            write_atomically_with(path, Some(0o600), Durability::Visible, |out| {
-                object::decode_to_file_from(room(), &mut fill, out, limit, workers)
-                    .map(drop)
-                    .map_err(explain)
-            })?;
+            decode_in_place(path, room(), &mut fill, limit, workers, &explain)?;
         }
         ObjectReader::Stream { mut stream, .. } => {
             // The body is read here while a blocking thread decodes it.
@@ -259,18 +256,7 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
                     ))),
                     None => Ok(0),
                 };
-                let mut result = Ok(());
-                let written =
-                    write_atomically_with(&target, Some(0o600), Durability::Visible, |out| {
-                        match object::decode_to_file_from(initial, &mut fill, out, limit, workers) {
-                            Ok(_) => Ok(()),
-                            Err(e) => {
-                                result = Err(e);
-                                Err(Error::io("not decoded"))
-                            }
-                        }
-                    });
-                (written, result)
+                decode_in_place(&target, initial, &mut fill, limit, workers, &explain)
             });
             let pump = async move {
                 while let Some(piece) = stream.next().await {
@@ -279,16 +265,30 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
                     }
                 }
             };
-            let ((written, result), ()) = match tokio::join!(decode, pump) {
-                (Ok(done), ()) => (done, ()),
-                (Err(e), ()) => return Err(Error::io(format!("decoding {name} failed: {e}"))),
-            };
-            result.map_err(explain)?;
-            written?;
+            let (decoded, ()) = tokio::join!(decode, pump);
+            decoded.map_err(|e| Error::io(format!("decoding {name} failed: {e}")))??;
         }
     }
     tracing::debug!("restored {name} to {}", path.display());
     Ok(())
+}
+
+/// Decodes an object, as `fill` delivers it after `initial`, into a
+/// temporary file beside `path`, and renames that into place only once
+/// length and sha256 are proven.
+fn decode_in_place(
+    path: &Path,
+    initial: bytes::BytesMut,
+    fill: &mut object::Fill<'_>,
+    limit: u64,
+    workers: usize,
+    explain: &dyn Fn(object::ObjectError) -> Error,
+) -> Result<()> {
+    write_atomically_with(path, Some(0o600), Durability::Visible, |out| {
+        object::decode_to_file_from(initial, fill, out, limit, workers)
+            .map(drop)
+            .map_err(explain)
+    })
 }
 
 /// Reads the next piece of a local object onto the end of `buf`, straight
