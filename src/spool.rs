@@ -97,6 +97,18 @@ pub fn local_timestamps(path: &Path) -> bool {
     LOCAL.contains(&kind)
 }
 
+/// What changes whenever a file is replaced or written: device, inode,
+/// size, mtime and ctime (ns).
+pub fn metadata_key(meta: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+    )
+}
+
 impl FileIdentity {
     /// `meta` as it was after reading the file, which began at `read_from`.
     pub fn of(
@@ -104,21 +116,20 @@ impl FileIdentity {
         sha256: &Sha256Digest,
         read_from: std::time::SystemTime,
     ) -> FileIdentity {
+        let (dev, ino, size, mtime_ns, ctime_ns) = metadata_key(meta);
         FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            dev,
+            ino,
+            size,
+            mtime_ns,
+            ctime_ns,
             sha256: sha256.to_hex(),
             read_from_ns: epoch_ns(read_from),
         }
     }
 
     fn same_metadata(&self, meta: &std::fs::Metadata) -> bool {
-        let now = FileIdentity::of(meta, &Sha256Digest([0; 32]), std::time::UNIX_EPOCH);
-        (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
-            == (now.dev, now.ino, now.size, now.mtime_ns, now.ctime_ns)
+        (self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns) == metadata_key(meta)
     }
 
     /// Whether the file `meta` describes, whose content hashes to `sha256`,

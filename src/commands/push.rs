@@ -4,7 +4,7 @@ use crate::error::{Context, Error, Result};
 use crate::object::Sha256Digest;
 use crate::object::{self, ObjectError, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
-use crate::spool::{FileIdentity, Spool, WorkerKind};
+use crate::spool::{FileIdentity, Spool, WorkerKind, metadata_key};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
 use object_store::PutPayload;
@@ -325,7 +325,7 @@ fn cores() -> usize {
         .unwrap_or(2)
 }
 
-/// Runs `f` and says whether `path` kept its identity (inode, size, times)
+/// Runs `f` and says whether `path` kept its identity (device, inode, size, times)
 /// meanwhile: the metadata afterwards if so.
 fn while_unchanged<T>(
     path: &Path,
@@ -335,18 +335,7 @@ fn while_unchanged<T>(
     let before = stat()?;
     let value = f()?;
     let after = stat()?;
-    use std::os::unix::fs::MetadataExt;
-    let key = |m: &std::fs::Metadata| {
-        (
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        )
-    };
-    let meta = (key(&before) == key(&after)).then_some(after);
+    let meta = (metadata_key(&before) == metadata_key(&after)).then_some(after);
     Ok((value, meta))
 }
 
