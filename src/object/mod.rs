@@ -77,6 +77,19 @@ pub struct ObjectHeader {
     pub sha256: Sha256Digest,
 }
 
+impl ObjectHeader {
+    /// Whether `actual`, the sha256 of the decoded content, is the header's.
+    pub fn check_sha256(&self, actual: Sha256Digest) -> Result<(), ObjectError> {
+        if actual == self.sha256 {
+            return Ok(());
+        }
+        Err(ObjectError::Corrupt(format!(
+            "sha256 of content is {actual}, header says {}",
+            self.sha256
+        )))
+    }
+}
+
 /// Why an object could not be read back as its original bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ObjectError {
@@ -202,12 +215,7 @@ pub fn decode_into(
             header.length
         )));
     }
-    if sha256 != header.sha256 {
-        return Err(ObjectError::Corrupt(format!(
-            "sha256 of content is {sha256}, header says {}",
-            header.sha256
-        )));
-    }
+    header.check_sha256(sha256)?;
     Ok(header)
 }
 
@@ -335,12 +343,7 @@ pub fn decode_limited(object: &[u8], max: u64) -> Result<(ObjectHeader, Vec<u8>)
         )));
     }
     let actual = Sha256Digest::of(&data);
-    if actual != header.sha256 {
-        return Err(ObjectError::Corrupt(format!(
-            "sha256 of content is {actual}, header says {}",
-            header.sha256
-        )));
-    }
+    header.check_sha256(actual)?;
     Ok((header, data))
 }
 
@@ -372,12 +375,7 @@ pub fn decode_to_slice(
         Err(e) => return Err(ObjectError::Corrupt(format!("zstd: {e}"))),
     }
     let actual = Sha256Digest::of(out);
-    if actual != header.sha256 {
-        return Err(ObjectError::Corrupt(format!(
-            "sha256 of content is {actual}, header says {}",
-            header.sha256
-        )));
-    }
+    header.check_sha256(actual)?;
     Ok(header)
 }
 

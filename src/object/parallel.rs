@@ -490,12 +490,7 @@ pub fn decode_to_file_from(
             Err(e) => Err(e.clone()),
         }),
     )?;
-    if sha256 != header.sha256 {
-        return Err(ObjectError::Corrupt(format!(
-            "sha256 of content is {sha256}, header says {}",
-            header.sha256
-        )));
-    }
+    header.check_sha256(sha256)?;
     Ok(header)
 }
 
@@ -523,18 +518,21 @@ mod tests {
             .concat()
     }
 
-    fn decoded(object: &[u8], workers: usize) -> Result<Vec<u8>, ObjectError> {
+    /// What `decode` leaves in a new file, read back.
+    fn decoded_by(
+        decode: impl FnOnce(&std::fs::File) -> Result<ObjectHeader, ObjectError>,
+    ) -> Result<Vec<u8>, ObjectError> {
         let mut file = tempfile::tempfile().unwrap();
-        decode_to_file(
-            bytes::Bytes::copy_from_slice(object),
-            &file,
-            u64::MAX,
-            workers,
-        )?;
+        decode(&file)?;
         let mut back = vec![];
         file.rewind().unwrap();
         file.read_to_end(&mut back).unwrap();
         Ok(back)
+    }
+
+    fn decoded(object: &[u8], workers: usize) -> Result<Vec<u8>, ObjectError> {
+        let object = bytes::Bytes::copy_from_slice(object);
+        decoded_by(|file| decode_to_file(object, file, u64::MAX, workers))
     }
 
     #[test]
@@ -552,7 +550,6 @@ mod tests {
 
     /// Decodes `object` delivered `piece` bytes at a time, as a slow store would.
     fn decoded_in_pieces(object: &[u8], piece: usize) -> Result<Vec<u8>, ObjectError> {
-        let mut file = tempfile::tempfile().unwrap();
         let mut rest = object;
         let mut fill = |buf: &mut bytes::BytesMut| {
             let n = rest.len().min(piece);
@@ -560,11 +557,7 @@ mod tests {
             rest = &rest[n..];
             Ok(n)
         };
-        decode_to_file_from(bytes::BytesMut::new(), &mut fill, &file, u64::MAX, 2)?;
-        let mut back = vec![];
-        file.rewind().unwrap();
-        file.read_to_end(&mut back).unwrap();
-        Ok(back)
+        decoded_by(|file| decode_to_file_from(bytes::BytesMut::new(), &mut fill, file, u64::MAX, 2))
     }
 
     #[test]
