@@ -448,6 +448,22 @@ fn killed_push_leaves_nothing_half_written() {
     let _ = Duration::ZERO;
 }
 
+/// `push` as PostgreSQL calls it for `name` in `wal`, with a push-ahead window.
+fn push_from_pg_wal(
+    f: &Fixture,
+    repo: &RepoTarget,
+    wal: &std::path::Path,
+    name: &str,
+    window: usize,
+) -> std::process::Output {
+    repo.walvault(&f.bin)
+        .args(["push", "--push-ahead", &window.to_string()])
+        .arg(wal.join(name))
+        .arg(name)
+        .output()
+        .unwrap()
+}
+
 /// A pg_wal directory with `.ready` files, as PostgreSQL leaves it.
 fn pg_wal_with_ready(f: &Fixture, names: &[&str], fill: u8) -> std::path::PathBuf {
     let wal = f.dir.path().join("data/pg_wal");
@@ -474,13 +490,7 @@ fn push_ahead_records_never_outlive_a_changed_file() {
         "000000010000000000000005",
     ];
     let wal = pg_wal_with_ready(&f, &names, 0);
-    let out = repo
-        .walvault(&f.bin)
-        .args(["push", "--push-ahead", "8"])
-        .arg(wal.join(names[0]))
-        .arg(names[0])
-        .output()
-        .unwrap();
+    let out = push_from_pg_wal(&f, &repo, &wal, names[0], 8);
     assert!(out.status.success(), "{}", describe(&out));
     // The others are pushed by a background worker, which logs to the spool.
     let spool = wal.join("walvault-spool");
@@ -537,14 +547,7 @@ fn settled_records_are_proven_by_metadata_and_still_catch_changes() {
     let wal = pg_wal_with_ready(&f, &names, 0);
     // Written well before they are read, as a backlog is.
     std::thread::sleep(Duration::from_millis(2200));
-    let push = |name: &str| {
-        repo.walvault(&f.bin)
-            .args(["push", "--push-ahead", "8"])
-            .arg(wal.join(name))
-            .arg(name)
-            .output()
-            .unwrap()
-    };
+    let push = |name: &str| push_from_pg_wal(&f, &repo, &wal, name, 8);
     assert!(push(names[0]).status.success());
     wait_for_spool_workers(&wal.join("walvault-spool"));
     let out = push(names[1]);
@@ -602,15 +605,8 @@ fn a_killed_push_worker_blocks_nothing() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let wal = pg_wal_with_ready(&f, &refs, 9);
     let spool = wal.join("walvault-spool");
-    // As PostgreSQL calls it, with a small window so the worker has work left.
-    let push = |n: &str| {
-        repo.walvault(&f.bin)
-            .args(["push", "--push-ahead", "2"])
-            .arg(wal.join(n))
-            .arg(n)
-            .output()
-            .unwrap()
-    };
+    // With a small window, so the worker has work left.
+    let push = |n: &str| push_from_pg_wal(&f, &repo, &wal, n, 2);
     let out = push(&names[0]);
     assert!(out.status.success(), "{}", describe(&out));
     let needle = spool.to_string_lossy().to_string();
