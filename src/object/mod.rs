@@ -6,6 +6,7 @@
 //! original length and sha256 on every read.
 
 mod parallel;
+mod warm;
 
 pub use parallel::{Encoded, FRAME, Fill, decode_to_file, decode_to_file_from, encode_file};
 use sha2::{Digest, Sha256};
