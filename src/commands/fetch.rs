@@ -213,6 +213,9 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
             object::ObjectError::Read(e) => Error::io(format!(
                 "cannot read {key} in {url}: {e}; nothing was written to {shown}"
             )),
+            object::ObjectError::Internal(e) => Error::io(format!(
+                "fetching {name} failed: {e}; nothing was written to {shown}"
+            )),
             e => Error::corrupt(format!(
                 "{name} in {url} ({key}) is damaged: {e}; nothing was written to {shown}. \
                  Run 'walvault verify' and restore the object from another copy"
@@ -379,7 +382,7 @@ async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> u
             spool.store_prefetched(&name, &header.sha256, |file| {
                 match object::decode_to_file(stored, file, limit, 1) {
                     Ok(_) => Ok(()),
-                    Err(object::ObjectError::Write(e)) => {
+                    Err(object::ObjectError::Write(e) | object::ObjectError::Internal(e)) => {
                         Err(Error::io(format!("cannot spool {name}: {e}")))
                     }
                     Err(e) => Err(damaged(e)),

@@ -5,10 +5,12 @@
 //! restores any object without walvault, and walvault itself checks the
 //! original length and sha256 on every read.
 
+mod decode;
 mod parallel;
 mod warm;
 
-pub use parallel::{Encoded, FRAME, Fill, decode_to_file, decode_to_file_from, encode_file};
+pub use decode::{Fill, decode_to_file, decode_to_file_from};
+pub use parallel::{Encoded, FRAME, encode_file};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::io::Read;
@@ -101,6 +103,8 @@ pub enum ObjectError {
     Write(String),
     /// Reading the object failed (not its fault either).
     Read(String),
+    /// walvault itself failed (a bug), not the object nor the disk.
+    Internal(String),
 }
 
 impl fmt::Display for ObjectError {
@@ -115,6 +119,7 @@ impl fmt::Display for ObjectError {
             ObjectError::Corrupt(why) => write!(f, "corrupt object: {why}"),
             ObjectError::Write(why) => write!(f, "cannot write the content: {why}"),
             ObjectError::Read(why) => write!(f, "cannot read the object: {why}"),
+            ObjectError::Internal(why) => write!(f, "{why}"),
         }
     }
 }
