@@ -146,6 +146,75 @@ fn s3_prune_keep_last_one() {
 }
 
 #[test]
+fn prune_deletes_what_killed_writes_left_and_nothing_being_written() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let id = s.backup();
+    let start = start_segment_of(&s, &id);
+    let repo = s.root().join("repo");
+    let files = snapshot(&repo);
+    let beside = |suffix: &str, n: u32| {
+        let (path, _) = files
+            .iter()
+            .rev()
+            .find(|(p, _)| p.to_str().unwrap().ends_with(suffix))
+            .unwrap_or_else(|| panic!("no {suffix} file in {files:?}"));
+        let mut name = path.clone().into_os_string();
+        name.push(format!("#{n}"));
+        PathBuf::from(name)
+    };
+    // What a push and a pack upload killed an hour ago left, and a push's
+    // staged file being written right now.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let old_push = beside(".zst", 4_242_000);
+    let old_pack = beside(".pack", 77);
+    let live_push = beside(".zst", 4_242_001);
+    for (path, modified) in [
+        (&old_push, Some(two_hours_ago)),
+        (&old_pack, Some(two_hours_ago)),
+        (&live_push, None),
+    ] {
+        let f = std::fs::File::create(path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        if let Some(t) = modified {
+            f.set_modified(t).unwrap();
+        }
+        give_to_postgres(path);
+    }
+
+    let out = ok(&s, &["prune", "--keep-last", "1", "--dry-run"]);
+    for path in [&old_push, &old_pack] {
+        let line = format!(
+            "would delete {} (left by an interrupted write)",
+            path.display()
+        );
+        assert!(out.contains(&line), "{line} in {out}");
+        assert!(path.exists(), "--dry-run deleted {}", path.display());
+    }
+    assert!(!out.contains(live_push.to_str().unwrap()), "{out}");
+
+    let out = ok(&s, &["prune", "--keep-last", "1"]);
+    assert!(out.contains(", 2 files of interrupted writes;"), "{out}");
+    assert!(!old_push.exists() && !old_pack.exists(), "{out}");
+    assert!(
+        live_push.exists(),
+        "prune deleted a staged file being written"
+    );
+    // The backup and the WAL it needs are untouched.
+    let after = snapshot(&repo);
+    for (path, bytes) in &files {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if name
+            .strip_suffix(".zst")
+            .is_some_and(|seg| seg.len() == 24 && seg < start.as_str())
+        {
+            continue;
+        }
+        assert_eq!(after.get(path), Some(bytes), "{} changed", path.display());
+    }
+    ok(&s, &["verify"]);
+}
+
+#[test]
 fn keep_wal_within_keeps_older_backups_restorable() {
     let s = setup(&|root| RepoTarget::local(&root.join("repo")));
     let ids = three_backups(&s);

@@ -14,7 +14,7 @@ pub use layout::{
     wal_name_of_key,
 };
 
-pub use staged::StagedObject;
+pub use staged::{LEFTOVER_AGE, Leftover, StagedObject};
 pub use url::RepoUrl;
 
 use crate::error::{Error, ErrorKind, Result};

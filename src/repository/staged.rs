@@ -13,6 +13,28 @@ use crate::error::{Error, Result};
 use bytes::Bytes;
 use std::fs::File;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+/// How long a staged file must have gone unwritten before it counts as
+/// left behind: a live push writes its own every few milliseconds, and one
+/// stalled longer than this fails its link and is retried by PostgreSQL.
+pub const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
+
+/// A staged file whose write was killed before the link: never an object,
+/// never listed, only taking space.
+pub struct Leftover {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+/// `name#N`: the staging names of walvault and of the store's own uploads.
+fn is_staging_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .and_then(|n| n.rsplit_once('#'))
+        .is_some_and(|(base, n)| {
+            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        })
+}
 
 /// A staged file: removed when dropped, linked to its name by
 /// [`Repository::put_staged`].
@@ -69,6 +91,50 @@ impl Repository {
         None
     }
 
+    /// Staged files unwritten for [`LEFTOVER_AGE`] in a local repository:
+    /// what pushes and uploads killed mid-write left. None on S3, where
+    /// every object is one PUT that stores all of it or nothing.
+    pub fn leftovers(&self) -> Result<Vec<Leftover>> {
+        let Some(root) = self.local_root() else {
+            return Ok(vec![]);
+        };
+        let failed = |e: &dyn std::fmt::Display| {
+            Error::io(format!("cannot look for leftovers in {}: {e}", self.url))
+        };
+        let now = SystemTime::now();
+        let mut found = vec![];
+        for entry in walkdir::WalkDir::new(root) {
+            let entry = entry.map_err(|e| failed(&e))?;
+            if !entry.file_type().is_file() || !is_staging_name(entry.file_name()) {
+                continue;
+            }
+            let meta = entry.metadata().map_err(|e| failed(&e))?;
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if idle >= LEFTOVER_AGE {
+                found.push(Leftover {
+                    path: entry.into_path(),
+                    size: meta.len(),
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Deletes a leftover; one already gone is fine.
+    pub fn delete_leftover(&self, leftover: &Leftover) -> Result<()> {
+        match std::fs::remove_file(&leftover.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!(
+                "cannot delete {}: {e}",
+                leftover.path.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Makes a complete staged object durable under `key`, unless something
     /// is there already; returns only once it is durable, like `put_new`.
     /// When the name is taken, the staged bytes come back, for the caller
@@ -98,5 +164,26 @@ impl Repository {
         })
         .await
         .map_err(|e| Error::io(format!("storage task failed: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_staging_names_are_leftovers() {
+        for name in ["000000010000000000000001.zst#4242000", "a.pack#7"] {
+            assert!(is_staging_name(name.as_ref()), "{name}");
+        }
+        for name in [
+            "000000010000000000000001.zst",
+            "#12",
+            "a#",
+            "a#1b",
+            "walvault.json",
+        ] {
+            assert!(!is_staging_name(name.as_ref()), "{name}");
+        }
     }
 }

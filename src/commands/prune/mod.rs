@@ -11,7 +11,7 @@ use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
 use crate::lock::{self, RepoLock};
 use crate::manifest::Manifest;
-use crate::repository::{PACK_DIR, RepoUrl, Repository, is_pack_id, manifest_key};
+use crate::repository::{Leftover, PACK_DIR, RepoUrl, Repository, is_pack_id, manifest_key};
 use object_store::path::Path as Key;
 use std::collections::HashSet;
 
@@ -28,6 +28,8 @@ struct Doomed {
     wal: Vec<(Key, u64)>,
     packs: Vec<(Key, u64)>,
     packs_kept_because: Option<String>,
+    /// Staged files of killed writes (local repositories only).
+    leftovers: Vec<Leftover>,
 }
 
 impl Doomed {
@@ -35,6 +37,7 @@ impl Doomed {
         self.backups.iter().map(|b| b.2).sum::<u64>()
             + self.wal.iter().map(|w| w.1).sum::<u64>()
             + self.packs.iter().map(|p| p.1).sum::<u64>()
+            + self.leftovers.iter().map(|l| l.size).sum::<u64>()
     }
 }
 
@@ -70,10 +73,14 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
             "deleted"
         };
         crate::say!(
-            "prune: {verb} {} backups, {} WAL files, {} packs; {} {}{}",
+            "prune: {verb} {} backups, {} WAL files, {} packs{}; {} {}{}",
             doomed.backups.len(),
             doomed.wal.len(),
             doomed.packs.len(),
+            match doomed.leftovers.len() {
+                0 => String::new(),
+                n => format!(", {n} files of interrupted writes"),
+            },
             human_bytes(doomed.bytes()),
             if opts.dry_run {
                 "would be freed"
@@ -183,6 +190,8 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
         }
     }
 
+    doomed.leftovers = repo.leftovers()?;
+
     if opts.dry_run {
         if !opts.quiet {
             for (id, key, _) in &doomed.backups {
@@ -190,6 +199,12 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
             }
             for (key, _) in doomed.wal.iter().chain(&doomed.packs) {
                 crate::say!("would delete {key}");
+            }
+            for l in &doomed.leftovers {
+                crate::say!(
+                    "would delete {} (left by an interrupted write)",
+                    l.path.display()
+                );
             }
         }
         return Ok(doomed);
@@ -202,6 +217,13 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
     }
     delete_all(repo, &doomed.wal).await?;
     delete_all(repo, &doomed.packs).await?;
+    for l in &doomed.leftovers {
+        repo.delete_leftover(l)?;
+        tracing::debug!(
+            "deleted {} (left by an interrupted write)",
+            l.path.display()
+        );
+    }
     Ok(doomed)
 }
 
