@@ -292,10 +292,12 @@ scenario_1() {
     done
     for ((i = 0; i < RUNS; i++)); do
         seg=${segs[i]}
-        for tool in $( ((i % 2)) && echo "pgbr wv" || echo "wv pgbr"); do
+        for tool in $( ((i % 2)) && echo "pgbr dd wv" || echo "wv pgbr dd"); do
             case $tool in
             wv) timeit "$T/res/s1_wv_fetch" "$T/work" WALVAULT_PREFETCH=0 "$WV" --repo "$wvrepo" fetch "$seg" "$dir/fetch/wv-$seg" ;;
             pgbr) timeit "$T/res/s1_pgbr_fetch" "$T/work" pgbackrest --config="$PGBR_CONF" --stanza=bench --repo1-path="$pgbrrepo" archive-get "$seg" "$dir/fetch/pgbr-$seg" ;;
+            # The floor: only writing the segment's bytes into a new file.
+            dd) timeit "$T/res/s1_dd_write" "$T/work" dd if="$T/stage/$seg" of="$dir/fetch/dd-$seg" bs=1M status=none ;;
             esac
         done
         cmp "$T/stage/$seg" "$dir/fetch/wv-$seg" || die "walvault fetch of $seg differs from the original"
@@ -612,11 +614,11 @@ report() {
     fi
 
     # scenario 1
-    local s1 wp pp cp wr pr cr wf pf wfr pfr wc pc
+    local s1 wp pp cp wr pr cr wf pf df wfr pfr wc pc
     s1=$(st 1)
     wp=$(median $R/s1_wv_push) pp=$(median $R/s1_pgbr_push) cp=$(median $R/s1_cp_push)
     wr=$(median $R/s1_wv_push 2) pr=$(median $R/s1_pgbr_push 2) cr=$(median $R/s1_cp_push 2)
-    wf=$(median $R/s1_wv_fetch) pf=$(median $R/s1_pgbr_fetch)
+    wf=$(median $R/s1_wv_fetch) pf=$(median $R/s1_pgbr_fetch) df=$(median $R/s1_dd_write)
     wfr=$(median $R/s1_wv_fetch 2) pfr=$(median $R/s1_pgbr_fetch 2)
     wc=$(median $R/s1_wv_ratio) pc=$(median $R/s1_pgbr_ratio)
     # scenario 2
@@ -672,7 +674,7 @@ report() {
         row 1 "$s1" "push one 16 MiB segment" "wall time" "$(fmt "$wp") s" "$(fmt "$pp") s" "$(fmt "$cp") s (cp+sync)" "$(ratio "$wp" "$pp")× pgBackRest" "≤ 0.5× pgBackRest" "$(verdict "$(rawratio "$wp" "$pp")" "<=" 0.5)"
         row 1 "$s1" "push one 16 MiB segment" "peak RSS" "$(mb "$wr")" "$(mb "$pr")" "$(mb "$cr") (cp+sync)" "" "≤ 20 MB" "$(rss_verdict "$wr" "<=" 20)"
         row 1 "$s1" "push one 16 MiB segment" "compression ratio (original / stored bytes)" "$(fmt "$wc" 4)" "$(fmt "$pc" 4)" "1.0000" "$(awk -v a="$wc" -v b="$pc" 'BEGIN { if (a != "" && b > 0) printf "%.4f", a / b }')× pgBackRest" "≥ pgBackRest's" "$(verdict "$(rawratio "$wc" "$pc")" ">=" 1)"
-        row 1 "$s1" "fetch one 16 MiB segment" "wall time" "$(fmt "$wf") s" "$(fmt "$pf") s" "" "$(ratio "$wf" "$pf")× pgBackRest" "≤ 0.7× pgBackRest" "$(verdict "$(rawratio "$wf" "$pf")" "<=" 0.7)"
+        row 1 "$s1" "fetch one 16 MiB segment" "wall time" "$(fmt "$wf") s" "$(fmt "$pf") s" "$(fmt "$df") s (dd into a new file)" "$(ratio "$wf" "$pf")× pgBackRest" "≤ 0.7× pgBackRest" "$(verdict "$(rawratio "$wf" "$pf")" "<=" 0.7)"
         row 1 "$s1" "fetch one 16 MiB segment" "peak RSS" "$(mb "$wfr")" "$(mb "$pfr")" "" "" "(none)" "–"
         row 2 "$s2" "drain $DRAIN_SEGS ready segments of $SMALL_SEG MiB under pgbench load" "segments/s" "$(fmt "$w2" 1) (push-ahead $PUSH_AHEAD)" "$(fmt "$p2" 1) (async, process-max 2)" "" "$(ratio "$w2" "$p2")× pgBackRest" "≥ 2× pgBackRest async" "$(verdict "$(rawratio "$w2" "$p2")" ">=" 2)"
         row 2 "$s2" "drain $DRAIN_SEGS ready segments of $SMALL_SEG MiB under pgbench load" "time to drain" "$(fmt "$w2t" 2) s" "$(fmt "$p2t" 2) s" "" "" "" "–"
@@ -691,7 +693,7 @@ report() {
         echo "   - \`WALVAULT_PUSH_AHEAD=0 walvault --repo \$T/s1/wv push \$T/stage/SEG SEG\`"
         echo "   - \`pgbackrest --config=\$T/pgbr/pgbackrest.conf --stanza=bench --repo1-path=\$T/s1/pgbr archive-push \$T/stage/SEG\` (synchronous; stanza made with \`stanza-create\`)"
         echo "   - \`cp \$T/stage/SEG \$T/s1/cp/SEG && sync \$T/s1/cp/SEG \$T/s1/cp\` (the floor: a durable copy, uncompressed)"
-        echo "   - fetch: \`WALVAULT_PREFETCH=0 walvault --repo \$T/s1/wv fetch SEG \$T/s1/fetch/wv-SEG\` and \`pgbackrest ... archive-get SEG \$T/s1/fetch/pgbr-SEG\`; both outputs compared with \`cmp\` to the original."
+        echo "   - fetch: \`WALVAULT_PREFETCH=0 walvault --repo \$T/s1/wv fetch SEG \$T/s1/fetch/wv-SEG\` and \`pgbackrest ... archive-get SEG \$T/s1/fetch/pgbr-SEG\`; both outputs compared with \`cmp\` to the original. The floor, taking turns with them: \`dd if=\$T/stage/SEG of=\$T/s1/fetch/dd-SEG bs=1M\`, only writing the segment into a new file. In a VM whose host takes back freed guest memory, fresh page cache is slow on first touch: this floor then rises from a few ms to tens of ms, for every tool alike, and shows which state the run met."
         echo "   - compression ratio: original bytes over the stored files' bytes, summed over the segments pushed."
         echo "2. **drain.** A cluster with $SMALL_SEG MiB segments (\`initdb --wal-segsize=$SMALL_SEG\`: 200 segments of 16 MiB per run and tool would take too long for the time budget), \`archive_command = ''\` (PostgreSQL keeps marking segments .ready and archives nothing) while \`pgbench -i -s 2\` and \`pgbench -T 1\` write WAL until $DRAIN_SEGS or more .ready files are in pg_wal/archive_status. Then \`pgbench -n -c 2 -j 2\` starts as load, the clock starts, \`ALTER SYSTEM SET archive_command\` + \`pg_reload_conf()\`, and the clock stops when \`pg_stat_archiver.archived_count\` has grown by the number of .ready files. Then \`archive_command = ''\` again and the load stops. Commands: \`walvault --repo \$T/s2/wv push --push-ahead $PUSH_AHEAD %p %f\`; \`pgbackrest --config=... --stanza=drain --repo1-path=\$T/s2/pgbr archive-push %p\` with \`archive-async=y\`, \`process-max=2\`, \`spool-path=\$T/pgbr/spool\`. Runs take turns going first."
         echo "3. **replay from S3.** s3s-fs (\`s3s-fs --host 127.0.0.1 --port P --access-key K --secret-key S \$T/s3/data\`, bucket \`bench\`); a cluster with $SMALL_SEG MiB segments archives with \`walvault --repo s3://bench/wv push %p %f\`, \`walvault backup\` takes a base backup, then pgbench writes $DRAIN_SEGS segments more, all archived. Latency: $(cat $R/s3_latency 2>/dev/null || echo "netem in a network namespace, or a delaying proxy where netem is unavailable"). Per run: \`walvault --repo s3://bench/wv restore --pgdata \$T/replay/data\` (not timed, no added latency), then \`pg_ctl start -o '-c archive_mode=off ...'\` with \`AWS_ENDPOINT_URL\` at the slow endpoint and \`WALVAULT_PREFETCH=$PREFETCH\` or \`WALVAULT_PREFETCH=0\`; the clock runs from \`pg_ctl start\` until \`SELECT pg_is_in_recovery()\` returns false (end of archive reached, promoted). The restore_command is the one \`walvault restore\` writes. Segments restored per run (from the server log, median): $(fmt "$on_n" 0) with prefetch, $(fmt "$off_n" 0) without."
@@ -705,7 +707,7 @@ report() {
         echo "| measurement | values (wall s, or as noted) |"
         echo "|---|---|"
         local f
-        for f in s1_wv_push s1_pgbr_push s1_cp_push s1_wv_fetch s1_pgbr_fetch s4_wv_backup s4_pgbr_backup s4_wv_restore s4_pgbr_restore; do
+        for f in s1_wv_push s1_pgbr_push s1_cp_push s1_wv_fetch s1_pgbr_fetch s1_dd_write s4_wv_backup s4_pgbr_backup s4_wv_restore s4_pgbr_restore; do
             [[ -s $R/$f ]] && echo "| $f | $(values $R/$f 1) (peak RSS KiB: $(values $R/$f 2)) |"
         done
         [[ -s $R/s1_wv_ratio ]] && echo "| s1 compression ratio | walvault: $(values $R/s1_wv_ratio), pgBackRest: $(values $R/s1_pgbr_ratio) |"
