@@ -103,12 +103,26 @@ impl Repository {
         };
         let now = SystemTime::now();
         let mut found = vec![];
+        // Pushes go on meanwhile: a staged file (or a directory) that is
+        // gone by the time we look at it was linked and removed, not left.
+        let gone = |e: &walkdir::Error| {
+            e.io_error()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        };
         for entry in walkdir::WalkDir::new(root) {
-            let entry = entry.map_err(|e| failed(&e))?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(failed(&e)),
+            };
             if !entry.file_type().is_file() || !is_staging_name(entry.file_name()) {
                 continue;
             }
-            let meta = entry.metadata().map_err(|e| failed(&e))?;
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(failed(&e)),
+            };
             let idle = meta
                 .modified()
                 .ok()
