@@ -1,11 +1,11 @@
 //! Objects of many frames, compressed and decompressed on every core.
 //!
 //! Both directions run the same pipeline (encoding here, decoding in
-//! `decode.rs`): workers take frames in turn, each
-//! producing one frame's original bytes in a pooled buffer, and one more
-//! thread hashes the buffers in frame order; on the way there, a writer
-//! thread may store them. The pool holds `workers + 2` buffers at most, so
-//! memory holds a few frames, never the whole content.
+//! `decode.rs`): workers take frames in turn, each producing one frame's
+//! original bytes in a pooled buffer; the worker that finishes the frame the
+//! sha256 waits for hashes it, and any later ones already done. On the way,
+//! a writer thread may store them. The pool holds `workers + 2` buffers at
+//! most, so memory holds a few frames, never the whole content.
 
 use super::{HEADER_LEN, ObjectError, ObjectHeader, Sha256Digest, header_bytes};
 use sha2::{Digest, Sha256};
@@ -100,12 +100,53 @@ impl From<WorkerPanic> for ObjectError {
     }
 }
 
+/// The sha256 of frames finished out of order, taken in order.
+#[derive(Default)]
+struct HashChain {
+    sha: Sha256,
+    want: usize,
+    pending: BTreeMap<usize, Arc<Vec<u8>>>,
+    /// A worker is hashing `want` outside the lock.
+    busy: bool,
+}
+
+impl HashChain {
+    /// Adds frame `i`; if no one is hashing, hashes every frame that is next
+    /// in order, outside the lock, handing each to `done` afterwards.
+    fn add(chain: &Mutex<HashChain>, i: usize, buf: Arc<Vec<u8>>, done: impl Fn(Arc<Vec<u8>>)) {
+        let mut item = Some((i, buf));
+        loop {
+            let (mut sha, buf) = {
+                let mut c = chain.lock().unwrap();
+                if let Some((i, buf)) = item.take() {
+                    c.pending.insert(i, buf);
+                }
+                if c.busy {
+                    return;
+                }
+                let want = c.want;
+                let Some(buf) = c.pending.remove(&want) else {
+                    return;
+                };
+                c.busy = true;
+                (std::mem::take(&mut c.sha), buf)
+            };
+            sha.update(&buf[..]);
+            done(buf);
+            let mut c = chain.lock().unwrap();
+            c.sha = sha;
+            c.want += 1;
+            c.busy = false;
+        }
+    }
+}
+
 type FrameWriter<'a, J, E> = dyn Fn(&J, &[u8]) -> Result<(), E> + Sync + 'a;
 
 /// Runs `work(job, buffer)` for every job `jobs` yields, on `workers`
 /// threads; `work` leaves the frame's original bytes in `buffer`, which then
 /// goes to `writer(job, bytes)` on a thread of its own, if given, and to the
-/// hasher. Jobs are taken in order, one worker at a time, so `jobs` may read
+/// [`HashChain`]. Jobs are taken in order, one worker at a time, so `jobs` may read
 /// its input as it goes. Returns the sha256 of all frames' bytes in job
 /// order, or the first error. `init` makes each worker's state (a zstd
 /// context).
@@ -127,9 +168,10 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
         let _ = pool_tx.send(SPARE_BUFFERS.lock().unwrap().pop().unwrap_or_default());
     }
     let pool_rx = Mutex::new(pool_rx);
-    // A decoded frame goes to the hasher and, at the same time, to the
-    // writer; whichever finishes with it last returns it to the pool.
-    let (hash_tx, hash_rx) = mpsc::channel::<(usize, Arc<Vec<u8>>)>();
+    // The sha256 runs over frames in order, advanced by whichever worker
+    // finishes the frame it waits for: no thread of its own to wake, and no
+    // core idle while another thread's hashing lags behind the decoders.
+    let chain = Mutex::new(HashChain::default());
     let (write_tx, write_rx) = mpsc::channel::<(J, Arc<Vec<u8>>)>();
     let give_back = |pool: &mpsc::Sender<Vec<u8>>, buf: Arc<Vec<u8>>| {
         if let Some(buf) = Arc::into_inner(buf) {
@@ -140,25 +182,8 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
         failed.store(true, Ordering::SeqCst);
         first_error.lock().unwrap().get_or_insert(e);
     };
-    let sha256 = std::thread::scope(|s| {
-        // A frame finished early waits in `pending`, holding one of the
-        // pool's buffers; the frame the hasher waits for always has a worker,
-        // since frames are claimed in order by workers that hold a buffer.
+    std::thread::scope(|s| {
         let writer_pool = pool_tx.clone();
-        let hasher = s.spawn(move || {
-            let mut h = Sha256::new();
-            let mut pending = BTreeMap::new();
-            let mut want = 0usize;
-            for (i, buf) in hash_rx {
-                pending.insert(i, buf);
-                while let Some(buf) = pending.remove(&want) {
-                    h.update(&buf[..]);
-                    want += 1;
-                    give_back(&pool_tx, buf);
-                }
-            }
-            Sha256Digest(h.finalize().into())
-        });
         if let Some(write) = writer {
             let (failed, fail) = (&failed, &fail);
             s.spawn(move || {
@@ -176,9 +201,9 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
             drop(writer_pool);
         }
         for _ in 0..workers {
-            let (hash_tx, write_tx) = (hash_tx.clone(), write_tx.clone());
-            let (next, failed, pool_rx, init, work, fail) =
-                (&next, &failed, &pool_rx, &init, &work, &fail);
+            let (write_tx, pool_tx) = (write_tx.clone(), pool_tx.clone());
+            let (next, failed, pool_rx, init, work, fail, chain) =
+                (&next, &failed, &pool_rx, &init, &work, &fail, &chain);
             s.spawn(move || {
                 let mut state = match init() {
                     Ok(state) => state,
@@ -199,8 +224,8 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
                         next.0 += 1;
                         (next.0 - 1, job)
                     };
-                    // A claimed frame always reaches the hasher, even after a
-                    // failure or a panic, so the hasher never waits forever
+                    // A claimed frame always joins the chain, even after a
+                    // failure or a panic, so the chain never waits forever
                     // (a lost frame would leave it holding every buffer).
                     let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         work(&mut state, &job, &mut buf)
@@ -211,27 +236,23 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
                         Ok(Err(e)) => fail(e),
                         Err(panic) => fail(E::from(WorkerPanic::from(panic))),
                     }
-                    // The hasher and the writer hold the only references,
-                    // so one of them gives the buffer back.
+                    // The chain and the writer hold the only references, so
+                    // one of them gives the buffer back.
                     let buf = Arc::new(buf);
-                    let sent = match writer {
-                        Some(_) => {
-                            hash_tx.send((i, buf.clone())).is_ok()
-                                && write_tx.send((job, buf)).is_ok()
-                        }
-                        None => hash_tx.send((i, buf)).is_ok(),
-                    };
+                    if writer.is_some() && write_tx.send((job, buf.clone())).is_err() {
+                        return;
+                    }
+                    HashChain::add(chain, i, buf, |b| give_back(&pool_tx, b));
                     // A context a panic went through is not used again.
-                    if !sent || panicked {
+                    if panicked {
                         return;
                     }
                 }
             });
         }
-        drop(hash_tx);
         drop(write_tx);
-        hasher.join().expect("sha256 thread does not panic")
     });
+    let sha256 = Sha256Digest(chain.into_inner().unwrap().sha.finalize().into());
     let mut spare = SPARE_BUFFERS.lock().unwrap();
     for buf in pool_rx.into_inner().unwrap().try_iter() {
         if spare.len() < MAX_SPARE {
@@ -358,6 +379,33 @@ fn append_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hash_chain_hashes_in_order_whatever_order_frames_finish_in() {
+        let frames: Vec<Vec<u8>> = (0..60u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
+        let chain = Mutex::new(HashChain::default());
+        let handed_back = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (frames, chain, handed_back) = (&frames, &chain, &handed_back);
+                // Each thread finishes its share last first.
+                s.spawn(move || {
+                    for i in (t..frames.len()).step_by(4).rev() {
+                        HashChain::add(chain, i, Arc::new(frames[i].clone()), |_| {
+                            handed_back.fetch_add(1, Ordering::SeqCst);
+                        });
+                    }
+                });
+            }
+        });
+        let chain = chain.into_inner().unwrap();
+        assert_eq!((chain.want, chain.pending.len()), (60, 0));
+        assert_eq!(handed_back.into_inner(), 60);
+        assert_eq!(
+            Sha256Digest(chain.sha.finalize().into()),
+            Sha256Digest::of(&frames.concat())
+        );
+    }
 
     #[test]
     fn a_panicking_worker_fails_the_pipeline_instead_of_hanging_it() {

@@ -16,7 +16,7 @@
 //! Only when the writer is slow: where pages come cheap, zeroing them first
 //! is pure extra work, so the warmer sleeps while the writer's last write ran
 //! faster than [`SLOW_NS_PER_MIB`]. It runs at the lowest priority, so it
-//! only takes CPU the decoders and the hasher leave idle. Correctness never
+//! only takes CPU the decoding workers leave idle. Correctness never
 //! depends on it: the kernel skips pages the writer has already filled, and
 //! the writer overwrites any the warmer zeroed.
 
