@@ -98,7 +98,7 @@ impl Iterator for FrameCutter<'_> {
 /// Decompresses an object into `file` (from offset 0) and proves it is the
 /// original: same length, same sha256. Frames are decompressed on `workers`
 /// threads as soon as `fill` has delivered them, and one more thread writes
-/// them where they belong. `size_hint` is the object's size, if known.
+/// them where they belong (helped by a page-cache warmer, see `warm.rs`).
 /// `file` holds unproven bytes until this returns `Ok`; the caller must not
 /// let anyone use them before.
 pub fn decode_to_file_from(
@@ -210,6 +210,7 @@ pub fn decode_to_file(
 ) -> Result<ObjectHeader, ObjectError> {
     decode_to_file_from(object.into(), &mut |_| Ok(0), file, max, workers)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
