@@ -120,13 +120,19 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn pages_warmed_ahead_of_the_writer_are_overwritten() {
+    /// A new empty file, and 8 MiB without a zero byte to write into it.
+    fn new_file() -> (tempfile::TempDir, std::path::PathBuf, File, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         let file = File::create(&path).unwrap();
-        let len = 8u64 << 20;
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        let data = (0..8u64 << 20).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        (dir, path, file, data)
+    }
+
+    #[test]
+    fn pages_warmed_ahead_of_the_writer_are_overwritten() {
+        let (_dir, path, file, data) = new_file();
+        let len = data.len() as u64;
         let pace = WritePace::default();
         file.write_all_at(&data[..1 << 20], 0).unwrap();
         pace.wrote(0, 1 << 20, Duration::from_millis(5));
@@ -143,11 +149,8 @@ mod tests {
 
     #[test]
     fn warming_beside_the_writer_never_changes_what_it_wrote() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let file = File::create(&path).unwrap();
-        let len = 8u64 << 20;
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        let (_dir, path, file, data) = new_file();
+        let len = data.len() as u64;
         let pace = WritePace::default();
         std::thread::scope(|s| {
             s.spawn(|| warm_from_end(&file, len, &pace));
@@ -164,8 +167,7 @@ mod tests {
 
     #[test]
     fn a_fast_writer_leaves_the_warmer_idle() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = File::create(dir.path().join("out")).unwrap();
+        let (_dir, _, file, _) = new_file();
         let pace = WritePace::default();
         pace.wrote(0, 1 << 20, Duration::from_micros(200));
         std::thread::scope(|s| {
