@@ -828,3 +828,143 @@ fn cli_keeps_secrets_and_refuses_contradictions() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("takes no recovery target"));
     assert!(!dest.exists());
 }
+
+/// A relay on 127.0.0.1 to a server that cuts its first `cuts` connections
+/// once `after` bytes of response have gone through: a connection to the
+/// store dropping mid-body.
+struct CuttingRelay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepter: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CuttingRelay {
+    fn start(upstream: u16, cuts: usize, after: usize) -> CuttingRelay {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (cut2, stop2) = (cut.clone(), stop.clone());
+        let accepter = std::thread::spawn(move || {
+            let mut accepted = 0usize;
+            while !stop2.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let to_cut = accepted < cuts;
+                accepted += 1;
+                let cut = cut2.clone();
+                std::thread::spawn(move || {
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    let (mut c_in, mut s_out) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    // Requests go through as they come; each side's end ends the other.
+                    let requests = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c_in, &mut s_out);
+                        let _ = s_out.shutdown(Shutdown::Write);
+                    });
+                    let (mut server, mut client) = (server, client);
+                    let mut sent = 0usize;
+                    let mut buf = vec![0u8; 16 << 10];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = if to_cut {
+                            n.min(after.saturating_sub(sent))
+                        } else {
+                            n
+                        };
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                        if to_cut && sent >= after {
+                            cut.fetch_add(1, Ordering::SeqCst);
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    let _ = requests.join();
+                });
+            }
+        });
+        CuttingRelay {
+            port,
+            cut,
+            stop,
+            accepter: Some(accepter),
+        }
+    }
+}
+
+impl Drop for CuttingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(a) = self.accepter.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+#[test]
+fn a_connection_cut_mid_object_is_resumed_and_still_proven() {
+    let f = fixture();
+    let s3 = S3Server::start();
+    let repo = s3_target(&s3, "cut");
+    // Incompressible after the header, so the object is about 1 MiB and the
+    // cut falls inside its frames.
+    let mut segment = synthetic_segment(SEG, 7, MIB, 0);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for b in &mut segment[64..] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let p = f.write(SEG, &segment);
+    assert!(f.push(&repo, &p, SEG).status.success());
+
+    let relay = CuttingRelay::start(s3.port, 1, 256 << 10);
+    let mut through_relay = repo.clone();
+    for (k, v) in &mut through_relay.env {
+        if k == "AWS_ENDPOINT_URL" {
+            *v = format!("http://127.0.0.1:{}", relay.port);
+        }
+    }
+    let dest = f.dir.path().join("RECOVERYXLOG");
+    std::fs::write(&dest, b"previous").unwrap();
+    let out = f.fetch(&through_relay, SEG, &dest);
+    assert_eq!(
+        relay.cut.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the relay cut nothing"
+    );
+    // The store's client asks again for the rest (a Range request), and the
+    // whole object is still proven before it is handed over.
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        std::fs::read(&dest).unwrap() == segment,
+        "wrong bytes handed over"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
