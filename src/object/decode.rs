@@ -153,9 +153,9 @@ pub fn decode_to_file_from(
         if length >= super::warm::MIN_LEN {
             s.spawn(|| super::warm::warm_from_end(file, length, &pace));
         }
-        let sha256 = decode_frames(frames, workers, file, &pace);
-        pace.finish();
-        sha256
+        // However decoding ends, even by a panic, the warmer stops.
+        let _finish = pace.finish_on_drop();
+        decode_frames(frames, workers, file, &pace)
     })?;
     header.check_sha256(sha256)?;
     Ok(header)

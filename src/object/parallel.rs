@@ -70,21 +70,25 @@ impl Drop for PooledCompressor {
     }
 }
 
-/// Stores a frame's original bytes where they belong.
-/// A worker thread panicked on a frame: a bug, reported as an error rather
+/// A pipeline thread panicked on a frame: a bug, reported as an error rather
 /// than left to hang or abort the pipeline.
 pub struct WorkerPanic(String);
 
-impl From<Box<dyn std::any::Any + Send>> for WorkerPanic {
-    fn from(panic: Box<dyn std::any::Any + Send>) -> WorkerPanic {
-        let what = match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-            (Some(s), _) => s.to_string(),
-            (None, Some(s)) => s.clone(),
-            (None, None) => "no message".to_string(),
-        };
+impl WorkerPanic {
+    fn bug(what: &str) -> WorkerPanic {
         WorkerPanic(format!(
             "a worker thread failed unexpectedly ({what}); this is a bug in walvault, please report it"
         ))
+    }
+}
+
+impl From<Box<dyn std::any::Any + Send>> for WorkerPanic {
+    fn from(panic: Box<dyn std::any::Any + Send>) -> WorkerPanic {
+        match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+            (Some(s), _) => WorkerPanic::bug(s),
+            (None, Some(s)) => WorkerPanic::bug(s),
+            (None, None) => WorkerPanic::bug("no message"),
+        }
     }
 }
 
@@ -141,6 +145,7 @@ impl HashChain {
     }
 }
 
+/// Stores a frame's original bytes where they belong.
 type FrameWriter<'a, J, E> = dyn Fn(&J, &[u8]) -> Result<(), E> + Sync + 'a;
 
 /// Runs `work(job, buffer)` for every job `jobs` yields, on `workers`
@@ -187,11 +192,16 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
         if let Some(write) = writer {
             let (failed, fail) = (&failed, &fail);
             s.spawn(move || {
+                // Never ends early: workers send to it until they are done.
                 for (job, buf) in write_rx {
-                    if !failed.load(Ordering::SeqCst)
-                        && let Err(e) = write(&job, &buf[..])
-                    {
-                        fail(e);
+                    if !failed.load(Ordering::SeqCst) {
+                        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            write(&job, &buf[..])
+                        })) {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => fail(e),
+                            Err(panic) => fail(E::from(WorkerPanic::from(panic))),
+                        }
                     }
                     give_back(&writer_pool, buf);
                 }
@@ -240,11 +250,13 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
                     // one of them gives the buffer back.
                     let buf = Arc::new(buf);
                     if writer.is_some() && write_tx.send((job, buf.clone())).is_err() {
-                        return;
+                        fail(E::from(WorkerPanic::bug("the writer thread is gone")));
                     }
                     HashChain::add(chain, i, buf, |b| give_back(&pool_tx, b));
-                    // A context a panic went through is not used again.
+                    // A context a panic went through is not used again, not
+                    // even by the next object (a pooled one would go back).
                     if panicked {
+                        std::mem::forget(state);
                         return;
                     }
                 }
@@ -409,6 +421,28 @@ mod tests {
 
     #[test]
     fn a_panicking_worker_fails_the_pipeline_instead_of_hanging_it() {
+        let e = pipeline_with_a_panic(|i| assert!(i != 3, "frame {i}"), |_| {});
+        assert!(
+            e.contains("frame 3") && e.contains("bug in walvault"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_panicking_writer_fails_the_pipeline_instead_of_hanging_it() {
+        let e = pipeline_with_a_panic(|_| {}, |i| assert!(i != 5, "writing frame {i}"));
+        assert!(
+            e.contains("writing frame 5") && e.contains("bug in walvault"),
+            "{e}"
+        );
+    }
+
+    /// The error of a 64-frame pipeline whose worker or writer panics,
+    /// waited for at most 30 s (it used to hang).
+    fn pipeline_with_a_panic(
+        work: impl Fn(usize) + Send + Sync + 'static,
+        write: impl Fn(usize) + Send + Sync + 'static,
+    ) -> String {
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let result = ordered_parallel(
@@ -416,22 +450,21 @@ mod tests {
                 2,
                 || Ok::<_, std::io::Error>(()),
                 |_, &i, buf| {
-                    assert!(i != 3, "frame {i}");
+                    work(i);
                     buf.clear();
                     buf.resize(1000, i as u8);
                     Ok(())
                 },
-                Some(&|_, _| Ok(())),
+                Some(&|&i, _| {
+                    write(i);
+                    Ok(())
+                }),
             );
             let _ = done_tx.send(result.map_err(|e| e.to_string()));
         });
         let result = done_rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("the pipeline returned");
-        let e = result.expect_err("a panic is an error");
-        assert!(
-            e.contains("frame 3") && e.contains("bug in walvault"),
-            "{e}"
-        );
+        result.expect_err("a panic is an error")
     }
 }

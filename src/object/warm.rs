@@ -70,6 +70,17 @@ impl WritePace {
     pub fn finish(&self) {
         self.finished.store(true, Ordering::Relaxed);
     }
+
+    /// Calls [`WritePace::finish`] when dropped.
+    pub fn finish_on_drop(&self) -> impl Drop + '_ {
+        struct Finish<'a>(&'a WritePace);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.finish();
+            }
+        }
+        Finish(self)
+    }
 }
 
 /// Fills the page cache for `file`, whose final length is `len`, from its
