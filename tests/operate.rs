@@ -181,6 +181,16 @@ fn prune_deletes_what_killed_writes_left_and_nothing_being_written() {
         give_to_postgres(path);
     }
 
+    // A repository at the root of its own filesystem has a lost+found only
+    // root may read; prune, run as postgres, must not trip over it.
+    let lost_found = repo.join("lost+found");
+    std::fs::create_dir(&lost_found).unwrap();
+    std::fs::set_permissions(
+        &lost_found,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+
     let out = ok(&s, &["prune", "--keep-last", "1", "--dry-run"]);
     for path in [&old_push, &old_pack] {
         let line = format!(

@@ -27,13 +27,26 @@ pub struct Leftover {
     pub size: u64,
 }
 
-/// `name#N`: the staging names of walvault and of the store's own uploads.
+/// `name#N`: the staging names of walvault and of the store's own uploads,
+/// by the store's own rule (digits after the first `#`, which its listings
+/// skip), and never without a name before it.
 fn is_staging_name(name: &std::ffi::OsStr) -> bool {
     name.to_str()
-        .and_then(|n| n.rsplit_once('#'))
+        .and_then(|n| n.split_once('#'))
         .is_some_and(|(base, n)| {
             !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
         })
+}
+
+/// Where the store writes: files at the root, and the trees of the
+/// directories walvault keeps. Nothing else under the root is looked at (a
+/// mount point's root-only `lost+found`, say).
+fn store_places(root: &std::path::Path) -> Vec<(PathBuf, usize)> {
+    let mut places = vec![(root.to_path_buf(), 1)];
+    for dir in [super::WAL_DIR, super::PACK_DIR, super::BACKUP_DIR, "locks"] {
+        places.push((root.join(dir), usize::MAX));
+    }
+    places
 }
 
 /// A staged file: removed when dropped, linked to its name by
@@ -94,48 +107,14 @@ impl Repository {
     /// Staged files unwritten for [`LEFTOVER_AGE`] in a local repository:
     /// what pushes and uploads killed mid-write left. None on S3, where
     /// every object is one PUT that stores all of it or nothing.
-    pub fn leftovers(&self) -> Result<Vec<Leftover>> {
+    pub async fn leftovers(&self) -> Result<Vec<Leftover>> {
         let Some(root) = self.local_root() else {
             return Ok(vec![]);
         };
-        let failed = |e: &dyn std::fmt::Display| {
-            Error::io(format!("cannot look for leftovers in {}: {e}", self.url))
-        };
-        let now = SystemTime::now();
-        let mut found = vec![];
-        // Pushes go on meanwhile: a staged file (or a directory) that is
-        // gone by the time we look at it was linked and removed, not left.
-        let gone = |e: &walkdir::Error| {
-            e.io_error()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        };
-        for entry in walkdir::WalkDir::new(root) {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(failed(&e)),
-            };
-            if !entry.file_type().is_file() || !is_staging_name(entry.file_name()) {
-                continue;
-            }
-            let meta = match entry.metadata() {
-                Ok(meta) => meta,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(failed(&e)),
-            };
-            let idle = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .unwrap_or_default();
-            if idle >= LEFTOVER_AGE {
-                found.push(Leftover {
-                    path: entry.into_path(),
-                    size: meta.len(),
-                });
-            }
-        }
-        Ok(found)
+        let (root, url) = (root.to_path_buf(), self.url.to_string());
+        tokio::task::spawn_blocking(move || find_leftovers(&root, &url))
+            .await
+            .map_err(|e| Error::io(format!("looking for leftovers failed: {e}")))?
     }
 
     /// Deletes a leftover; one already gone is fine.
@@ -181,6 +160,54 @@ impl Repository {
     }
 }
 
+fn find_leftovers(root: &std::path::Path, url: &str) -> Result<Vec<Leftover>> {
+    use std::os::unix::fs::MetadataExt;
+    let failed =
+        |e: &dyn std::fmt::Display| Error::io(format!("cannot look for leftovers in {url}: {e}"));
+    let now = SystemTime::now();
+    let mut found = vec![];
+    // Pushes go on meanwhile: a staged file (or a directory) that is gone by
+    // the time we look at it was linked and removed, not left.
+    let gone = |e: &walkdir::Error| {
+        e.io_error()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    };
+    for (dir, depth) in store_places(root) {
+        if !dir.is_dir() {
+            continue;
+        }
+        for entry in walkdir::WalkDir::new(&dir).max_depth(depth) {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(failed(&e)),
+            };
+            if !entry.file_type().is_file() || !is_staging_name(entry.file_name()) {
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(failed(&e)),
+            };
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if idle >= LEFTOVER_AGE {
+                found.push(Leftover {
+                    path: entry.into_path(),
+                    // A push killed right after its link leaves a second name
+                    // of a live object: deleting it frees nothing.
+                    size: if meta.nlink() > 1 { 0 } else { meta.len() },
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +222,7 @@ mod tests {
             "#12",
             "a#",
             "a#1b",
+            "x#1#2",
             "walvault.json",
         ] {
             assert!(!is_staging_name(name.as_ref()), "{name}");

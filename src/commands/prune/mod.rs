@@ -190,7 +190,7 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
         }
     }
 
-    doomed.leftovers = repo.leftovers()?;
+    doomed.leftovers = repo.leftovers().await?;
 
     if opts.dry_run {
         if !opts.quiet {
