@@ -836,6 +836,7 @@ struct CuttingRelay {
     port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Joins every connection's thread once told to stop.
     accepter: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -852,6 +853,7 @@ impl CuttingRelay {
         let (cut2, stop2) = (cut.clone(), stop.clone());
         let accepter = std::thread::spawn(move || {
             let mut accepted = 0usize;
+            let mut connections = vec![];
             while !stop2.load(Ordering::SeqCst) {
                 let client = match listener.accept() {
                     Ok((client, _)) => client,
@@ -864,7 +866,7 @@ impl CuttingRelay {
                 let to_cut = accepted < cuts;
                 accepted += 1;
                 let cut = cut2.clone();
-                std::thread::spawn(move || {
+                connections.push(std::thread::spawn(move || {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
                         return;
                     };
@@ -900,7 +902,11 @@ impl CuttingRelay {
                     let _ = client.shutdown(Shutdown::Both);
                     let _ = server.shutdown(Shutdown::Both);
                     let _ = requests.join();
-                });
+                }));
+            }
+            // Each ends when either side closes: walvault has exited by now.
+            for c in connections {
+                let _ = c.join();
             }
         });
         CuttingRelay {
@@ -926,9 +932,9 @@ fn a_connection_cut_mid_object_is_resumed_and_still_proven() {
     let f = fixture();
     let s3 = S3Server::start();
     let repo = s3_target(&s3, "cut");
-    // Incompressible after the header, so the object is about 1 MiB and the
-    // cut falls inside its frames.
-    let mut segment = synthetic_segment(SEG, 7, MIB, 0);
+    // Incompressible after the header, so the object is about 8 MiB of eight
+    // frames and the cut falls inside the first.
+    let mut segment = synthetic_segment(SEG, 7, 8 * MIB, 0);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for b in &mut segment[64..] {
         x ^= x << 13;
@@ -948,7 +954,25 @@ fn a_connection_cut_mid_object_is_resumed_and_still_proven() {
     }
     let dest = f.dir.path().join("RECOVERYXLOG");
     std::fs::write(&dest, b"previous").unwrap();
-    let out = f.fetch(&through_relay, SEG, &dest);
+    // Bounded: a fetch that hangs after the cut fails the test, not the suite.
+    let mut child = through_relay
+        .walvault(&f.bin)
+        .arg("fetch")
+        .arg(SEG)
+        .arg(&dest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let since = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if since.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("fetch still running 60 s after a cut connection");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(
         relay.cut.load(std::sync::atomic::Ordering::SeqCst),
         1,
