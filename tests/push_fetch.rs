@@ -479,17 +479,26 @@ fn pg_wal_with_ready(f: &Fixture, names: &[&str], fill: u8) -> std::path::PathBu
     wal
 }
 
+/// Three segments PostgreSQL has marked ready, and a local repository.
+const BACKLOG: [&str; 3] = [
+    "000000010000000000000003",
+    "000000010000000000000004",
+    "000000010000000000000005",
+];
+
+/// The repository's directory, its target, and a pg_wal holding [`BACKLOG`].
+fn backlog(f: &Fixture) -> (std::path::PathBuf, RepoTarget, std::path::PathBuf) {
+    let root = f.dir.path().join("repo");
+    let repo = RepoTarget::local(&root);
+    let wal = pg_wal_with_ready(f, &BACKLOG, 0);
+    (root, repo, wal)
+}
+
 #[test]
 fn push_ahead_records_never_outlive_a_changed_file() {
     let f = fixture();
-    let root = f.dir.path().join("repo");
-    let repo = RepoTarget::local(&root);
-    let names = [
-        "000000010000000000000003",
-        "000000010000000000000004",
-        "000000010000000000000005",
-    ];
-    let wal = pg_wal_with_ready(&f, &names, 0);
+    let (root, repo, wal) = backlog(&f);
+    let names = BACKLOG;
     let out = push_from_pg_wal(&f, &repo, &wal, names[0], 8);
     assert!(out.status.success(), "{}", describe(&out));
     // The others are pushed by a background worker, which logs to the spool.
@@ -504,13 +513,7 @@ fn push_ahead_records_never_outlive_a_changed_file() {
         );
     }
     // Unchanged: the next call is answered from the record.
-    let out = repo
-        .walvault(&f.bin)
-        .arg("push")
-        .arg(wal.join(names[1]))
-        .arg(names[1])
-        .output()
-        .unwrap();
+    let out = f.push(&repo, &wal.join(names[1]), names[1]);
     assert!(out.status.success(), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("archived ahead; verified unchanged"),
@@ -524,27 +527,15 @@ fn push_ahead_records_never_outlive_a_changed_file() {
         synthetic_segment(names[2], 7, MIB, 0x33),
     )
     .unwrap();
-    let out = repo
-        .walvault(&f.bin)
-        .arg("push")
-        .arg(wal.join(names[2]))
-        .arg(names[2])
-        .output()
-        .unwrap();
+    let out = f.push(&repo, &wal.join(names[2]), names[2]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
 }
 
 #[test]
 fn settled_records_are_proven_by_metadata_and_still_catch_changes() {
     let f = fixture();
-    let root = f.dir.path().join("repo");
-    let repo = RepoTarget::local(&root);
-    let names = [
-        "000000010000000000000003",
-        "000000010000000000000004",
-        "000000010000000000000005",
-    ];
-    let wal = pg_wal_with_ready(&f, &names, 0);
+    let (_, repo, wal) = backlog(&f);
+    let names = BACKLOG;
     // Written well before they are read, as a backlog is.
     std::thread::sleep(Duration::from_millis(2200));
     let push = |name: &str| push_from_pg_wal(&f, &repo, &wal, name, 8);
