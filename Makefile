@@ -1,7 +1,7 @@
 # walvault: `make demo` and `make test` do all set-up on a fresh machine.
 CARGO ?= cargo
 
-.PHONY: all build release setup lint test unit demo bench clean
+.PHONY: all build release setup lint test test-versions unit demo bench clean
 
 all: build
 
@@ -24,6 +24,11 @@ unit:
 
 test: setup lint
 	$(CARGO) test --all-targets
+
+# The version matrix: archive, backup, PITR, latest, verify and drill on
+# every supported PostgreSQL major version (13 to 18).
+test-versions: setup
+	$(CARGO) test --test versions -- --ignored
 
 demo: setup release
 	scripts/demo.sh

