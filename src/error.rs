@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Io,
     /// A monitoring threshold is crossed (status --max-age).
     Stale,
+    /// `check` found something that would make archiving or a restore fail.
+    Unhealthy,
 }
 
 impl ErrorKind {
@@ -32,6 +34,7 @@ impl ErrorKind {
             ErrorKind::Corrupt => 4,
             ErrorKind::Io => 5,
             ErrorKind::Stale => 6,
+            ErrorKind::Unhealthy => 7,
         }
     }
 }

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use walvault::commands::restore::{RecoveryTarget, parse_time};
-use walvault::commands::{backup, drill, fetch, list, prune, push, restore, status, verify};
+use walvault::commands::{backup, check, drill, fetch, list, prune, push, restore, status, verify};
 use walvault::duration::parse_duration;
 use walvault::error::{Error, ErrorKind};
 use walvault::repository::RepoUrl;
@@ -117,6 +117,18 @@ enum Command {
         /// Seconds to wait for the backup's last WAL to be archived.
         #[arg(long, env = "WALVAULT_ARCHIVE_TIMEOUT", default_value_t = 300)]
         archive_timeout: u64,
+    },
+    /// Prove archiving works end to end and name what would make archiving or a restore fail.
+    Check {
+        /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
+        #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
+        dbname: Option<String>,
+        /// Seconds to wait for the switched segment to reach the repository.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// List backups, newest last.
     List {
@@ -434,6 +446,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
             backup::run(&url, &opts).await
         }
         Command::List { json } => list::run(&url, json).await,
+        Command::Check {
+            dbname,
+            timeout,
+            json,
+        } => {
+            let opts = check::CheckOptions {
+                dbname,
+                timeout: std::time::Duration::from_secs(timeout),
+                json,
+            };
+            check::run(&url, &opts).await
+        }
         Command::Drill(a) => {
             let opts = drill::DrillOptions {
                 target: a.target.recovery_target()?,

@@ -2,6 +2,7 @@
 //! CLI layer stays argument parsing only.
 
 pub mod backup;
+pub mod check;
 pub mod drill;
 pub mod fetch;
 pub mod list;
