@@ -1,7 +1,7 @@
 # walvault: `make demo` and `make test` do all set-up on a fresh machine.
 CARGO ?= cargo
 
-.PHONY: all build release setup lint test test-versions unit demo bench clean
+.PHONY: all build release setup lint test test-versions unit demo bench chaos clean
 
 all: build
 
@@ -35,6 +35,10 @@ demo: setup release
 
 bench: setup release
 	scripts/bench.sh
+
+# The fault suite: kill storms, hostile repositories; writes docs/reliability.md.
+chaos: setup
+	scripts/chaos.sh
 
 clean:
 	$(CARGO) clean
