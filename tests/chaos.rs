@@ -234,7 +234,7 @@ fn kill_storm_filesystem() {
             continue;
         }
         let (pid, verb) = &procs[rng.below(procs.len() as u64) as usize];
-        // SAFETY-free: kill(1) through the shell keeps this test safe Rust.
+        // kill(1) keeps this test free of unsafe code.
         let killed = Command::new("kill")
             .args(["-9", &pid.to_string()])
             .stderr(Stdio::null())
@@ -259,7 +259,8 @@ fn kill_storm_filesystem() {
     let last = primary.switch_wal();
     primary.wait_archived(&last);
     let final_rows = pgbench_fingerprint(&primary);
-    let final_backup = {
+    // A backup nobody kills: at least one must exist to restore.
+    {
         let out = repo
             .walvault_as_postgres(&bin)
             .envs(primary.libpq_env())
@@ -273,7 +274,6 @@ fn kill_storm_filesystem() {
             describe(&out)
         );
     };
-    let _ = final_backup;
     let last = primary.switch_wal();
     primary.wait_archived(&last);
 
