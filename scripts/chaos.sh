@@ -6,8 +6,8 @@
 #   make chaos                        # the full suite
 #   CHAOS_KILLS=40 CHAOS_FUZZ_CASES=2000 scripts/chaos.sh   # a short run
 #
-# The scenarios are the ignored tests of tests/chaos.rs (each appends its
-# section to the report) and the hostile-repository property tests of
+# The scenarios are the ignored tests of tests/chaos.rs and tests/pitr_random.rs
+# (each appends its section to the report) and the hostile-repository property tests of
 # tests/hostile_repository.rs at CHAOS_FUZZ_CASES cases per parser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,13 @@ status=0
 sections=$work/sections.md
 : > "$sections"
 echo "chaos: scenarios of tests/chaos.rs (kills: $KILLS)" >&2
-if ! WALVAULT_CHAOS_REPORT=$sections WALVAULT_CHAOS_KILLS=$KILLS \
-    cargo test --release --test chaos -- --ignored --test-threads 1 >"$work/chaos.log" 2>&1; then
-    status=1
-    tail -40 "$work/chaos.log" >&2
-fi
+for suite in chaos pitr_random; do
+    if ! WALVAULT_CHAOS_REPORT=$sections WALVAULT_CHAOS_KILLS=$KILLS \
+        cargo test --release --test "$suite" -- --ignored --test-threads 1 >"$work/$suite.log" 2>&1; then
+        status=1
+        tail -40 "$work/$suite.log" >&2
+    fi
+done
 
 echo "chaos: hostile repository, $FUZZ cases per parser" >&2
 fuzz_started=$(date +%s)
