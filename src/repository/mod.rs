@@ -44,6 +44,40 @@ pub struct RepositoryConfig {
 }
 
 impl RepositoryConfig {
+    /// Refuses a config no walvault writes: every reader divides by the
+    /// segment size and compares identifiers, so a hand-edited or damaged
+    /// field must stop here with a clear error, not panic later.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.format == 0 {
+            return Err("format 0 does not exist (formats start at 1)".into());
+        }
+        let sysid_ok = !self.system_identifier.is_empty()
+            && self.system_identifier.bytes().all(|b| b.is_ascii_digit())
+            && self
+                .system_identifier
+                .parse::<u64>()
+                .is_ok_and(|id| id != 0);
+        if !sysid_ok {
+            return Err(format!(
+                "system_identifier '{}' is not a cluster's system identifier (a non-zero decimal 64-bit number)",
+                self.system_identifier.escape_debug()
+            ));
+        }
+        if !(9..=999).contains(&self.pg_version) {
+            return Err(format!(
+                "pg_version {} is not a PostgreSQL major version",
+                self.pg_version
+            ));
+        }
+        let size = self.wal_segment_size;
+        if !size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&size) {
+            return Err(format!(
+                "wal_segment_size {size} is not a power of two between 1 MiB and 1 GiB"
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses WAL of another cluster (or another segment size): two
     /// clusters' WAL must never mix in one archive.
     pub fn check_same_cluster(&self, cluster: &RepositoryConfig, url: &RepoUrl) -> Result<()> {
@@ -261,6 +295,13 @@ impl Repository {
                 self.url, config.format
             )));
         }
+        config.validate().map_err(|why| {
+            Error::corrupt(format!(
+                "{CONFIG_KEY} in {} is damaged: {why}; restore it from a copy \
+                 (every archived segment's header records the system identifier and segment size)",
+                self.url
+            ))
+        })?;
         Ok(Some(config))
     }
 
@@ -334,6 +375,38 @@ pub fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn config_validation_refuses_nonsense() {
+        let good = super::RepositoryConfig {
+            format: 1,
+            system_identifier: "7712875144486048961".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        assert_eq!(good.validate(), Ok(()));
+        type Spoil = fn(&mut super::RepositoryConfig);
+        let bad: [(&str, Spoil); 9] = [
+            ("format", |c| c.format = 0),
+            ("system_identifier", |c| c.system_identifier = "".into()),
+            ("system_identifier", |c| c.system_identifier = "0".into()),
+            ("system_identifier", |c| c.system_identifier = "-5".into()),
+            ("system_identifier", |c| {
+                c.system_identifier = "99999999999999999999".into()
+            }),
+            ("pg_version", |c| c.pg_version = 0),
+            ("wal_segment_size", |c| c.wal_segment_size = 0),
+            ("wal_segment_size", |c| c.wal_segment_size = 3 << 20),
+            ("wal_segment_size", |c| c.wal_segment_size = 1 << 31),
+        ];
+        for (field, spoil) in bad {
+            let mut c = good.clone();
+            spoil(&mut c);
+            let why = c.validate().expect_err(field);
+            assert!(why.contains(field), "{why}");
+        }
+    }
+
     #[test]
     fn redacts_s3_bodies() {
         let e = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error>\
