@@ -105,3 +105,47 @@ fn damaged_config_is_a_clear_error_never_a_panic() {
         let _ = std::fs::remove_file(&dest);
     }
 }
+
+#[test]
+fn s3_create_only_is_probed_once_per_repository() {
+    let s3 = S3Server::start();
+    let dir = scratch();
+    let bin = install_binary(dir.path());
+    let repo = s3.target("probed");
+    let record = s3.object_path("probed", "locks/create-only.json");
+    let locks = record.parent().unwrap().to_path_buf();
+
+    let first = "000000010000000000000001";
+    let out = push(&repo, &bin, &segment_file(dir.path(), first, 1), first);
+    assert!(out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("If-None-Match: *"), "{}", describe(&out));
+    let recorded = std::fs::read(&record).expect("the probe is recorded");
+    let json: serde_json::Value = serde_json::from_slice(&recorded).unwrap();
+    assert_eq!(
+        json["store"],
+        format!("http://127.0.0.1:{}", s3.port),
+        "{json}"
+    );
+    // The probe objects are gone: only the record is left under locks/.
+    let left: Vec<_> = std::fs::read_dir(&locks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("probe"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Later writers trust the record: no probe, no new record.
+    let second = "000000010000000000000002";
+    let out = push(&repo, &bin, &segment_file(dir.path(), second, 2), second);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("If-None-Match"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(std::fs::read(&record).unwrap(), recorded);
+    // And create-only still holds: other bytes under an archived name are refused.
+    let out = push(&repo, &bin, &segment_file(dir.path(), second, 3), second);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}

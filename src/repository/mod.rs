@@ -1,11 +1,13 @@
 //! The repository: named objects over object_store, on a filesystem or S3.
 //!
 //! Every write is a create that never replaces what is there (a hard link on
-//! the filesystem, `If-None-Match: *` on S3), so two writers can never
-//! silently overwrite each other; the filesystem store fsyncs the file and
-//! its directory before a write is reported done.
+//! the filesystem, `If-None-Match: *` on S3, proven honoured by the store
+//! before it is relied on), so two writers can never silently overwrite each
+//! other; the filesystem store fsyncs the file and its directory before a
+//! write is reported done.
 
 mod layout;
+mod probe;
 mod staged;
 mod url;
 
@@ -14,13 +16,14 @@ pub use layout::{
     wal_name_of_key,
 };
 
+pub use probe::PROBE_RECORD_KEY;
 pub use staged::{LEFTOVER_AGE, Leftover, StagedObject};
 pub use url::RepoUrl;
 
 use crate::error::{Error, ErrorKind, Result};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::prefix::PrefixStore;
@@ -109,6 +112,10 @@ pub enum Created {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     url: RepoUrl,
+    /// The store create-only writes must be proven on (see `probe`);
+    /// `None` on a filesystem, where the kernel refuses them itself.
+    store_name: Option<String>,
+    create_only: tokio::sync::OnceCell<()>,
 }
 
 /// An object being read: a local file (read in large pieces, in place),
@@ -129,6 +136,7 @@ impl Repository {
     /// only when `create` is set (push), so a typo'd path on read is an error,
     /// not an empty archive.
     pub fn open(url: &RepoUrl, create: bool) -> Result<Repository> {
+        let mut store_name = None;
         let store: Arc<dyn ObjectStore> = match url {
             RepoUrl::Local(root) => {
                 if create {
@@ -153,8 +161,10 @@ impl Repository {
                 Arc::new(fs)
             }
             RepoUrl::S3 { bucket, prefix } => {
-                let s3 = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
+                let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+                store_name = Some(probe::s3_store_name(endpoint.as_deref()));
+                let s3 = builder
                     .build()
                     .map_err(|e| Error::usage(format!("cannot configure S3 for {url}: {e}")))?;
                 if prefix.is_empty() {
@@ -164,10 +174,20 @@ impl Repository {
                 }
             }
         };
-        Ok(Repository {
+        Ok(Repository::with_store(store, url.clone(), store_name))
+    }
+
+    fn with_store(
+        store: Arc<dyn ObjectStore>,
+        url: RepoUrl,
+        store_name: Option<String>,
+    ) -> Repository {
+        Repository {
             store,
-            url: url.clone(),
-        })
+            url,
+            store_name,
+            create_only: tokio::sync::OnceCell::new(),
+        }
     }
 
     pub fn url(&self) -> &RepoUrl {
@@ -243,13 +263,19 @@ impl Repository {
     }
 
     /// Writes `data` under `key` unless something is already there; returns
-    /// only once the object is durable.
+    /// only once the object is durable. Refused on a store that would
+    /// overwrite instead.
     pub async fn put_new(&self, key: &Key, data: impl Into<PutPayload>) -> Result<Created> {
+        self.ensure_create_only().await?;
+        self.put_create(key, data.into()).await
+    }
+
+    async fn put_create(&self, key: &Key, data: PutPayload) -> Result<Created> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(key, data.into(), opts).await {
+        match self.store.put_opts(key, data, opts).await {
             Ok(_) => Ok(Created::New),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
             Err(e) => Err(self.storage_error("cannot write", key, e)),
