@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
+use std::process::Command;
 
 const SYSID: u64 = 7_300_000_000_000_000_042;
 const SEG_SIZE: u32 = 1 << 20;
@@ -148,4 +149,122 @@ fn s3_create_only_is_probed_once_per_repository() {
     // And create-only still holds: other bytes under an archived name are refused.
     let out = push(&repo, &bin, &segment_file(dir.path(), second, 3), second);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+}
+
+/// Every file and directory under `root` (not `root` itself) whose mode is
+/// not `file_mode` / `dir_mode`, with its mode.
+fn wrong_modes(root: &Path, file_mode: u32, dir_mode: u32) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut wrong = vec![];
+    let mut seen = 0;
+    for entry in walkdir::WalkDir::new(root).min_depth(1) {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o7777;
+        let want = if entry.file_type().is_dir() {
+            dir_mode
+        } else {
+            file_mode
+        };
+        seen += 1;
+        if mode != want {
+            wrong.push(format!("{} {mode:o}", entry.path().display()));
+        }
+    }
+    assert!(seen > 3, "nothing to check under {}", root.display());
+    wrong
+}
+
+/// `walvault --repo URL` under umask 022, as a cron job or a login shell
+/// runs it; as the PostgreSQL OS user when `as_pg`.
+fn walvault_umask_022(repo: &RepoTarget, bin: &Path, as_pg: bool) -> Command {
+    let mut c = if as_pg {
+        as_postgres("sh")
+    } else {
+        Command::new("sh")
+    };
+    c.args(["-c", "umask 022 && exec \"$@\"", "sh", "env"]);
+    for (k, v) in &repo.env {
+        c.arg(format!("{k}={v}"));
+    }
+    c.arg(bin).arg("--repo").arg(&repo.url);
+    c
+}
+
+#[test]
+fn pushed_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch();
+    let bin = install_binary(dir.path());
+    let parent = dir.path().join("srv");
+    std::fs::create_dir(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // (repository root, its mode before the first push, file and directory modes expected)
+    let cases = [
+        ("new", None, 0o600, 0o700),
+        ("owner-only", Some(0o700), 0o600, 0o700),
+        ("group", Some(0o750), 0o640, 0o750),
+        ("operator-mkdir", Some(0o755), 0o640, 0o750),
+    ];
+    for (name, root_mode, file_mode, dir_mode) in cases {
+        let root = parent.join(name);
+        if let Some(m) = root_mode {
+            std::fs::create_dir(&root).unwrap();
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let repo = RepoTarget::local(&root);
+        for (seg, fill) in [
+            ("000000010000000000000001", 1),
+            ("000000010000000000000002", 2),
+        ] {
+            let path = segment_file(dir.path(), seg, fill);
+            let out = walvault_umask_022(&repo, &bin, false)
+                .args(["push", "--push-ahead", "0"])
+                .arg(&path)
+                .arg(seg)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name}: {}", describe(&out));
+        }
+        let root_now = std::fs::metadata(&root).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(root_now, root_mode.unwrap_or(0o700), "{name}: root");
+        let wrong = wrong_modes(&root, file_mode, dir_mode);
+        assert!(wrong.is_empty(), "{name}: {wrong:#?}");
+    }
+}
+
+#[test]
+fn backup_files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    // The operator's `mkdir` of the repository: 0755, owned by postgres.
+    let s = setup(&|root: &Path| {
+        let repo = root.join("repo");
+        std::fs::create_dir(&repo).unwrap();
+        std::fs::set_permissions(&repo, std::fs::Permissions::from_mode(0o755)).unwrap();
+        give_to_postgres(&repo);
+        RepoTarget::local(&repo)
+    });
+    s.primary
+        .sql("CREATE TABLE t (batch int, n int); INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    let out = walvault_umask_022(&s.repo, &s.bin, true)
+        .envs(s.primary.libpq_env())
+        .args(["backup", "--archive-timeout", "60", "--pgdata"])
+        .arg(&s.primary.data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "backup: {}", describe(&out));
+    let prune = walvault_umask_022(&s.repo, &s.bin, true)
+        .args(["prune", "--keep-last", "1"])
+        .output()
+        .unwrap();
+    assert!(prune.status.success(), "prune: {}", describe(&prune));
+
+    // Nothing in it for other users; the group the root grants reads only.
+    let root = Path::new(&s.repo.url);
+    let wrong = wrong_modes(root, 0o640, 0o750);
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    assert!(root.join("packs").is_dir() && root.join("backups").is_dir());
+
+    // A restore beside it still makes a data directory PostgreSQL starts.
+    let restored = s.restore_and_start("restored", &[]);
+    assert_eq!(restored.sql("SELECT count(*) FROM t"), "1000");
 }

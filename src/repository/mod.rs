@@ -102,6 +102,28 @@ impl RepositoryConfig {
     }
 }
 
+/// Makes what this process creates owner-only (files 0600, directories
+/// 0700), or readable by the group too (0640, 0750) where the local
+/// repository's directory grants its group access: a repository holds the
+/// whole database, so its modes must not depend on the umask of whatever cron
+/// job or shell runs walvault. Process-wide, so call it before any thread
+/// starts, and only for commands that write no PostgreSQL data directory or
+/// pg_wal (PostgreSQL dictates those modes). Nothing to do for S3.
+pub fn restrict_created_modes(url: &RepoUrl) {
+    let RepoUrl::Local(root) = url else {
+        return;
+    };
+    let mask = if grants_group(root) { 0o027 } else { 0o077 };
+    // SAFETY: umask only swaps the process's file creation mask.
+    unsafe { libc::umask(mask) };
+}
+
+/// Whether the operator gave the repository's directory to a group.
+fn grants_group(root: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(root).is_ok_and(|m| m.permissions().mode() & 0o070 != 0)
+}
+
 /// What a create-only write found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -140,12 +162,17 @@ impl Repository {
         let store: Arc<dyn ObjectStore> = match url {
             RepoUrl::Local(root) => {
                 if create {
-                    std::fs::create_dir_all(root).map_err(|e| {
-                        Error::io(format!(
-                            "cannot create repository directory {}: {e}",
-                            root.display()
-                        ))
-                    })?;
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(root)
+                        .map_err(|e| {
+                            Error::io(format!(
+                                "cannot create repository directory {}: {e}",
+                                root.display()
+                            ))
+                        })?;
                 } else if !root.is_dir() {
                     return Err(Error::usage(format!(
                         "repository directory {} does not exist; check --repo / WALVAULT_REPO",
