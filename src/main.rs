@@ -338,6 +338,19 @@ fn main() -> ExitCode {
     } else {
         cli.verbose.max(env_verbose).min(100) as i8
     });
+    // Repository files hold the whole database: their modes must not follow
+    // the caller's umask. Commands that write a data directory or pg_wal
+    // keep it, and set PostgreSQL's modes themselves.
+    if !matches!(
+        cli.command,
+        Command::Fetch { .. }
+            | Command::FetchAhead { .. }
+            | Command::Restore(_)
+            | Command::Drill(_)
+    ) && let Ok(url) = RepoUrl::parse(cli.repo.as_deref().unwrap_or(""))
+    {
+        walvault::repository::restrict_created_modes(&url);
+    }
     // push and fetch run once per WAL file: a single-threaded runtime starts
     // faster, and their CPU work runs on blocking threads anyway.
     let mut runtime = match cli.command {

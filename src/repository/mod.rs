@@ -1,11 +1,13 @@
 //! The repository: named objects over object_store, on a filesystem or S3.
 //!
 //! Every write is a create that never replaces what is there (a hard link on
-//! the filesystem, `If-None-Match: *` on S3), so two writers can never
-//! silently overwrite each other; the filesystem store fsyncs the file and
-//! its directory before a write is reported done.
+//! the filesystem, `If-None-Match: *` on S3, proven honoured by the store
+//! before it is relied on), so two writers can never silently overwrite each
+//! other; the filesystem store fsyncs the file and its directory before a
+//! write is reported done.
 
 mod layout;
+mod probe;
 mod staged;
 mod url;
 
@@ -14,13 +16,14 @@ pub use layout::{
     wal_name_of_key,
 };
 
+pub use probe::PROBE_RECORD_KEY;
 pub use staged::{LEFTOVER_AGE, Leftover, StagedObject};
 pub use url::RepoUrl;
 
 use crate::error::{Error, ErrorKind, Result};
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::prefix::PrefixStore;
@@ -44,6 +47,40 @@ pub struct RepositoryConfig {
 }
 
 impl RepositoryConfig {
+    /// Refuses a config no walvault writes: every reader divides by the
+    /// segment size and compares identifiers, so a hand-edited or damaged
+    /// field must stop here with a clear error, not panic later.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.format == 0 {
+            return Err("format 0 does not exist (formats start at 1)".into());
+        }
+        let sysid_ok = !self.system_identifier.is_empty()
+            && self.system_identifier.bytes().all(|b| b.is_ascii_digit())
+            && self
+                .system_identifier
+                .parse::<u64>()
+                .is_ok_and(|id| id != 0);
+        if !sysid_ok {
+            return Err(format!(
+                "system_identifier '{}' is not a cluster's system identifier (a non-zero decimal 64-bit number)",
+                self.system_identifier.escape_debug()
+            ));
+        }
+        if !(9..=999).contains(&self.pg_version) {
+            return Err(format!(
+                "pg_version {} is not a PostgreSQL major version",
+                self.pg_version
+            ));
+        }
+        let size = self.wal_segment_size;
+        if !size.is_power_of_two() || !(1 << 20..=1 << 30).contains(&size) {
+            return Err(format!(
+                "wal_segment_size {size} is not a power of two between 1 MiB and 1 GiB"
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses WAL of another cluster (or another segment size): two
     /// clusters' WAL must never mix in one archive.
     pub fn check_same_cluster(&self, cluster: &RepositoryConfig, url: &RepoUrl) -> Result<()> {
@@ -65,6 +102,28 @@ impl RepositoryConfig {
     }
 }
 
+/// Makes what this process creates owner-only (files 0600, directories
+/// 0700), or readable by the group too (0640, 0750) where the local
+/// repository's directory grants its group access: a repository holds the
+/// whole database, so its modes must not depend on the umask of whatever cron
+/// job or shell runs walvault. Process-wide, so call it before any thread
+/// starts, and only for commands that write no PostgreSQL data directory or
+/// pg_wal (PostgreSQL dictates those modes). Nothing to do for S3.
+pub fn restrict_created_modes(url: &RepoUrl) {
+    let RepoUrl::Local(root) = url else {
+        return;
+    };
+    let mask = if grants_group(root) { 0o027 } else { 0o077 };
+    // SAFETY: umask only swaps the process's file creation mask.
+    unsafe { libc::umask(mask) };
+}
+
+/// Whether the operator gave the repository's directory to a group.
+fn grants_group(root: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(root).is_ok_and(|m| m.permissions().mode() & 0o070 != 0)
+}
+
 /// What a create-only write found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {
@@ -75,6 +134,10 @@ pub enum Created {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     url: RepoUrl,
+    /// The store create-only writes must be proven on (see `probe`);
+    /// `None` on a filesystem, where the kernel refuses them itself.
+    store_name: Option<String>,
+    create_only: tokio::sync::OnceCell<()>,
 }
 
 /// An object being read: a local file (read in large pieces, in place),
@@ -95,15 +158,21 @@ impl Repository {
     /// only when `create` is set (push), so a typo'd path on read is an error,
     /// not an empty archive.
     pub fn open(url: &RepoUrl, create: bool) -> Result<Repository> {
+        let mut store_name = None;
         let store: Arc<dyn ObjectStore> = match url {
             RepoUrl::Local(root) => {
                 if create {
-                    std::fs::create_dir_all(root).map_err(|e| {
-                        Error::io(format!(
-                            "cannot create repository directory {}: {e}",
-                            root.display()
-                        ))
-                    })?;
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(root)
+                        .map_err(|e| {
+                            Error::io(format!(
+                                "cannot create repository directory {}: {e}",
+                                root.display()
+                            ))
+                        })?;
                 } else if !root.is_dir() {
                     return Err(Error::usage(format!(
                         "repository directory {} does not exist; check --repo / WALVAULT_REPO",
@@ -119,8 +188,10 @@ impl Repository {
                 Arc::new(fs)
             }
             RepoUrl::S3 { bucket, prefix } => {
-                let s3 = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
+                let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+                store_name = Some(probe::s3_store_name(endpoint.as_deref()));
+                let s3 = builder
                     .build()
                     .map_err(|e| Error::usage(format!("cannot configure S3 for {url}: {e}")))?;
                 if prefix.is_empty() {
@@ -130,10 +201,20 @@ impl Repository {
                 }
             }
         };
-        Ok(Repository {
+        Ok(Repository::with_store(store, url.clone(), store_name))
+    }
+
+    fn with_store(
+        store: Arc<dyn ObjectStore>,
+        url: RepoUrl,
+        store_name: Option<String>,
+    ) -> Repository {
+        Repository {
             store,
-            url: url.clone(),
-        })
+            url,
+            store_name,
+            create_only: tokio::sync::OnceCell::new(),
+        }
     }
 
     pub fn url(&self) -> &RepoUrl {
@@ -209,13 +290,19 @@ impl Repository {
     }
 
     /// Writes `data` under `key` unless something is already there; returns
-    /// only once the object is durable.
+    /// only once the object is durable. Refused on a store that would
+    /// overwrite instead.
     pub async fn put_new(&self, key: &Key, data: impl Into<PutPayload>) -> Result<Created> {
+        self.ensure_create_only().await?;
+        self.put_create(key, data.into()).await
+    }
+
+    async fn put_create(&self, key: &Key, data: PutPayload) -> Result<Created> {
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
-        match self.store.put_opts(key, data.into(), opts).await {
+        match self.store.put_opts(key, data, opts).await {
             Ok(_) => Ok(Created::New),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
             Err(e) => Err(self.storage_error("cannot write", key, e)),
@@ -261,6 +348,13 @@ impl Repository {
                 self.url, config.format
             )));
         }
+        config.validate().map_err(|why| {
+            Error::corrupt(format!(
+                "{CONFIG_KEY} in {} is damaged: {why}; restore it from a copy \
+                 (every archived segment's header records the system identifier and segment size)",
+                self.url
+            ))
+        })?;
         Ok(Some(config))
     }
 
@@ -334,6 +428,38 @@ pub fn redact(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn config_validation_refuses_nonsense() {
+        let good = super::RepositoryConfig {
+            format: 1,
+            system_identifier: "7712875144486048961".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        assert_eq!(good.validate(), Ok(()));
+        type Spoil = fn(&mut super::RepositoryConfig);
+        let bad: [(&str, Spoil); 9] = [
+            ("format", |c| c.format = 0),
+            ("system_identifier", |c| c.system_identifier = "".into()),
+            ("system_identifier", |c| c.system_identifier = "0".into()),
+            ("system_identifier", |c| c.system_identifier = "-5".into()),
+            ("system_identifier", |c| {
+                c.system_identifier = "99999999999999999999".into()
+            }),
+            ("pg_version", |c| c.pg_version = 0),
+            ("wal_segment_size", |c| c.wal_segment_size = 0),
+            ("wal_segment_size", |c| c.wal_segment_size = 3 << 20),
+            ("wal_segment_size", |c| c.wal_segment_size = 1 << 31),
+        ];
+        for (field, spoil) in bad {
+            let mut c = good.clone();
+            spoil(&mut c);
+            let why = c.validate().expect_err(field);
+            assert!(why.contains(field), "{why}");
+        }
+    }
+
     #[test]
     fn redacts_s3_bodies() {
         let e = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error>\

@@ -12,6 +12,7 @@ use super::{Key, Repository};
 use crate::error::{Error, Result};
 use bytes::Bytes;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -80,6 +81,13 @@ impl Repository {
         if !dest.parent()?.is_dir() {
             return None;
         }
+        // Owner-only, or group-readable where the root grants its group
+        // access: the same modes the store's own writes get.
+        let mode = if super::grants_group(root) {
+            0o640
+        } else {
+            0o600
+        };
         let first = std::process::id() as u64 * 1000;
         for n in first..first + 100 {
             let mut staging = dest.clone().into_os_string();
@@ -88,6 +96,7 @@ impl Repository {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(mode)
                 .open(&staging)
             {
                 Ok(file) => {
