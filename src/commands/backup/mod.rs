@@ -61,15 +61,25 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
     let id = backup_id(start_time);
     // Registered under the lock, so a prune either sees this backup in
     // progress (and keeps every pack) or is over before we read the index.
-    let lock = RepoLock::acquire_within(&repo, &format!("backup {id} start"), LOCK_WAIT).await?;
+    let lock =
+        RepoLock::acquire_within(&repo, &format!("backup {id} start"), LOCK_WAIT, false).await?;
     let registered = lock::write_marker(&repo, &id).await;
     lock.release().await?;
-    registered?;
-    let result = take(&repo, &server, &pgdata, &id, start_time, opts).await;
-    if result.is_err() {
-        let _ = repo.delete(&lock::marker_key(&id)).await;
-    }
+    let marker = registered?;
+    // The marker's lease is renewed while the backup runs: prune keeps every
+    // pack of a backup that is alive, wherever (and in whatever pid namespace) it runs.
+    let result = marker
+        .keep_while(
+            &format!("backup {id}"),
+            take(&repo, &server, &pgdata, &id, start_time, opts, &marker),
+        )
+        .await;
+    let unregistered = lock::remove_marker(marker).await;
     let manifest = result?;
+    if let Err(e) = unregistered {
+        // Published already: a leftover marker only makes prune keep packs.
+        tracing::warn!("backup {id} is stored, but its in-progress marker stays: {e}");
+    }
     print_summary(&manifest, started)
 }
 
@@ -107,6 +117,7 @@ async fn take(
     id: &str,
     start_time: chrono::DateTime<chrono::Utc>,
     opts: &BackupOptions,
+    marker: &lock::Lease<'_>,
 ) -> Result<Manifest> {
     let previous = catalog::load_readable(repo).await?;
     let index = Arc::new(BlobIndex::from_manifests(&previous));
@@ -220,17 +231,56 @@ async fn take(
             deduplicated: stats.deduplicated.load(Ordering::Relaxed),
         },
     };
-    // Publish under the lock: a prune never sees half of this step.
-    let lock = RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT).await?;
-    let published = catalog::store(repo, &manifest).await;
-    let unregistered = match &published {
-        Ok(()) => repo.delete(&lock::marker_key(id)).await,
-        Err(_) => Ok(()),
-    };
+    // Publish under the lock: a prune never sees half of this step. A prune
+    // that is alive (renewing its lease) is waited for however long it takes:
+    // the backup is done and must not be thrown away.
+    let lock =
+        RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT, true).await?;
+    let published = lock.hold(publish(repo, &manifest, marker)).await;
     lock.release().await?;
     published?;
-    unregistered?;
     Ok(manifest)
+}
+
+/// Stores the manifest, but only if nothing this backup relies on was taken
+/// away: its marker must still be its own (so no prune judged it dead) and
+/// every pack the manifest points into must exist.
+async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_>) -> Result<()> {
+    let id = &manifest.id;
+    if !marker.still_ours().await? {
+        return Err(Error::conflict(format!(
+            "backup {id} was judged dead by another walvault while it ran (its in-progress \
+             marker is gone from {}), so packs it uses may be deleted; it is not published: \
+             run the backup again",
+            repo.url()
+        )));
+    }
+    let stored: std::collections::HashSet<String> = repo
+        .list(crate::repository::PACK_DIR)
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.location
+                .filename()?
+                .strip_suffix(".pack")
+                .map(String::from)
+        })
+        .collect();
+    let missing = manifest
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
+        .find(|(_, c)| !stored.contains(&c.pack));
+    if let Some((file, chunk)) = missing {
+        return Err(Error::conflict(format!(
+            "pack {} holding part of {} is missing from {} (deleted while the backup ran?); \
+             backup {id} is not published: run the backup again",
+            chunk.pack,
+            file.path,
+            repo.url()
+        )));
+    }
+    catalog::store(repo, manifest).await
 }
 
 fn print_summary(manifest: &Manifest, started: Instant) -> Result<()> {
