@@ -281,3 +281,56 @@ fn a_backup_judged_dead_is_not_published() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().map(|a| a.len()), Some(0), "{list}");
 }
+
+/// A backup whose WAL from start to stop does not reach this repository can
+/// never be restored: it fails, naming the segment and what to check, and
+/// publishes nothing.
+#[test]
+fn a_backup_whose_wal_is_not_in_the_repository_is_not_published() {
+    let mut s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    s.primary.sql("CREATE TABLE t (batch int, id int)");
+    s.primary
+        .sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    let try_backup = |s: &Setup| {
+        s.repo
+            .walvault_as_postgres(&s.bin)
+            .envs(s.primary.libpq_env())
+            .args(["backup", "--archive-timeout", "4", "--pgdata"])
+            .arg(&s.primary.data)
+            .output()
+            .unwrap()
+    };
+    let refused = |s: &Setup, out: &std::process::Output| {
+        assert!(!out.status.success(), "published: {}", describe(out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.contains("is not in"))
+            .unwrap_or_else(|| panic!("{}", describe(out)));
+        assert!(
+            line.contains("WAL segment 0000000100000000")
+                && line.contains("archive_mode")
+                && line.contains("archive_command")
+                && line.contains("is not published"),
+            "{line}"
+        );
+        let list = s.list_json();
+        assert_eq!(list.as_array().map(|a| a.len()), Some(0), "{list}");
+    };
+
+    // archive_command pointing at another repository.
+    let other = RepoTarget::local(&s.root().join("other"));
+    s.primary.append_conf(&format!(
+        "archive_command = '{}'",
+        other.push_command(&s.bin)
+    ));
+    s.primary.sql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_secs(1));
+    refused(&s, &try_backup(&s));
+
+    // Archiving off: PostgreSQL only says so in a notice.
+    s.primary.append_conf("archive_mode = off");
+    s.primary.stop();
+    s.primary.start();
+    refused(&s, &try_backup(&s));
+}

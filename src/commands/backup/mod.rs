@@ -194,6 +194,7 @@ async fn take(
     progress.finish_and_clear();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
 
+    let archive_deadline = tokio::time::Instant::now() + opts.archive_timeout;
     let stop = tokio::time::timeout(opts.archive_timeout, server.backup_stop())
         .await
         .map_err(|_| {
@@ -208,6 +209,16 @@ async fn take(
     let timeline = pg::timeline_from_label(&stop.backup_label).ok_or_else(|| {
         Error::io("backup_label returned by the server has no START TIMELINE line")
     })?;
+    wait_for_wal_in_repository(
+        repo,
+        id,
+        timeline,
+        (start_lsn, stop_lsn),
+        server.info.wal_segment_size,
+        archive_deadline,
+        opts.archive_timeout,
+    )
+    .await?;
     let size: u64 = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -240,6 +251,69 @@ async fn take(
     lock.release().await?;
     published?;
     Ok(manifest)
+}
+
+/// Waits (until `deadline`) for every WAL segment from the backup's start to
+/// its stop to be in this repository: without them the backup cannot be
+/// restored. PostgreSQL's own wait covers only its archiver, and with
+/// archiving off, on a standby, or with archive_command pointing at another
+/// repository it returns at once with a mere notice.
+async fn wait_for_wal_in_repository(
+    repo: &Repository,
+    id: &str,
+    timeline: u32,
+    (start, stop): (Lsn, Lsn),
+    segment_size: u32,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use crate::repository::wal_name_of_key;
+    use crate::wal::{SegmentName, WalFileName};
+    let size = u64::from(segment_size);
+    let first = start.0 / size;
+    // The stop LSN ends the backup: the last segment needed holds the byte before it.
+    let last = (stop.0.saturating_sub(1) / size).max(first);
+    let mut missing: Vec<SegmentName> = (first..=last)
+        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
+        .collect();
+    loop {
+        let folders: std::collections::BTreeSet<String> = missing
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}/{:08X}{:08X}",
+                    crate::repository::WAL_DIR,
+                    s.timeline,
+                    s.log
+                )
+            })
+            .collect();
+        let mut present = std::collections::HashSet::new();
+        for folder in folders {
+            for meta in repo.list(&folder).await? {
+                if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
+                    present.insert(s);
+                }
+            }
+        }
+        missing.retain(|s| !present.contains(s));
+        let Some(first_missing) = missing.first() else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::io(format!(
+                "WAL segment {first_missing} (backup {id} needs {start} to {stop}) is not in {} \
+                 after {} s, so the backup could not be restored; the server must archive into \
+                 this repository: check archive_mode = on (always on a standby), archive_command = \
+                 'walvault --repo {} push %p %f' and pg_stat_archiver; backup {id} is not published",
+                repo.url(),
+                timeout.as_secs(),
+                repo.url()
+            )));
+        }
+        tracing::debug!("waiting for WAL segment {first_missing} to reach the repository");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }
 
 /// Stores the manifest, but only if nothing this backup relies on was taken
