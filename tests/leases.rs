@@ -334,3 +334,51 @@ fn a_backup_whose_wal_is_not_in_the_repository_is_not_published() {
     s.primary.start();
     refused(&s, &try_backup(&s));
 }
+
+/// The password can come from a libpq password file (PGPASSFILE), not only
+/// from argv or the environment.
+#[test]
+fn backup_reads_the_password_from_a_password_file() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    s.primary
+        .sql("CREATE ROLE walvault_backup LOGIN SUPERUSER PASSWORD 'Secret:42'");
+    let hba = s.primary.data.join("pg_hba.conf");
+    let old = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("local all walvault_backup scram-sha-256\n{old}"),
+    )
+    .unwrap();
+    s.primary.sql("SELECT pg_reload_conf()");
+    let passfile = s.root().join("pgpass");
+    std::fs::write(&passfile, "localhost:*:*:walvault_backup:Secret\\:42\n").unwrap();
+    std::fs::set_permissions(
+        &passfile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    give_to_postgres(&passfile);
+    let backup = |passfile: Option<&Path>| {
+        let mut cmd = s.repo.walvault_as_postgres(&s.bin);
+        cmd.envs(s.primary.libpq_env())
+            .env("PGUSER", "walvault_backup")
+            .env("HOME", s.root());
+        if let Some(p) = passfile {
+            cmd.env("PGPASSFILE", p);
+        }
+        cmd.args(["backup", "--archive-timeout", "60", "--pgdata"])
+            .arg(&s.primary.data)
+            .output()
+            .unwrap()
+    };
+    let out = backup(None);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("password"),
+        "{}",
+        describe(&out)
+    );
+    let out = backup(Some(&passfile));
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(s.list_json().as_array().map(|a| a.len()), Some(1));
+}
