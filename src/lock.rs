@@ -594,14 +594,43 @@ mod tests {
     async fn an_expired_lease_is_taken_over() {
         let d = tempfile::tempdir().unwrap();
         let repo = repo(d.path());
-        // A prune killed on an ephemeral host: its lease ran out a second ago.
-        plant(&repo, LOCK_KEY, &foreign("prune", -1)).await;
+        // A prune killed on an ephemeral host, gone with it: its lease ran
+        // out a second ago (the old rule would wait two days for another host).
+        let mut killed = foreign("prune", -1);
+        killed.host = "ephemeral-pod-7f9c".into();
+        plant(&repo, LOCK_KEY, &killed).await;
         let lock = RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
             .await
             .unwrap();
         assert!(lock.lease.still_ours().await.unwrap());
         lock.release().await.unwrap();
         assert_eq!(stored(&repo, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_waits_for_a_prune_that_keeps_renewing() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let prune = RepoLock::acquire(&repo, "prune").await.unwrap();
+        // Without following a live holder, the wait is the limit.
+        let err = RepoLock::acquire_within(&repo, "backup x start", Duration::ZERO, false)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        // A finished backup waits past its limit while prune works and renews.
+        let finishing = async {
+            RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
+                .await
+                .unwrap()
+        };
+        let pruning = async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            prune.release().await.unwrap();
+        };
+        let (lock, ()) = tokio::join!(finishing, pruning);
+        assert!(lock.lease.still_ours().await.unwrap());
+        lock.release().await.unwrap();
     }
 
     #[tokio::test]
