@@ -4,10 +4,23 @@
 //! it for its whole run; a backup holds it briefly to register itself at the
 //! start and to publish its manifest at the end. So prune either sees a
 //! backup's marker (and keeps every pack) or runs wholly before the backup
-//! looks at the repository. Stale locks (a dead process on this host) are
-//! reported and taken over; anything else held is a clear error.
+//! looks at the repository.
+//!
+//! Liveness is a lease, not a process id: pids say nothing across containers,
+//! pid namespaces or hosts. Every holder (the lock, a backup's marker) records
+//! when its lease ends and, while it works, renews it in an object of its own
+//! (`locks/lease-<hash of its token>.json`, which nobody else writes). Another
+//! walvault may judge a holder gone only once its lease has run out with no
+//! renewal seen. Locks and markers written by older versions (no lease) are
+//! judged by the old rule: a dead pid on this host, or two days from another.
+//!
+//! Taking over a stale lock is conditional: the taker first creates a
+//! create-only claim named after the exact bytes it judged stale, so of several
+//! walvaults judging the same lock only one removes it, and it removes it only
+//! if those bytes are still what the lock holds.
 
 use crate::error::{Error, Result};
+use crate::object::Sha256Digest;
 use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -17,6 +30,17 @@ use std::time::Duration;
 
 pub const LOCK_KEY: &str = "locks/repository.lock.json";
 pub const MARKER_PREFIX: &str = "locks/backup-";
+const LEASE_PREFIX: &str = "locks/lease-";
+const TAKEOVER_PREFIX: &str = "locks/takeover-";
+
+/// How long a holder counts as alive after its last renewal. Long enough to
+/// ride out a slow store and modest clock differences between hosts, short
+/// enough that a killed prune does not hold up backups for long.
+pub const LEASE: Duration = Duration::from_secs(120);
+/// How often a holder renews its lease while it works.
+pub const RENEW_EVERY: Duration = Duration::from_secs(15);
+/// Takeover claims and orphaned renewals older than this are cleaned up.
+const RECORDS_KEPT: Duration = Duration::from_secs(3600);
 
 /// Who holds a lock or runs a backup.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,12 +51,27 @@ pub struct Holder {
     pub since: DateTime<Utc>,
     /// Tells our own lock from another process's with the same pid.
     pub token: String,
+    /// End of the first lease; renewals extend it. Absent in the format of
+    /// older versions, which are judged by pid and age instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires: Option<DateTime<Utc>>,
+}
+
+/// A renewal: the holder with this token is alive until `lease_expires`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Renewal {
+    token: String,
+    lease_expires: DateTime<Utc>,
 }
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into())
+}
+
+fn lease_end(from: DateTime<Utc>) -> DateTime<Utc> {
+    from + chrono::Duration::from_std(LEASE).expect("lease fits")
 }
 
 impl Holder {
@@ -44,16 +83,19 @@ impl Holder {
             pid: std::process::id(),
             since,
             token: format!(
-                "{}-{}",
+                "{}-{}-{}",
+                hostname(),
                 std::process::id(),
                 since.timestamp_nanos_opt().unwrap_or(0)
             ),
+            lease_expires: Some(lease_end(since)),
         }
     }
 
-    /// A holder is stale when it ran on this host and its process is gone, or
-    /// ran elsewhere longer ago than anything walvault does takes.
-    pub fn is_stale(&self, other_host_after: Duration) -> bool {
+    /// The old rule, for holders without a lease: stale when it ran on this
+    /// host and its process is gone, or ran elsewhere longer ago than
+    /// anything walvault does takes.
+    fn is_stale_by_process(&self, other_host_after: Duration) -> bool {
         if self.host == hostname() {
             !process_alive(self.pid)
         } else {
@@ -89,66 +131,246 @@ fn process_alive(pid: u32) -> bool {
     r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Other hosts' locks older than this are presumed abandoned.
+/// Other hosts' old-format locks older than this are presumed abandoned.
 const OTHER_HOST_STALE: Duration = Duration::from_secs(48 * 3600);
 
-async fn read_holder(repo: &Repository, key: &Key) -> Result<Option<Holder>> {
+/// Tokens come from stored objects: hashed, they are always a safe key.
+fn lease_key(token: &str) -> Key {
+    Key::from(format!(
+        "{LEASE_PREFIX}{}.json",
+        &Sha256Digest::of(token.as_bytes()).to_hex()[..32]
+    ))
+}
+
+fn takeover_key(judged: &[u8]) -> Key {
+    Key::from(format!(
+        "{TAKEOVER_PREFIX}{}.json",
+        &Sha256Digest::of(judged).to_hex()[..32]
+    ))
+}
+
+fn parse_holder(repo: &Repository, key: &Key, bytes: &[u8]) -> Result<Holder> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Error::corrupt(format!(
+            "{key} in {} is unreadable ({e}); delete it if no walvault runs",
+            repo.url()
+        ))
+    })
+}
+
+async fn read_holder_bytes(repo: &Repository, key: &Key) -> Result<Option<(Holder, Bytes)>> {
     Ok(match repo.get(key).await? {
-        Some(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
-            Error::corrupt(format!(
-                "{key} in {} is unreadable ({e}); delete it if no walvault runs",
-                repo.url()
-            ))
-        })?),
+        Some(bytes) => Some((parse_holder(repo, key, &bytes)?, bytes)),
         None => None,
     })
 }
 
-pub struct RepoLock<'a> {
+async fn read_holder(repo: &Repository, key: &Key) -> Result<Option<Holder>> {
+    Ok(read_holder_bytes(repo, key).await?.map(|(h, _)| h))
+}
+
+/// When the holder's lease ends: the later of its first lease and its last
+/// renewal. `None` for a holder of the old format.
+async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateTime<Utc>>> {
+    let Some(first) = holder.lease_expires else {
+        return Ok(None);
+    };
+    let key = lease_key(&holder.token);
+    let renewed = match repo.get(&key).await? {
+        Some(bytes) => match serde_json::from_slice::<Renewal>(&bytes) {
+            Ok(r) if r.token == holder.token => Some(r.lease_expires),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("{key} in {} is unreadable ({e}); ignoring it", repo.url());
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(Some(renewed.map_or(first, |r| r.max(first))))
+}
+
+/// Whether `holder` may be treated as gone.
+async fn is_stale(repo: &Repository, holder: &Holder) -> Result<bool> {
+    Ok(match lease_expiry(repo, holder).await? {
+        Some(expires) => Utc::now() > expires,
+        None => holder.is_stale_by_process(OTHER_HOST_STALE),
+    })
+}
+
+/// A lease we hold on `key` (the repository lock or a backup's marker).
+pub struct Lease<'a> {
     repo: &'a Repository,
+    key: Key,
     holder: Holder,
+    renew_every: Duration,
+}
+
+impl<'a> Lease<'a> {
+    fn new(repo: &'a Repository, key: Key, holder: Holder) -> Lease<'a> {
+        Lease {
+            repo,
+            key,
+            holder,
+            renew_every: RENEW_EVERY,
+        }
+    }
+
+    /// Whether `key` still holds our holder (nobody judged us gone).
+    pub async fn still_ours(&self) -> Result<bool> {
+        Ok(read_holder(self.repo, &self.key)
+            .await?
+            .is_some_and(|h| h.token == self.holder.token))
+    }
+
+    async fn renew(&self) -> Result<()> {
+        let renewal = Renewal {
+            token: self.holder.token.clone(),
+            lease_expires: lease_end(Utc::now()),
+        };
+        let json = serde_json::to_vec_pretty(&renewal).expect("renewal serializes");
+        // Only we write this key, so replacing it cannot undo anyone else's write.
+        self.repo
+            .put_replace(&lease_key(&self.holder.token), Bytes::from(json))
+            .await
+    }
+
+    /// Runs `work` while renewing the lease in the background. Fails, ending
+    /// `work`, as soon as the lease is found lost (someone judged us gone and
+    /// took our place) or could not be renewed before it ran out.
+    pub async fn keep_while<T>(
+        &self,
+        what: &str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let renewing = async {
+            let mut renewed_at = tokio::time::Instant::now();
+            loop {
+                tokio::time::sleep(self.renew_every).await;
+                let outcome = match self.still_ours().await {
+                    Ok(true) => self.renew().await,
+                    Ok(false) => {
+                        return Error::conflict(format!(
+                            "{what}: another walvault judged this one gone and removed {} from {} \
+                             (no lease renewal seen for {} s: was this process stopped?); stopping, \
+                             run it again",
+                            self.key,
+                            self.repo.url(),
+                            LEASE.as_secs()
+                        ));
+                    }
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(()) => renewed_at = tokio::time::Instant::now(),
+                    Err(e) if renewed_at.elapsed() < LEASE => {
+                        tracing::warn!("cannot renew the lease on {}: {e}; retrying", self.key)
+                    }
+                    Err(e) => {
+                        return Error::io(format!(
+                            "{what}: cannot renew the lease on {} for {} s, so others may take it \
+                             over ({e}); stopping, run it again",
+                            self.key,
+                            LEASE.as_secs()
+                        ));
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            lost = renewing => Err(lost),
+        }
+    }
+
+    /// Removes our renewal record (when we let go of the lease).
+    async fn forget(&self) {
+        if let Err(e) = self.repo.delete(&lease_key(&self.holder.token)).await {
+            tracing::debug!("cannot delete the lease record of {}: {e}", self.key);
+        }
+    }
+}
+
+/// Why the lock could not be taken now.
+enum Attempt<'a> {
+    Taken(RepoLock<'a>),
+    Held(Holder),
+}
+
+pub struct RepoLock<'a> {
+    lease: Lease<'a>,
 }
 
 impl<'a> RepoLock<'a> {
     /// Takes the lock now, or says clearly who has it.
     pub async fn acquire(repo: &'a Repository, purpose: &str) -> Result<RepoLock<'a>> {
+        match Self::attempt(repo, purpose).await? {
+            Attempt::Taken(lock) => Ok(lock),
+            Attempt::Held(other) => Err(held_error(repo, &other)),
+        }
+    }
+
+    async fn attempt(repo: &'a Repository, purpose: &str) -> Result<Attempt<'a>> {
         let key = Key::from(LOCK_KEY);
         let holder = Holder::current(purpose);
         let json = Bytes::from(serde_json::to_vec_pretty(&holder).expect("holder serializes"));
-        for attempt in 0..2 {
+        let mut took_over = false;
+        for _ in 0..3 {
             if repo.put_new(&key, json.clone()).await? == Created::New {
-                if attempt > 0 {
+                let lock = RepoLock {
+                    lease: Lease::new(repo, key.clone(), holder),
+                };
+                if took_over {
                     // Another process may have judged the same stale lock and
                     // deleted ours in between: make sure it is still ours.
                     tokio::time::sleep(Duration::from_millis(250)).await;
-                    if read_holder(repo, &key)
-                        .await?
-                        .is_none_or(|h| h.token != holder.token)
-                    {
+                    if !lock.lease.still_ours().await? {
                         return Err(Error::conflict(format!(
                             "another walvault took over the stale lock of {} at the same time; try again",
                             repo.url()
                         )));
                     }
                 }
-                return Ok(RepoLock { repo, holder });
+                clean_old_records(repo).await;
+                return Ok(Attempt::Taken(lock));
             }
-            let Some(other) = read_holder(repo, &key).await? else {
+            let Some((other, judged)) = read_holder_bytes(repo, &key).await? else {
                 continue;
             };
-            if other.is_stale(OTHER_HOST_STALE) {
-                tracing::warn!(
-                    "removing a stale repository lock held by {}",
-                    other.describe()
-                );
-                repo.delete(&key).await?;
-                continue;
+            if !is_stale(repo, &other).await? {
+                return Ok(Attempt::Held(other));
             }
-            return Err(Error::conflict(format!(
-                "repository {} is locked by {}; try again later, or if no walvault runs there, delete {LOCK_KEY}",
-                repo.url(),
-                other.describe()
-            )));
+            // Claim the right to remove exactly what we judged stale: of
+            // several walvaults judging it, one claim is created.
+            let claim = takeover_key(&judged);
+            if repo.put_new(&claim, json.clone()).await? == Created::AlreadyExists {
+                let claimed_by = read_holder(repo, &claim).await.ok().flatten();
+                let claim_is_recent = claimed_by.as_ref().is_none_or(|c| {
+                    Utc::now()
+                        .signed_duration_since(c.since)
+                        .to_std()
+                        .unwrap_or_default()
+                        < LEASE
+                });
+                if claim_is_recent {
+                    // Being taken over right now: held, for the moment.
+                    return Ok(Attempt::Held(other));
+                }
+                // The claimant died before finishing; its claim counts no more.
+            }
+            match repo.get(&key).await? {
+                Some(now) if now == judged => {
+                    tracing::warn!(
+                        "removing a stale repository lock held by {}",
+                        other.describe()
+                    );
+                    repo.delete(&key).await?;
+                    let _ = repo.delete(&lease_key(&other.token)).await;
+                }
+                // Released, or replaced by a live holder: not ours to remove.
+                _ => {}
+            }
+            took_over = true;
         }
         Err(Error::conflict(format!(
             "repository {} lock keeps changing hands; try again",
@@ -157,31 +379,61 @@ impl<'a> RepoLock<'a> {
     }
 
     /// Waits up to `wait` for the lock (a backup waiting for a prune to end).
+    /// With `while_holder_renews`, waits on beyond `wait` as long as the
+    /// holder keeps renewing its lease (it is alive and working), up to a day:
+    /// a finished backup should not be lost to a long prune.
     pub async fn acquire_within(
         repo: &'a Repository,
         purpose: &str,
         wait: Duration,
+        while_holder_renews: bool,
     ) -> Result<RepoLock<'a>> {
-        let deadline = tokio::time::Instant::now() + wait;
+        const HARD_LIMIT: Duration = Duration::from_secs(24 * 3600);
+        let started = tokio::time::Instant::now();
+        let mut last_said = started;
         loop {
-            match Self::acquire(repo, purpose).await {
-                Err(e)
-                    if e.kind == crate::error::ErrorKind::Conflict
-                        && tokio::time::Instant::now() < deadline =>
-                {
+            let other = match Self::attempt(repo, purpose).await {
+                Ok(Attempt::Taken(lock)) => return Ok(lock),
+                Ok(Attempt::Held(other)) => other,
+                Err(e) if e.kind == crate::error::ErrorKind::Conflict => {
+                    if started.elapsed() >= wait {
+                        return Err(e);
+                    }
                     tracing::debug!("{e}; waiting");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
-                other => return other,
+                Err(e) => return Err(e),
+            };
+            let elapsed = started.elapsed();
+            let keep_waiting = elapsed < wait
+                || (while_holder_renews && other.lease_expires.is_some() && elapsed < HARD_LIMIT);
+            if !keep_waiting {
+                return Err(held_error(repo, &other));
             }
+            if last_said.elapsed() >= Duration::from_secs(60) {
+                tracing::info!(
+                    "waiting for the repository lock held by {}",
+                    other.describe()
+                );
+                last_said = tokio::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Runs `work` holding the lock, renewing its lease meanwhile.
+    pub async fn hold<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let what = self.lease.holder.purpose.clone();
+        self.lease.keep_while(&what, work).await
     }
 
     /// Releases the lock if it is still ours.
     pub async fn release(self) -> Result<()> {
+        let repo = self.lease.repo;
         let key = Key::from(LOCK_KEY);
-        match read_holder(self.repo, &key).await? {
-            Some(h) if h.token == self.holder.token => self.repo.delete(&key).await,
+        let result = match read_holder(repo, &key).await? {
+            Some(h) if h.token == self.lease.holder.token => repo.delete(&key).await,
             Some(h) => {
                 tracing::warn!(
                     "the repository lock was taken over by {} while we held it",
@@ -190,6 +442,50 @@ impl<'a> RepoLock<'a> {
                 Ok(())
             }
             None => Ok(()),
+        };
+        self.lease.forget().await;
+        result
+    }
+}
+
+fn held_error(repo: &Repository, other: &Holder) -> Error {
+    let rule = if other.lease_expires.is_some() {
+        format!(
+            "it is taken over once not renewed for {} s",
+            LEASE.as_secs()
+        )
+    } else {
+        format!("if no walvault runs there, delete {LOCK_KEY}")
+    };
+    Error::conflict(format!(
+        "repository {} is locked by {}; try again later ({rule})",
+        repo.url(),
+        other.describe()
+    ))
+}
+
+/// Deletes takeover claims and renewals of vanished holders once they are old:
+/// housekeeping, so failures only get a debug line.
+async fn clean_old_records(repo: &Repository) {
+    let Ok(listed) = repo.list("locks").await else {
+        return;
+    };
+    let cutoff = Utc::now() - chrono::Duration::from_std(RECORDS_KEPT).expect("fits");
+    for meta in listed {
+        let name = meta.location.as_ref();
+        let old = if name.starts_with(TAKEOVER_PREFIX) {
+            meta.last_modified < cutoff
+        } else if name.starts_with(LEASE_PREFIX) {
+            match repo.get(&meta.location).await {
+                Ok(Some(bytes)) => serde_json::from_slice::<Renewal>(&bytes)
+                    .map_or(meta.last_modified < cutoff, |r| r.lease_expires < cutoff),
+                _ => false,
+            }
+        } else {
+            false
+        };
+        if old && let Err(e) = repo.delete(&meta.location).await {
+            tracing::debug!("cannot clean up {}: {e}", meta.location);
         }
     }
 }
@@ -198,20 +494,26 @@ pub fn marker_key(backup_id: &str) -> Key {
     Key::from(format!("{MARKER_PREFIX}{backup_id}.json"))
 }
 
-/// Registers a backup in progress (under the lock).
-pub async fn write_marker(repo: &Repository, backup_id: &str) -> Result<()> {
-    let json = serde_json::to_vec_pretty(&Holder::current(&format!("backup {backup_id}")))
-        .expect("serializes");
-    match repo
-        .put_new(&marker_key(backup_id), Bytes::from(json))
-        .await?
-    {
-        Created::New => Ok(()),
+/// Registers a backup in progress (under the lock). The backup keeps the
+/// returned lease renewed while it runs ([`Lease::keep_while`]).
+pub async fn write_marker<'a>(repo: &'a Repository, backup_id: &str) -> Result<Lease<'a>> {
+    let holder = Holder::current(&format!("backup {backup_id}"));
+    let json = serde_json::to_vec_pretty(&holder).expect("serializes");
+    let key = marker_key(backup_id);
+    match repo.put_new(&key, Bytes::from(json)).await? {
+        Created::New => Ok(Lease::new(repo, key, holder)),
         Created::AlreadyExists => Err(Error::conflict(format!(
             "another backup {backup_id} is starting in {} this very second; try again",
             repo.url()
         ))),
     }
+}
+
+/// Unregisters a finished (or failed) backup.
+pub async fn remove_marker(marker: Lease<'_>) -> Result<()> {
+    let result = marker.repo.delete(&marker.key).await;
+    marker.forget().await;
+    result
 }
 
 /// Backups in progress that are still alive; stale markers are reported and,
@@ -225,17 +527,218 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder
         let Some(holder) = read_holder(repo, &meta.location).await? else {
             continue;
         };
-        if holder.is_stale(OTHER_HOST_STALE) {
+        if is_stale(repo, &holder).await? {
             tracing::warn!(
                 "{} never finished; its uploaded content is garbage now",
                 holder.describe()
             );
             if !dry_run {
                 repo.delete(&meta.location).await?;
+                let _ = repo.delete(&lease_key(&holder.token)).await;
             }
         } else {
             live.push(holder);
         }
     }
     Ok(live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::RepoUrl;
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        Repository::open(&RepoUrl::Local(dir.to_path_buf()), true).unwrap()
+    }
+
+    /// A holder as another walvault (another host, or a pid namespace where
+    /// its pid means nothing here) wrote it.
+    fn foreign(purpose: &str, lease_left_secs: i64) -> Holder {
+        let since = Utc::now() - chrono::Duration::seconds(300);
+        Holder {
+            purpose: purpose.into(),
+            host: hostname(),
+            // No such process here: the old rule would call this holder dead.
+            pid: 4_000_000,
+            since,
+            token: format!("foreign-{purpose}-{lease_left_secs}"),
+            lease_expires: Some(Utc::now() + chrono::Duration::seconds(lease_left_secs)),
+        }
+    }
+
+    async fn plant(repo: &Repository, key: &str, holder: &Holder) -> Bytes {
+        let bytes = Bytes::from(serde_json::to_vec(holder).unwrap());
+        repo.put_replace(&Key::from(key), bytes.clone())
+            .await
+            .unwrap();
+        bytes
+    }
+
+    async fn stored(repo: &Repository, key: &str) -> Option<Bytes> {
+        repo.get(&Key::from(key)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fresh_lease_is_not_taken_over_even_if_its_pid_is_gone_here() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let planted = plant(&repo, LOCK_KEY, &foreign("prune", 60)).await;
+        let err = RepoLock::acquire(&repo, "prune").await.err().unwrap();
+        assert_eq!(err.kind, crate::error::ErrorKind::Conflict);
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // A prune killed on an ephemeral host, gone with it: its lease ran
+        // out a second ago (the old rule would wait two days for another host).
+        let mut killed = foreign("prune", -1);
+        killed.host = "ephemeral-pod-7f9c".into();
+        plant(&repo, LOCK_KEY, &killed).await;
+        let lock = RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
+            .await
+            .unwrap();
+        assert!(lock.lease.still_ours().await.unwrap());
+        lock.release().await.unwrap();
+        assert_eq!(stored(&repo, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_finished_backup_waits_for_a_prune_that_keeps_renewing() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let prune = RepoLock::acquire(&repo, "prune").await.unwrap();
+        // Without following a live holder, the wait is the limit.
+        let err = RepoLock::acquire_within(&repo, "backup x start", Duration::ZERO, false)
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        // A finished backup waits past its limit while prune works and renews.
+        let finishing = async {
+            RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
+                .await
+                .unwrap()
+        };
+        let pruning = async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            prune.release().await.unwrap();
+        };
+        let (lock, ()) = tokio::join!(finishing, pruning);
+        assert!(lock.lease.still_ours().await.unwrap());
+        lock.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_renewed_lease_is_not_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // The first lease ran out, but the holder renewed it since.
+        let holder = foreign("prune", -30);
+        let planted = plant(&repo, LOCK_KEY, &holder).await;
+        Lease::new(&repo, Key::from(LOCK_KEY), holder)
+            .renew()
+            .await
+            .unwrap();
+        assert!(RepoLock::acquire(&repo, "prune").await.is_err());
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    #[tokio::test]
+    async fn a_takeover_claimed_by_another_walvault_is_left_to_it() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let planted = plant(&repo, LOCK_KEY, &foreign("prune", -1)).await;
+        // Another walvault has just claimed this very lock.
+        let claimer = Holder::current("prune elsewhere");
+        repo.put_new(
+            &takeover_key(&planted),
+            Bytes::from(serde_json::to_vec(&claimer).unwrap()),
+        )
+        .await
+        .unwrap();
+        assert!(RepoLock::acquire(&repo, "prune").await.is_err());
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    #[tokio::test]
+    async fn old_format_locks_keep_the_old_rule() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let mut old = foreign("prune", 0);
+        old.lease_expires = None;
+        // Another host, five minutes old: held (two days is the old limit).
+        old.host = "elsewhere".into();
+        let planted = plant(&repo, LOCK_KEY, &old).await;
+        let text = String::from_utf8(planted.to_vec()).unwrap();
+        assert!(!text.contains("lease"), "{text}");
+        assert!(RepoLock::acquire(&repo, "prune").await.is_err());
+        // This host, process gone: stale.
+        old.host = hostname();
+        plant(&repo, LOCK_KEY, &old).await;
+        RepoLock::acquire(&repo, "prune")
+            .await
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn markers_live_by_lease() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let running = foreign("backup 1", 60);
+        let dead = foreign("backup 2", -1);
+        plant(&repo, "locks/backup-1.json", &running).await;
+        plant(&repo, "locks/backup-2.json", &dead).await;
+        let live = live_backups(&repo, false).await.unwrap();
+        assert_eq!(live, vec![running]);
+        assert!(stored(&repo, "locks/backup-1.json").await.is_some());
+        assert!(stored(&repo, "locks/backup-2.json").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_stops_the_work() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let mut marker = write_marker(&repo, "0000000000000001").await.unwrap();
+        marker.renew_every = Duration::from_millis(20);
+        // Someone judged this backup gone and removed its marker.
+        repo.delete(&marker_key("0000000000000001")).await.unwrap();
+        let err = marker
+            .keep_while("backup", async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("judged this one gone"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_held_lease_is_renewed_while_working() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let mut marker = write_marker(&repo, "0000000000000002").await.unwrap();
+        marker.renew_every = Duration::from_millis(20);
+        let token = marker.holder.token.clone();
+        marker
+            .keep_while("backup", async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let renewal: Renewal =
+            serde_json::from_slice(&repo.get(&lease_key(&token)).await.unwrap().unwrap()).unwrap();
+        assert!(renewal.lease_expires > marker.holder.lease_expires.unwrap());
+        remove_marker(marker).await.unwrap();
+        assert!(repo.get(&lease_key(&token)).await.unwrap().is_none());
+    }
 }

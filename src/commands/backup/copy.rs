@@ -45,7 +45,16 @@ fn read_full(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize>
 /// Stores one file. `None` when it vanished before we could open it: the
 /// server dropped it, and WAL replay agrees.
 pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry>> {
-    let mut file = match std::fs::File::open(&src.abs) {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    if src.link_owner.is_some() {
+        // Behind a link may now be a fifo: never block on opening it.
+        std::os::unix::fs::OpenOptionsExt::custom_flags(
+            &mut options,
+            libc::O_NONBLOCK | libc::O_NOCTTY,
+        );
+    }
+    let mut file = match options.open(&src.abs) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("cannot open {}: {e}", src.abs.display()))),
@@ -53,6 +62,15 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("cannot stat {}: {e}", src.abs.display())))?;
+    if let Some(owner) = src.link_owner
+        && (!meta.is_file() || std::os::unix::fs::MetadataExt::uid(&meta) != owner)
+    {
+        return Err(Error::io(format!(
+            "{} is a symbolic link that no longer points to a regular file of the data \
+             directory's owner; fix the link and run the backup again",
+            src.abs.display()
+        )));
+    }
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o7777;
     let mtime = meta

@@ -61,15 +61,25 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
     let id = backup_id(start_time);
     // Registered under the lock, so a prune either sees this backup in
     // progress (and keeps every pack) or is over before we read the index.
-    let lock = RepoLock::acquire_within(&repo, &format!("backup {id} start"), LOCK_WAIT).await?;
+    let lock =
+        RepoLock::acquire_within(&repo, &format!("backup {id} start"), LOCK_WAIT, false).await?;
     let registered = lock::write_marker(&repo, &id).await;
     lock.release().await?;
-    registered?;
-    let result = take(&repo, &server, &pgdata, &id, start_time, opts).await;
-    if result.is_err() {
-        let _ = repo.delete(&lock::marker_key(&id)).await;
-    }
+    let marker = registered?;
+    // The marker's lease is renewed while the backup runs: prune keeps every
+    // pack of a backup that is alive, wherever (and in whatever pid namespace) it runs.
+    let result = marker
+        .keep_while(
+            &format!("backup {id}"),
+            take(&repo, &server, &pgdata, &id, start_time, opts, &marker),
+        )
+        .await;
+    let unregistered = lock::remove_marker(marker).await;
     let manifest = result?;
+    if let Err(e) = unregistered {
+        // Published already: a leftover marker only makes prune keep packs.
+        tracing::warn!("backup {id} is stored, but its in-progress marker stays: {e}");
+    }
     print_summary(&manifest, started)
 }
 
@@ -107,6 +117,7 @@ async fn take(
     id: &str,
     start_time: chrono::DateTime<chrono::Utc>,
     opts: &BackupOptions,
+    marker: &lock::Lease<'_>,
 ) -> Result<Manifest> {
     let previous = catalog::load_readable(repo).await?;
     let index = Arc::new(BlobIndex::from_manifests(&previous));
@@ -183,6 +194,7 @@ async fn take(
     progress.finish_and_clear();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
 
+    let archive_deadline = tokio::time::Instant::now() + opts.archive_timeout;
     let stop = tokio::time::timeout(opts.archive_timeout, server.backup_stop())
         .await
         .map_err(|_| {
@@ -197,6 +209,16 @@ async fn take(
     let timeline = pg::timeline_from_label(&stop.backup_label).ok_or_else(|| {
         Error::io("backup_label returned by the server has no START TIMELINE line")
     })?;
+    wait_for_wal_in_repository(
+        repo,
+        id,
+        timeline,
+        (start_lsn, stop_lsn),
+        server.info.wal_segment_size,
+        archive_deadline,
+        opts.archive_timeout,
+    )
+    .await?;
     let size: u64 = entries.iter().map(|e| e.size).sum();
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
@@ -220,17 +242,119 @@ async fn take(
             deduplicated: stats.deduplicated.load(Ordering::Relaxed),
         },
     };
-    // Publish under the lock: a prune never sees half of this step.
-    let lock = RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT).await?;
-    let published = catalog::store(repo, &manifest).await;
-    let unregistered = match &published {
-        Ok(()) => repo.delete(&lock::marker_key(id)).await,
-        Err(_) => Ok(()),
-    };
+    // Publish under the lock: a prune never sees half of this step. A prune
+    // that is alive (renewing its lease) is waited for however long it takes:
+    // the backup is done and must not be thrown away.
+    let lock =
+        RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT, true).await?;
+    let published = lock.hold(publish(repo, &manifest, marker)).await;
     lock.release().await?;
     published?;
-    unregistered?;
     Ok(manifest)
+}
+
+/// Waits (until `deadline`) for every WAL segment from the backup's start to
+/// its stop to be in this repository: without them the backup cannot be
+/// restored. PostgreSQL's own wait covers only its archiver, and with
+/// archiving off, on a standby, or with archive_command pointing at another
+/// repository it returns at once with a mere notice.
+async fn wait_for_wal_in_repository(
+    repo: &Repository,
+    id: &str,
+    timeline: u32,
+    (start, stop): (Lsn, Lsn),
+    segment_size: u32,
+    deadline: tokio::time::Instant,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    use crate::repository::wal_name_of_key;
+    use crate::wal::{SegmentName, WalFileName};
+    let size = u64::from(segment_size);
+    let first = start.0 / size;
+    // The stop LSN ends the backup: the last segment needed holds the byte before it.
+    let last = (stop.0.saturating_sub(1) / size).max(first);
+    let mut missing: Vec<SegmentName> = (first..=last)
+        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
+        .collect();
+    loop {
+        let folders: std::collections::BTreeSet<String> = missing
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}/{:08X}{:08X}",
+                    crate::repository::WAL_DIR,
+                    s.timeline,
+                    s.log
+                )
+            })
+            .collect();
+        let mut present = std::collections::HashSet::new();
+        for folder in folders {
+            for meta in repo.list(&folder).await? {
+                if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
+                    present.insert(s);
+                }
+            }
+        }
+        missing.retain(|s| !present.contains(s));
+        let Some(first_missing) = missing.first() else {
+            return Ok(());
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::io(format!(
+                "WAL segment {first_missing} (backup {id} needs {start} to {stop}) is not in {} \
+                 after {} s, so the backup could not be restored; the server must archive into \
+                 this repository: check archive_mode = on (always on a standby), archive_command = \
+                 'walvault --repo {} push %p %f' and pg_stat_archiver; backup {id} is not published",
+                repo.url(),
+                timeout.as_secs(),
+                repo.url()
+            )));
+        }
+        tracing::debug!("waiting for WAL segment {first_missing} to reach the repository");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// Stores the manifest, but only if nothing this backup relies on was taken
+/// away: its marker must still be its own (so no prune judged it dead) and
+/// every pack the manifest points into must exist.
+async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_>) -> Result<()> {
+    let id = &manifest.id;
+    if !marker.still_ours().await? {
+        return Err(Error::conflict(format!(
+            "backup {id} was judged dead by another walvault while it ran (its in-progress \
+             marker is gone from {}), so packs it uses may be deleted; it is not published: \
+             run the backup again",
+            repo.url()
+        )));
+    }
+    let stored: std::collections::HashSet<String> = repo
+        .list(crate::repository::PACK_DIR)
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.location
+                .filename()?
+                .strip_suffix(".pack")
+                .map(String::from)
+        })
+        .collect();
+    let missing = manifest
+        .files
+        .iter()
+        .flat_map(|f| f.chunks.iter().map(move |c| (f, c)))
+        .find(|(_, c)| !stored.contains(&c.pack));
+    if let Some((file, chunk)) = missing {
+        return Err(Error::conflict(format!(
+            "pack {} holding part of {} is missing from {} (deleted while the backup ran?); \
+             backup {id} is not published: run the backup again",
+            chunk.pack,
+            file.path,
+            repo.url()
+        )));
+    }
+    catalog::store(repo, manifest).await
 }
 
 fn print_summary(manifest: &Manifest, started: Instant) -> Result<()> {

@@ -2,6 +2,7 @@
 //! knows how each major version names its functions.
 
 use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
 use tokio_postgres::{Client, Config, NoTls};
 
 /// How to reach the server: `--dbname` (a conninfo string or URL) first, then
@@ -46,8 +47,86 @@ pub fn connection_config(dbname: Option<&str>) -> Result<Config> {
     {
         config.password(p);
     }
+    // Like libpq, a password file keeps the password out of argv and the
+    // environment: PGPASSFILE, else ~/.pgpass.
+    if config.get_password().is_none() {
+        let file = env("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".pgpass")));
+        if let Some(file) = file
+            && let Some(p) = password_from_file(&file, &config)
+        {
+            config.password(p);
+        }
+    }
     config.application_name("walvault");
     Ok(config)
+}
+
+/// The password for `config`'s first host, port, database and user from a
+/// libpq password file (`hostname:port:database:username:password`, `*`
+/// matching anything, `\` escaping `:` and `\`; the first match wins). Like
+/// libpq, a file others may read is ignored, with a warning.
+fn password_from_file(path: &Path, config: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            "password file {} has group or world access and is ignored; make it u=rw (0600) or less",
+            path.display()
+        );
+        return None;
+    }
+    let text = std::fs::read_to_string(path).ok()?;
+    let hosts = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => vec![h.clone()],
+        // libpq names a socket connection "localhost" in the file (or by its directory).
+        Some(tokio_postgres::config::Host::Unix(p)) => {
+            vec!["localhost".into(), p.display().to_string()]
+        }
+        None => vec!["localhost".into()],
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let database = config.get_dbname().unwrap_or("postgres");
+    let user = config.get_user().unwrap_or("postgres");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(split_pgpass_line)
+        .find(|f| {
+            let matches = |field: &str, value: &str| field == "*" || field == value;
+            hosts.iter().any(|h| matches(&f[0], h))
+                && matches(&f[1], &port)
+                && matches(&f[2], database)
+                && matches(&f[3], user)
+        })
+        .map(|mut f| f.swap_remove(4))
+}
+
+/// The five fields of a password file line, unescaped; `None` if it has fewer.
+fn split_pgpass_line(line: &str) -> Option<Vec<String>> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    fields.last_mut().expect("one field").push(next);
+                }
+            }
+            // The password is the rest of the line.
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            c => fields.last_mut().expect("one field").push(c),
+        }
+    }
+    (fields.len() == 5).then_some(fields)
 }
 
 fn describe_target(config: &Config) -> String {
@@ -96,8 +175,14 @@ fn sql_error(what: &str, e: tokio_postgres::Error) -> Error {
 impl Server {
     pub async fn connect(config: &Config) -> Result<Server> {
         let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+            // tokio-postgres keeps the reason ("password missing") in the source.
+            let reason = match std::error::Error::source(&e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            };
             Error::io(format!(
-                "cannot connect to {}: {e}; set --dbname or PGHOST/PGPORT/PGUSER",
+                "cannot connect to {}: {reason}; set --dbname or PGHOST/PGPORT/PGUSER \
+                 (a password: PGPASSFILE or ~/.pgpass, mode 0600)",
                 describe_target(config)
             ))
         })?;
@@ -201,5 +286,38 @@ mod tests {
                      CHECKPOINT LOCATION: 0/2000060\nSTART TIMELINE: 3\n";
         assert_eq!(super::timeline_from_label(label), Some(3));
         assert_eq!(super::timeline_from_label("x"), None);
+    }
+
+    #[test]
+    fn password_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("pgpass");
+        std::fs::write(
+            &file,
+            "# comment\n\
+             db.example:5432:*:other:nope\n\
+             localhost:5433:postgres:backup:wrong port\n\
+             localhost:*:postgres:backup:s3cr\\:et\\\\x:y\n\
+             *:*:*:*:fallback\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config: super::Config =
+            "host=/var/run/postgresql port=5432 user=backup dbname=postgres"
+                .parse()
+                .unwrap();
+        assert_eq!(
+            super::password_from_file(&file, &config).as_deref(),
+            Some("s3cr:et\\x:y")
+        );
+        let other: super::Config = "host=db.example user=nobody dbname=x".parse().unwrap();
+        assert_eq!(
+            super::password_from_file(&file, &other).as_deref(),
+            Some("fallback")
+        );
+        // Readable by others: ignored, like libpq does.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(super::password_from_file(&file, &config), None);
     }
 }

@@ -39,6 +39,9 @@ pub struct SourceFile {
     pub path: String,
     pub abs: PathBuf,
     pub size: u64,
+    /// For a symbolic link followed: whose regular file it must still be
+    /// when opened (the link may change meanwhile).
+    pub link_owner: Option<u32>,
 }
 
 pub struct Listing {
@@ -76,7 +79,8 @@ pub fn list(pgdata: &Path) -> Result<Listing> {
         files: vec![],
         tablespaces: vec![],
     };
-    walk_tree(pgdata, "", &mut listing, true)?;
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    walk_tree(pgdata, "", &mut listing, true, owner)?;
     // Tablespaces: pg_tblspc/<oid> is a link to the tablespace's location.
     let tblspc = pgdata.join("pg_tblspc");
     if let Ok(entries) = std::fs::read_dir(&tblspc) {
@@ -98,7 +102,7 @@ pub fn list(pgdata: &Path) -> Result<Listing> {
                             path: rel.clone(),
                             mode: mode_of(&meta),
                         });
-                        walk_tree(&link, &rel, &mut listing, false)?;
+                        walk_tree(&link, &rel, &mut listing, false, owner)?;
                     }
                     continue;
                 }
@@ -113,7 +117,7 @@ pub fn list(pgdata: &Path) -> Result<Listing> {
                     .map(|m| mode_of(&m))
                     .unwrap_or(0o700),
             });
-            walk_tree(&link, &rel, &mut listing, false)?;
+            walk_tree(&link, &rel, &mut listing, false, owner)?;
         }
     }
     listing.files.sort_by(|a, b| a.path.cmp(&b.path));
@@ -121,7 +125,16 @@ pub fn list(pgdata: &Path) -> Result<Listing> {
     Ok(listing)
 }
 
-fn walk_tree(root: &Path, prefix: &str, listing: &mut Listing, is_data_dir: bool) -> Result<()> {
+/// `owner` is the data directory's owner: a link is followed only to a file
+/// of theirs, so a link planted in the data directory cannot carry another
+/// user's file (read with the backup's rights) into the repository.
+fn walk_tree(
+    root: &Path,
+    prefix: &str,
+    listing: &mut Listing,
+    is_data_dir: bool,
+    owner: u32,
+) -> Result<()> {
     let join = |rel: &Path| -> String {
         let rel = rel.to_string_lossy();
         if prefix.is_empty() {
@@ -191,9 +204,37 @@ fn walk_tree(root: &Path, prefix: &str, listing: &mut Listing, is_data_dir: bool
                 path: rel,
                 abs: entry.path().to_path_buf(),
                 size: meta.len(),
+                link_owner: None,
             });
+        } else if entry.file_type().is_symlink() {
+            // A configuration file linked from elsewhere (postgresql.conf to
+            // /etc, say) is part of the cluster: store its content, restored as
+            // a regular file. Anything else behind a link cannot be stored.
+            match std::fs::metadata(entry.path()) {
+                Ok(target)
+                    if target.is_file()
+                        && std::os::unix::fs::MetadataExt::uid(&target) == owner =>
+                {
+                    tracing::info!(
+                        "{rel} is a symbolic link; backing up the file it points to as a regular file"
+                    );
+                    listing.files.push(SourceFile {
+                        path: rel,
+                        abs: entry.path().to_path_buf(),
+                        size: target.len(),
+                        link_owner: Some(owner),
+                    });
+                }
+                _ => tracing::warn!(
+                    "{rel} is a symbolic link to {} (not a regular file of the data directory's \
+                     owner): not backed up",
+                    std::fs::read_link(entry.path())
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_else(|_| "?".into())
+                ),
+            }
         }
-        // Other symlinks and special files are not part of a cluster's state.
+        // Sockets, fifos and devices are not part of a cluster's state.
     }
     Ok(())
 }
@@ -228,5 +269,33 @@ mod tests {
         assert!(dirs.contains(&"pg_wal") && dirs.contains(&"pg_wal/archive_status"));
         assert!(dirs.contains(&"pg_stat_tmp"));
         assert!(!dirs.iter().any(|d| d.contains("pgsql_tmp")));
+    }
+
+    #[test]
+    fn symlinked_files_are_backed_up_as_their_content() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("data");
+        std::fs::create_dir_all(root.join("base")).unwrap();
+        std::fs::write(root.join("PG_VERSION"), b"15").unwrap();
+        let etc = d.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("postgresql.conf"), b"shared_buffers = 1GB\n").unwrap();
+        std::os::unix::fs::symlink(etc.join("postgresql.conf"), root.join("postgresql.conf"))
+            .unwrap();
+        std::os::unix::fs::symlink(d.path().join("nowhere"), root.join("base/dangling")).unwrap();
+        let l = list(&root).unwrap();
+        let conf = l
+            .files
+            .iter()
+            .find(|f| f.path == "postgresql.conf")
+            .expect("a symlinked postgresql.conf is backed up");
+        assert_eq!(conf.size, 21);
+        assert!(!l.files.iter().any(|f| f.path == "base/dangling"));
+        // Someone else's file behind a link is not carried into the repository.
+        let someone_else = 4_000_000;
+        if std::os::unix::fs::chown(etc.join("postgresql.conf"), Some(someone_else), None).is_ok() {
+            let l = list(&root).unwrap();
+            assert!(!l.files.iter().any(|f| f.path == "postgresql.conf"));
+        }
     }
 }

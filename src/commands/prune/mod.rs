@@ -61,7 +61,12 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
     } else {
         Some(RepoLock::acquire(&repo, "prune").await?)
     };
-    let result = prune(&repo, config.wal_segment_size, opts).await;
+    // The lock's lease is renewed while prune works, so a long prune is never
+    // judged gone; losing it (a stopped process) stops prune.
+    let result = match &lock {
+        Some(lock) => lock.hold(prune(&repo, config.wal_segment_size, opts)).await,
+        None => prune(&repo, config.wal_segment_size, opts).await,
+    };
     if let Some(lock) = lock {
         lock.release().await?;
     }
