@@ -176,7 +176,9 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
 }
 
 /// Checks that the WAL each backup needs is present, reporting gaps, and
-/// returns the WAL files to read.
+/// returns the WAL files to read. A backup needs its own timeline from its
+/// start on, and the timelines that branch from it after its start (a restore
+/// to `latest` follows them); LSNs of unrelated timelines are never compared.
 fn continuity(
     archive: &WalArchive,
     manifests: &[Manifest],
@@ -184,60 +186,77 @@ fn continuity(
     one_backup: bool,
     problems: &mut BTreeSet<Problem>,
 ) -> Vec<WalFileName> {
-    let size = archive.segment_size;
+    let size = u64::from(archive.segment_size.max(1));
     let mut wanted: BTreeSet<(u32, u64)> = BTreeSet::new();
-    let missing = |timeline: u32, segno: u64, why: String, problems: &mut BTreeSet<Problem>| {
-        let name = WalFileName::Segment(archive.segment_name(timeline, segno));
-        problems.insert(Problem {
-            object: wal_key(&name).to_string(),
-            problem: format!("missing WAL segment {name}, {why}"),
-        });
+    let empty = BTreeMap::new();
+    // Walks what the listing holds, never the numbers in between: a manifest
+    // may claim any range, and the work must stay bounded by the listing.
+    let mut check = |timeline: u32,
+                     from: u64,
+                     to: u64,
+                     why: &dyn Fn() -> String,
+                     problems: &mut BTreeSet<Problem>| {
+        let segs = archive.segments.get(&timeline).unwrap_or(&empty);
+        let mut expected = from;
+        for &segno in segs.range(from..=to).map(|(n, _)| n) {
+            if segno > expected {
+                missing(archive, timeline, expected, segno - 1, &why(), problems);
+            }
+            wanted.insert((timeline, segno));
+            expected = segno + 1;
+        }
+        if expected <= to {
+            missing(archive, timeline, expected, to, &why(), problems);
+        }
     };
     for m in manifests {
-        let start = m.start_lsn.0 / u64::from(size);
-        let stop = m.stop_lsn.0 / u64::from(size);
-        let segs = archive.segments.get(&m.timeline);
-        for segno in start..=stop {
-            if segs.is_some_and(|s| s.contains_key(&segno)) {
-                wanted.insert((m.timeline, segno));
-            } else {
-                missing(
-                    m.timeline,
-                    segno,
-                    format!("needed by backup {} to become consistent", m.id),
-                    problems,
-                );
-            }
+        let start = m.start_lsn.0 / size;
+        let stop = m.stop_lsn.0 / size;
+        if stop < start {
+            problems.insert(Problem {
+                object: manifest_key(&m.id).to_string(),
+                problem: format!(
+                    "backup {} stops at {} before it starts at {}",
+                    m.id, m.stop_lsn, m.start_lsn
+                ),
+            });
+            continue;
         }
+        check(
+            m.timeline,
+            start,
+            stop,
+            &|| format!("needed by backup {} to become consistent", m.id),
+            problems,
+        );
         // WAL trimmed on purpose by `prune --keep-wal-within` is not a gap.
-        let complete = retention.is_none_or(|r| start >= r.complete_from_segno);
-        if !complete {
+        if !retention.is_none_or(|r| r.is_complete_from(m.timeline, start)) {
             continue;
         }
         for (&timeline, segs) in &archive.segments {
             let Some(switch) = archive.descends_from(timeline, m.timeline) else {
                 continue;
             };
+            // A timeline that left this one before the backup started is
+            // not one its recovery can follow.
+            if timeline != m.timeline && switch < m.start_lsn.0 {
+                continue;
+            }
             let from = if timeline == m.timeline {
                 start
             } else {
-                (switch / u64::from(size)).max(start)
+                (switch / size).max(start)
             };
             let Some(&last) = segs.keys().next_back() else {
                 continue;
             };
-            for segno in from..=last {
-                if segs.contains_key(&segno) {
-                    wanted.insert((timeline, segno));
-                } else {
-                    missing(
-                        timeline,
-                        segno,
-                        format!("needed to recover past it from backup {}", m.id),
-                        problems,
-                    );
-                }
-            }
+            check(
+                timeline,
+                from,
+                last,
+                &|| format!("needed to recover past it from backup {}", m.id),
+                problems,
+            );
         }
     }
     if one_backup {
@@ -247,6 +266,31 @@ fn continuity(
             .collect();
     }
     archive.all_files().map(|f| f.name).collect()
+}
+
+/// One problem per run of missing segments `first..=last`.
+fn missing(
+    archive: &WalArchive,
+    timeline: u32,
+    first: u64,
+    last: u64,
+    why: &str,
+    problems: &mut BTreeSet<Problem>,
+) {
+    let name = WalFileName::Segment(archive.segment_name(timeline, first));
+    let problem = if first == last {
+        format!("missing WAL segment {name}, {why}")
+    } else {
+        format!(
+            "missing WAL segment {name} and the {} after it, to {}, {why}",
+            last - first,
+            archive.segment_name(timeline, last)
+        )
+    };
+    problems.insert(Problem {
+        object: wal_key(&name).to_string(),
+        problem,
+    });
 }
 
 async fn check_pack(

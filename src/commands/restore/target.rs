@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::manifest::{Lsn, Manifest};
+use crate::retention::Retention;
 use chrono::{DateTime, FixedOffset, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,15 +60,15 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
 impl RecoveryTarget {
     /// Picks the backup: the one named, or the newest one that was consistent
     /// before the target (only then can replay stop there).
-    /// `complete_from`: the segment number from which the archive holds all
-    /// WAL (see retention.json); xid and name targets cannot be placed in
-    /// time, so they start from the oldest backup whose WAL is complete,
-    /// which reaches any of them that lies after it.
+    /// `retention`: where the archive holds all WAL on each timeline (see
+    /// retention.json); xid and name targets cannot be placed in time, so
+    /// they start from the oldest backup whose WAL is complete, which reaches
+    /// any of them that lies after it.
     pub fn choose<'a>(
         &self,
         backups: &'a [Manifest],
         named: Option<&str>,
-        complete_from: Option<u64>,
+        retention: Option<&Retention>,
     ) -> Result<&'a Manifest> {
         if backups.is_empty() {
             return Err(Error::not_found(
@@ -94,7 +95,9 @@ impl RecoveryTarget {
         }
         if matches!(self, RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)) {
             let size = u64::from(backups[0].wal_segment_size.max(1));
-            let complete = |b: &&Manifest| complete_from.is_none_or(|c| b.start_lsn.0 / size >= c);
+            let complete = |b: &&Manifest| {
+                retention.is_none_or(|r| r.is_complete_from(b.timeline, b.start_lsn.0 / size))
+            };
             if let Some(b) = backups.iter().find(complete) {
                 if backups.len() > 1 {
                     tracing::info!(
