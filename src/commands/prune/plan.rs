@@ -37,9 +37,11 @@ pub fn backups_to_keep(backups: &[Manifest], policy: &Policy, now: DateTime<Utc>
         .map(|(i, b)| {
             let newest = i + 1 == n;
             let by_count = policy.keep_last.is_some_and(|k| i + k >= n);
-            let by_age = policy.keep_within.is_some_and(|d| {
-                b.stop_time >= now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-            });
+            // `before` saturates: a window reaching past the beginning of
+            // time keeps everything instead of overflowing.
+            let by_age = policy
+                .keep_within
+                .is_some_and(|d| b.stop_time >= before(now, d));
             newest || by_count || by_age || !by_backup_policy
         })
         .collect()
@@ -209,6 +211,24 @@ mod tests {
             backups_to_keep(&b, &Policy::default(), now),
             [true, true, true]
         );
+    }
+
+    #[test]
+    fn windows_past_the_beginning_of_time_keep_everything() {
+        let now = Utc::now();
+        let b = vec![backup("a", 72, 2, 3, now), backup("b", 48, 10, 11, now)];
+        // `--keep-within 99999999d` / `--keep-wal-within 99999999d`, and beyond.
+        for secs in [99_999_999 * 86_400, u64::MAX / 2, u64::MAX] {
+            let d = Duration::from_secs(secs);
+            let p = Policy {
+                keep_within: Some(d),
+                keep_wal_within: Some(d),
+                ..Default::default()
+            };
+            assert_eq!(backups_to_keep(&b, &p, now), [true, true], "{secs}");
+            let kept: Vec<&Manifest> = b.iter().collect();
+            assert_eq!(wal_needs(&kept, &p, now, 1 << 24)[0].from, 2, "{secs}");
+        }
     }
 
     #[test]
