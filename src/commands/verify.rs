@@ -7,7 +7,7 @@ use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::object;
-use crate::repository::{RepoUrl, Repository, manifest_key, pack_key, wal_key};
+use crate::repository::{RepoUrl, Repository, is_pack_id, manifest_key, pack_key, wal_key};
 use crate::retention::{self, Retention};
 use crate::wal::WalFileName;
 use futures::StreamExt;
@@ -123,6 +123,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     // Every blob of every manifest, one pack download each.
     let mut packs: BTreeMap<String, BTreeMap<u64, BlobRef>> = BTreeMap::new();
     for m in &manifests {
+        problems.extend(restorable(m));
         for f in &m.files {
             let sum: u64 = f.chunks.iter().map(|c| c.size).sum();
             if sum != f.size {
@@ -134,7 +135,9 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
                     ),
                 });
             }
-            for c in &f.chunks {
+            // A name that is no pack id is reported by `restorable`, and
+            // never becomes a key.
+            for c in f.chunks.iter().filter(|c| is_pack_id(&c.pack)) {
                 packs
                     .entry(c.pack.clone())
                     .or_default()
@@ -173,6 +176,48 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
             problems.len()
         )))
     }
+}
+
+/// What restore would refuse in a manifest, or restore into a directory
+/// PostgreSQL cannot start: verify passes only what restore would restore.
+fn restorable(m: &Manifest) -> Vec<Problem> {
+    let problem = |p: String| Problem {
+        object: manifest_key(&m.id).to_string(),
+        problem: p,
+    };
+    let mut found = vec![];
+    if let Err(e) = m.check_paths() {
+        found.push(problem(e.to_string()));
+    }
+    if let Some(bad) = m
+        .files
+        .iter()
+        .flat_map(|f| &f.chunks)
+        .find(|c| !is_pack_id(&c.pack))
+    {
+        found.push(problem(format!(
+            "backup {} refers to pack '{}', which is not a pack id; restore refuses it",
+            m.id,
+            bad.pack.escape_debug()
+        )));
+    }
+    // Every data directory has these; without them PostgreSQL cannot start.
+    for essential in ["PG_VERSION", "global/pg_control"] {
+        if !m.files.iter().any(|f| f.path == essential) {
+            found.push(problem(format!(
+                "backup {} has no {essential} ({} files listed); a restore of it cannot start",
+                m.id,
+                m.files.len()
+            )));
+        }
+    }
+    if m.backup_label.trim().is_empty() {
+        found.push(problem(format!(
+            "backup {} has an empty backup_label; a restore of it cannot start recovery",
+            m.id
+        )));
+    }
+    found
 }
 
 /// Checks that the WAL each backup needs is present, reporting gaps, and
@@ -379,4 +424,124 @@ fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) -> Result
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{BackupStats, ChunkRef, FileEntry, Lsn};
+    use crate::object::Sha256Digest;
+
+    fn file(path: &str, pack: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: 1,
+            mode: 0o600,
+            mtime: chrono::Utc::now(),
+            chunks_sha256: Sha256Digest([0; 32]),
+            chunks: vec![ChunkRef {
+                sha256: Sha256Digest([0; 32]),
+                size: 1,
+                pack: pack.into(),
+                offset: 0,
+                length: 1,
+            }],
+        }
+    }
+
+    fn manifest(files: Vec<FileEntry>) -> Manifest {
+        Manifest {
+            format: 1,
+            id: "20261127T153444Z".into(),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 1 << 24,
+            timeline: 1,
+            start_lsn: Lsn(2 << 24),
+            stop_lsn: Lsn(3 << 24),
+            start_time: chrono::Utc::now(),
+            stop_time: chrono::Utc::now(),
+            backup_label: "START WAL LOCATION: 0/2000028\n".into(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files,
+            stats: BackupStats::default(),
+        }
+    }
+
+    const PACK: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn only_what_restore_would_restore_passes() {
+        let good = || vec![file("PG_VERSION", PACK), file("global/pg_control", PACK)];
+        assert_eq!(restorable(&manifest(good())), []);
+
+        let mut escaping = good();
+        escaping.push(file("../../etc/cron.d/x", PACK));
+        let found = restorable(&manifest(escaping));
+        assert!(
+            found[0].problem.contains("leaves the data directory"),
+            "{found:?}"
+        );
+
+        let found = restorable(&manifest(vec![]));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0]
+                .problem
+                .contains("has no PG_VERSION (0 files listed)")
+        );
+
+        // A short pack id is reported, not sliced (it used to panic).
+        let mut short = good();
+        short.push(file("base/1/1", "a"));
+        let found = restorable(&manifest(short));
+        assert!(
+            found[0]
+                .problem
+                .contains("pack 'a', which is not a pack id"),
+            "{found:?}"
+        );
+
+        let mut no_label = manifest(good());
+        no_label.backup_label = String::new();
+        assert_eq!(restorable(&no_label).len(), 1);
+    }
+
+    #[test]
+    fn wal_ranges_a_manifest_claims_are_walked_by_the_listing() {
+        let archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        let mut m = manifest(vec![]);
+        m.start_lsn = Lsn(0);
+        m.stop_lsn = Lsn(u64::MAX);
+        let mut problems = BTreeSet::new();
+        let started = std::time::Instant::now();
+        continuity(&archive, &[m.clone()], None, true, &mut problems);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let p: Vec<&str> = problems.iter().map(|p| p.problem.as_str()).collect();
+        assert_eq!(
+            p,
+            [
+                "missing WAL segment 000000010000000000000000 and the 1099511627775 after it, to 00000001FFFFFFFF000000FF, needed by backup 20261127T153444Z to become consistent"
+            ]
+        );
+
+        m.stop_lsn = Lsn(1);
+        m.start_lsn = Lsn(5 << 24);
+        let mut problems = BTreeSet::new();
+        continuity(&archive, &[m], None, true, &mut problems);
+        assert!(
+            problems
+                .iter()
+                .next()
+                .unwrap()
+                .problem
+                .contains("stops at 0/1 before it starts"),
+            "{problems:?}"
+        );
+    }
 }
