@@ -167,6 +167,20 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
         problems.extend(found);
     }
 
+    // A prune running beside us deletes backups, then the WAL and packs only
+    // they needed: what went missing since we listed counts only if the
+    // repository, listed again now, still needs it.
+    if !problems.is_empty() {
+        problems = recheck(
+            &repo,
+            config.wal_segment_size,
+            &manifests,
+            opts.backup.is_some(),
+            problems,
+        )
+        .await?;
+    }
+
     report(&checked, &problems, opts.json)?;
     if problems.is_empty() {
         Ok(())
@@ -175,6 +189,80 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
             "verify found {} problem(s) in {url}; each is listed above",
             problems.len()
         )))
+    }
+}
+
+/// The problems that still stand against the repository as it is now.
+async fn recheck(
+    repo: &Repository,
+    segment_size: u32,
+    manifests: &[Manifest],
+    one_backup: bool,
+    problems: BTreeSet<Problem>,
+) -> Result<BTreeSet<Problem>> {
+    let ids: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
+    let present: Vec<Manifest> = manifests
+        .iter()
+        .filter(|m| ids.contains(&m.id))
+        .cloned()
+        .collect();
+    let archive = WalArchive::load(repo, segment_size).await?;
+    let retention = retention::load(repo).await.ok().flatten();
+    let mut needed_missing = BTreeSet::new();
+    continuity(
+        &archive,
+        &present,
+        retention.as_ref(),
+        one_backup,
+        &mut needed_missing,
+    );
+    let now = Present {
+        manifests: ids.iter().map(|id| manifest_key(id).to_string()).collect(),
+        wal: archive
+            .all_files()
+            .map(|f| f.meta.location.to_string())
+            .collect(),
+        wal_needed_missing: needed_missing.into_iter().map(|p| p.object).collect(),
+        packs: present
+            .iter()
+            .flat_map(|m| m.files.iter().flat_map(|f| &f.chunks))
+            .filter(|c| is_pack_id(&c.pack))
+            .map(|c| pack_key(&c.pack).to_string())
+            .collect(),
+    };
+    Ok(problems
+        .into_iter()
+        .filter(|p| now.still_stands(p))
+        .collect())
+}
+
+/// The repository as listed again after the checks.
+#[derive(Default)]
+struct Present {
+    /// Keys of the manifests that exist.
+    manifests: BTreeSet<String>,
+    /// Keys of the WAL objects that exist.
+    wal: BTreeSet<String>,
+    /// Keys of WAL objects missing that a remaining backup needs.
+    wal_needed_missing: BTreeSet<String>,
+    /// Keys of the packs a remaining backup refers to.
+    packs: BTreeSet<String>,
+}
+
+impl Present {
+    /// A problem with an object a prune has since let go of (its backup is
+    /// gone, or no remaining backup needs it) is no problem.
+    fn still_stands(&self, p: &Problem) -> bool {
+        let key = p.object.as_str();
+        if key.starts_with(&format!("{}/", crate::repository::BACKUP_DIR)) {
+            self.manifests.contains(key)
+        } else if key.starts_with(&format!("{}/", crate::repository::PACK_DIR)) {
+            self.packs.contains(key)
+        } else if key.starts_with(&format!("{}/", crate::repository::WAL_DIR)) {
+            self.wal.contains(key) || self.wal_needed_missing.contains(key)
+        } else {
+            true
+        }
     }
 }
 
@@ -543,5 +631,34 @@ mod tests {
                 .contains("stops at 0/1 before it starts"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn what_a_prune_let_go_of_is_no_problem() {
+        let gone_backup = manifest_key("20261101T000000Z").to_string();
+        let kept_backup = manifest_key("20261127T153444Z").to_string();
+        let gone_pack = pack_key("ffffffffffffffffffffffffffffffff").to_string();
+        let kept_pack = pack_key(PACK).to_string();
+        let wal = |n: &str| format!("wal/{}/{n}.zst", &n[..16]);
+        let now = Present {
+            manifests: [kept_backup.clone()].into(),
+            wal: [wal("000000010000000000000005")].into(),
+            wal_needed_missing: [wal("000000010000000000000006")].into(),
+            packs: [kept_pack.clone()].into(),
+        };
+        let p = |object: &str| Problem {
+            object: object.into(),
+            problem: "x".into(),
+        };
+        // Deleted by prune with the backups that needed them.
+        assert!(!now.still_stands(&p(&gone_backup)));
+        assert!(!now.still_stands(&p(&gone_pack)));
+        assert!(!now.still_stands(&p(&wal("000000010000000000000001"))));
+        // Still needed, or still there and damaged: problems.
+        assert!(now.still_stands(&p(&kept_backup)));
+        assert!(now.still_stands(&p(&kept_pack)));
+        assert!(now.still_stands(&p(&wal("000000010000000000000005"))));
+        assert!(now.still_stands(&p(&wal("000000010000000000000006"))));
+        assert!(now.still_stands(&p(crate::retention::RETENTION_KEY)));
     }
 }
