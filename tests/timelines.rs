@@ -166,4 +166,50 @@ fn prune_keeps_the_wal_of_a_second_timeline() {
         text.contains(&format!("missing WAL segment {lost}")),
         "{text}"
     );
+
+    // Timeline 2 shows where it came from, and steers restores to latest
+    // of the timeline-1 backup taken after it branched off.
+    let status = ok(&s, &["status"]);
+    assert!(
+        status.contains(&format!(
+            "timeline 2 branched from timeline 1 at {}, while timeline 1 went on",
+            branch_lsn(&s.root().join("copy/data"))
+        )),
+        "{status}"
+    );
+    let out = s.restore("tl1", &["--backup", &ids[2]]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("holds timeline 2, which left timeline 1")
+            && err.contains("will refuse to recover this backup to latest")
+            && err.contains("recovery_target_timeline = 'current'"),
+        "{err}"
+    );
+    // The advice works: timeline 1 replays to its end.
+    let dir = s.root().join("tl1");
+    let auto = dir.join("data/postgresql.auto.conf");
+    let mut conf = std::fs::read_to_string(&auto).unwrap();
+    conf.push_str("recovery_target_timeline = 'current'\n");
+    std::fs::write(&auto, conf).unwrap();
+    let mut tl1 = PgServer::existing(&dir, &dir.join("data"), vec![]);
+    tl1.append_conf("archive_mode = off");
+    tl1.start();
+    tl1.wait_promoted();
+    assert_eq!(Setup::batches(&tl1), "1:1000 2:30000 3:30000");
+
+    // A restore of the timeline-2 backup has nothing to warn about.
+    let out = s.restore("tl2-again", &["--backup", &on_tl2]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("timeline"),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// Where a copy's timeline 2 left timeline 1, from its history file.
+fn branch_lsn(copy_data: &Path) -> String {
+    let history = std::fs::read_to_string(copy_data.join("pg_wal/00000002.history")).unwrap();
+    history.split('\t').nth(1).unwrap().to_string()
 }

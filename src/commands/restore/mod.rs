@@ -87,6 +87,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         .choose(&backups, opts.backup.as_deref(), retention.as_ref())?
         .clone();
     manifest.check_paths()?;
+    target::warn_about_latest(&repo, &manifest).await;
     if let Some(bad) = manifest
         .files
         .iter()
