@@ -125,16 +125,6 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     for m in &manifests {
         problems.extend(restorable(m));
         for f in &m.files {
-            let sum: u64 = f.chunks.iter().map(|c| c.size).sum();
-            if sum != f.size {
-                problems.insert(Problem {
-                    object: manifest_key(&m.id).to_string(),
-                    problem: format!(
-                        "{}: chunks add up to {sum} bytes, the file has {}",
-                        f.path, f.size
-                    ),
-                });
-            }
             // A name that is no pack id is reported by `restorable`, and
             // never becomes a key.
             for c in f.chunks.iter().filter(|c| is_pack_id(&c.pack)) {
@@ -288,6 +278,21 @@ fn restorable(m: &Manifest) -> Vec<Problem> {
             m.id,
             bad.pack.escape_debug()
         )));
+    }
+    for f in &m.files {
+        // Checked: the sizes are the manifest's to claim.
+        let sum = f
+            .chunks
+            .iter()
+            .try_fold(0u64, |sum, c| sum.checked_add(c.size));
+        if sum != Some(f.size) {
+            found.push(problem(format!(
+                "{}: chunks add up to {} bytes, the file has {}",
+                f.path,
+                sum.map_or("more than 2^64".to_string(), |s| s.to_string()),
+                f.size
+            )));
+        }
     }
     // Every data directory has these; without them PostgreSQL cannot start.
     for essential in ["PG_VERSION", "global/pg_control"] {
@@ -591,6 +596,14 @@ mod tests {
                 .contains("pack 'a', which is not a pack id"),
             "{found:?}"
         );
+
+        // Sizes that overflow when added are a problem, not a panic.
+        let mut huge = good();
+        let again = huge[0].chunks[0].clone();
+        huge[0].chunks.push(again);
+        huge[0].chunks[1].size = u64::MAX;
+        let found = restorable(&manifest(huge));
+        assert!(found[0].problem.contains("more than 2^64"), "{found:?}");
 
         let mut no_label = manifest(good());
         no_label.backup_label = String::new();
