@@ -191,6 +191,12 @@ async fn recheck(
     problems: BTreeSet<Problem>,
 ) -> Result<BTreeSet<Problem>> {
     let ids: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
+    if one_backup && let Some(gone) = manifests.iter().find(|m| !ids.contains(&m.id)) {
+        return Err(Error::not_found(format!(
+            "backup {} was deleted while verify read it (a prune?); 'walvault list' shows the backups",
+            gone.id
+        )));
+    }
     let present: Vec<Manifest> = manifests
         .iter()
         .filter(|m| ids.contains(&m.id))
