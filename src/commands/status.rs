@@ -26,6 +26,37 @@ struct TimelineWal {
     last: String,
     segments: usize,
     missing: Vec<String>,
+    /// Where this timeline left its parent, from its history file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    branched_from: Option<Branch>,
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Branch {
+    pub timeline: u32,
+    pub lsn: String,
+    /// The parent's WAL goes on past the branch point: two histories were
+    /// archived side by side, as a restored copy (or a promoted standby
+    /// whose old primary kept writing) does. Restores to `latest` from the
+    /// parent's backups then follow this timeline, or fail.
+    pub parent_went_on: bool,
+}
+
+/// Where `timeline` left its nearest parent, and whether the parent's WAL
+/// in the archive goes on past that point.
+pub fn branch_of(archive: &WalArchive, timeline: u32) -> Option<Branch> {
+    let &(parent, switch) = archive.ancestry.get(&timeline)?.first()?;
+    let switch_segno = switch / u64::from(archive.segment_size.max(1));
+    let parent_went_on = archive
+        .segments
+        .get(&parent)
+        .and_then(|s| s.keys().next_back())
+        .is_some_and(|&last| last > switch_segno);
+    Some(Branch {
+        timeline: parent,
+        lsn: crate::wal::format_lsn(switch),
+        parent_went_on,
+    })
 }
 
 /// A span of time a point-in-time restore can reach.
@@ -177,6 +208,7 @@ pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
                     .into_iter()
                     .map(|n| archive.segment_name(timeline, n).to_string())
                     .collect(),
+                branched_from: branch_of(&archive, timeline),
             })
             .collect(),
         recoverable,
@@ -256,6 +288,22 @@ fn print_text(s: &Status, backups: &[Manifest], graph: bool) -> Result<()> {
             t.last,
             t.segments
         );
+        if let Some(b) = &t.branched_from {
+            crate::say!(
+                "             timeline {} branched from timeline {} at {}{}",
+                t.timeline,
+                b.timeline,
+                b.lsn,
+                if b.parent_went_on {
+                    format!(
+                        ", while timeline {} went on: a restored copy archived it here, and restores to latest from timeline-{} backups follow it or fail",
+                        b.timeline, b.timeline
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     if s.recoverable.is_empty() {
         crate::say!(
@@ -330,4 +378,47 @@ fn print_graph(s: &Status, backups: &[Manifest]) -> Result<()> {
     crate::say!("  |{}| now", line.iter().collect::<String>());
     crate::say!("  B backup   = recoverable   . not recoverable");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_branch_beside_a_living_parent_is_shown() {
+        let mut archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        assert_eq!(branch_of(&archive, 1), None);
+        archive.ancestry.insert(2, vec![(1, 0x500_00A0)]);
+        let file = |name: &str| crate::archive::ArchivedFile {
+            name: crate::wal::WalFileName::parse(name).unwrap(),
+            meta: object_store::ObjectMeta {
+                location: name.into(),
+                last_modified: Utc::now(),
+                size: 0,
+                e_tag: None,
+                version: None,
+            },
+        };
+        // A promotion: the parent ends at the branch point.
+        archive
+            .segments
+            .entry(1)
+            .or_default()
+            .insert(5, file("000000010000000000000005"));
+        let b = branch_of(&archive, 2).unwrap();
+        assert_eq!(
+            (b.timeline, b.lsn.as_str(), b.parent_went_on),
+            (1, "0/50000A0", false)
+        );
+        // A restored copy: the parent goes on past it.
+        archive
+            .segments
+            .entry(1)
+            .or_default()
+            .insert(9, file("000000010000000000000009"));
+        assert!(branch_of(&archive, 2).unwrap().parent_went_on);
+    }
 }

@@ -7,7 +7,7 @@ use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::object;
-use crate::repository::{RepoUrl, Repository, manifest_key, pack_key, wal_key};
+use crate::repository::{RepoUrl, Repository, is_pack_id, manifest_key, pack_key, wal_key};
 use crate::retention::{self, Retention};
 use crate::wal::WalFileName;
 use futures::StreamExt;
@@ -123,18 +123,11 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     // Every blob of every manifest, one pack download each.
     let mut packs: BTreeMap<String, BTreeMap<u64, BlobRef>> = BTreeMap::new();
     for m in &manifests {
+        problems.extend(restorable(m));
         for f in &m.files {
-            let sum: u64 = f.chunks.iter().map(|c| c.size).sum();
-            if sum != f.size {
-                problems.insert(Problem {
-                    object: manifest_key(&m.id).to_string(),
-                    problem: format!(
-                        "{}: chunks add up to {sum} bytes, the file has {}",
-                        f.path, f.size
-                    ),
-                });
-            }
-            for c in &f.chunks {
+            // A name that is no pack id is reported by `restorable`, and
+            // never becomes a key.
+            for c in f.chunks.iter().filter(|c| is_pack_id(&c.pack)) {
                 packs
                     .entry(c.pack.clone())
                     .or_default()
@@ -164,6 +157,20 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
         problems.extend(found);
     }
 
+    // A prune running beside us deletes backups, then the WAL and packs only
+    // they needed: what went missing since we listed counts only if the
+    // repository, listed again now, still needs it.
+    if !problems.is_empty() {
+        problems = recheck(
+            &repo,
+            config.wal_segment_size,
+            &manifests,
+            opts.backup.is_some(),
+            problems,
+        )
+        .await?;
+    }
+
     report(&checked, &problems, opts.json)?;
     if problems.is_empty() {
         Ok(())
@@ -175,8 +182,147 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     }
 }
 
+/// The problems that still stand against the repository as it is now.
+async fn recheck(
+    repo: &Repository,
+    segment_size: u32,
+    manifests: &[Manifest],
+    one_backup: bool,
+    problems: BTreeSet<Problem>,
+) -> Result<BTreeSet<Problem>> {
+    let ids: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
+    if one_backup && let Some(gone) = manifests.iter().find(|m| !ids.contains(&m.id)) {
+        return Err(Error::not_found(format!(
+            "backup {} was deleted while verify read it (a prune?); 'walvault list' shows the backups",
+            gone.id
+        )));
+    }
+    let present: Vec<Manifest> = manifests
+        .iter()
+        .filter(|m| ids.contains(&m.id))
+        .cloned()
+        .collect();
+    let archive = WalArchive::load(repo, segment_size).await?;
+    let retention = retention::load(repo).await.ok().flatten();
+    let mut needed_missing = BTreeSet::new();
+    continuity(
+        &archive,
+        &present,
+        retention.as_ref(),
+        one_backup,
+        &mut needed_missing,
+    );
+    let now = Present {
+        manifests: ids.iter().map(|id| manifest_key(id).to_string()).collect(),
+        wal: archive
+            .all_files()
+            .map(|f| f.meta.location.to_string())
+            .collect(),
+        wal_needed_missing: needed_missing.into_iter().map(|p| p.object).collect(),
+        packs: present
+            .iter()
+            .flat_map(|m| m.files.iter().flat_map(|f| &f.chunks))
+            .filter(|c| is_pack_id(&c.pack))
+            .map(|c| pack_key(&c.pack).to_string())
+            .collect(),
+    };
+    Ok(problems
+        .into_iter()
+        .filter(|p| now.still_stands(p))
+        .collect())
+}
+
+/// The repository as listed again after the checks.
+#[derive(Default)]
+struct Present {
+    /// Keys of the manifests that exist.
+    manifests: BTreeSet<String>,
+    /// Keys of the WAL objects that exist.
+    wal: BTreeSet<String>,
+    /// Keys of WAL objects missing that a remaining backup needs.
+    wal_needed_missing: BTreeSet<String>,
+    /// Keys of the packs a remaining backup refers to.
+    packs: BTreeSet<String>,
+}
+
+impl Present {
+    /// A problem with an object a prune has since let go of (its backup is
+    /// gone, or no remaining backup needs it) is no problem.
+    fn still_stands(&self, p: &Problem) -> bool {
+        let key = p.object.as_str();
+        if key.starts_with(&format!("{}/", crate::repository::BACKUP_DIR)) {
+            self.manifests.contains(key)
+        } else if key.starts_with(&format!("{}/", crate::repository::PACK_DIR)) {
+            self.packs.contains(key)
+        } else if key.starts_with(&format!("{}/", crate::repository::WAL_DIR)) {
+            self.wal.contains(key) || self.wal_needed_missing.contains(key)
+        } else {
+            true
+        }
+    }
+}
+
+/// What restore would refuse in a manifest, or restore into a directory
+/// PostgreSQL cannot start: verify passes only what restore would restore.
+fn restorable(m: &Manifest) -> Vec<Problem> {
+    let problem = |p: String| Problem {
+        object: manifest_key(&m.id).to_string(),
+        problem: p,
+    };
+    let mut found = vec![];
+    if let Err(e) = m.check_paths() {
+        found.push(problem(e.to_string()));
+    }
+    if let Some(bad) = m
+        .files
+        .iter()
+        .flat_map(|f| &f.chunks)
+        .find(|c| !is_pack_id(&c.pack))
+    {
+        found.push(problem(format!(
+            "backup {} refers to pack '{}', which is not a pack id; restore refuses it",
+            m.id,
+            bad.pack.escape_debug()
+        )));
+    }
+    for f in &m.files {
+        // Checked: the sizes are the manifest's to claim.
+        let sum = f
+            .chunks
+            .iter()
+            .try_fold(0u64, |sum, c| sum.checked_add(c.size));
+        if sum != Some(f.size) {
+            found.push(problem(format!(
+                "{}: chunks add up to {} bytes, the file has {}",
+                f.path,
+                sum.map_or("more than 2^64".to_string(), |s| s.to_string()),
+                f.size
+            )));
+        }
+    }
+    // Every data directory has these; without them PostgreSQL cannot start.
+    for essential in ["PG_VERSION", "global/pg_control"] {
+        if !m.files.iter().any(|f| f.path == essential) {
+            found.push(problem(format!(
+                "backup {} has no {essential} ({} files listed); a restore of it cannot start",
+                m.id,
+                m.files.len()
+            )));
+        }
+    }
+    if m.backup_label.trim().is_empty() {
+        found.push(problem(format!(
+            "backup {} has an empty backup_label; a restore of it cannot start recovery",
+            m.id
+        )));
+    }
+    found
+}
+
 /// Checks that the WAL each backup needs is present, reporting gaps, and
-/// returns the WAL files to read.
+/// returns the WAL files to read. A backup needs its own timeline from its
+/// start on, and the timelines that branch from it after its start (a restore
+/// to `latest` follows them); LSNs of unrelated timelines are never compared.
 fn continuity(
     archive: &WalArchive,
     manifests: &[Manifest],
@@ -184,60 +330,77 @@ fn continuity(
     one_backup: bool,
     problems: &mut BTreeSet<Problem>,
 ) -> Vec<WalFileName> {
-    let size = archive.segment_size;
+    let size = u64::from(archive.segment_size.max(1));
     let mut wanted: BTreeSet<(u32, u64)> = BTreeSet::new();
-    let missing = |timeline: u32, segno: u64, why: String, problems: &mut BTreeSet<Problem>| {
-        let name = WalFileName::Segment(archive.segment_name(timeline, segno));
-        problems.insert(Problem {
-            object: wal_key(&name).to_string(),
-            problem: format!("missing WAL segment {name}, {why}"),
-        });
+    let empty = BTreeMap::new();
+    // Walks what the listing holds, never the numbers in between: a manifest
+    // may claim any range, and the work must stay bounded by the listing.
+    let mut check = |timeline: u32,
+                     from: u64,
+                     to: u64,
+                     why: &dyn Fn() -> String,
+                     problems: &mut BTreeSet<Problem>| {
+        let segs = archive.segments.get(&timeline).unwrap_or(&empty);
+        let mut expected = from;
+        for &segno in segs.range(from..=to).map(|(n, _)| n) {
+            if segno > expected {
+                missing(archive, timeline, expected, segno - 1, &why(), problems);
+            }
+            wanted.insert((timeline, segno));
+            expected = segno + 1;
+        }
+        if expected <= to {
+            missing(archive, timeline, expected, to, &why(), problems);
+        }
     };
     for m in manifests {
-        let start = m.start_lsn.0 / u64::from(size);
-        let stop = m.stop_lsn.0 / u64::from(size);
-        let segs = archive.segments.get(&m.timeline);
-        for segno in start..=stop {
-            if segs.is_some_and(|s| s.contains_key(&segno)) {
-                wanted.insert((m.timeline, segno));
-            } else {
-                missing(
-                    m.timeline,
-                    segno,
-                    format!("needed by backup {} to become consistent", m.id),
-                    problems,
-                );
-            }
+        let start = m.start_lsn.0 / size;
+        let stop = m.stop_lsn.0 / size;
+        if stop < start {
+            problems.insert(Problem {
+                object: manifest_key(&m.id).to_string(),
+                problem: format!(
+                    "backup {} stops at {} before it starts at {}",
+                    m.id, m.stop_lsn, m.start_lsn
+                ),
+            });
+            continue;
         }
+        check(
+            m.timeline,
+            start,
+            stop,
+            &|| format!("needed by backup {} to become consistent", m.id),
+            problems,
+        );
         // WAL trimmed on purpose by `prune --keep-wal-within` is not a gap.
-        let complete = retention.is_none_or(|r| start >= r.complete_from_segno);
-        if !complete {
+        if !retention.is_none_or(|r| r.is_complete_from(m.timeline, start)) {
             continue;
         }
         for (&timeline, segs) in &archive.segments {
             let Some(switch) = archive.descends_from(timeline, m.timeline) else {
                 continue;
             };
+            // A timeline that left this one before the backup started is
+            // not one its recovery can follow.
+            if timeline != m.timeline && switch < m.start_lsn.0 {
+                continue;
+            }
             let from = if timeline == m.timeline {
                 start
             } else {
-                (switch / u64::from(size)).max(start)
+                (switch / size).max(start)
             };
             let Some(&last) = segs.keys().next_back() else {
                 continue;
             };
-            for segno in from..=last {
-                if segs.contains_key(&segno) {
-                    wanted.insert((timeline, segno));
-                } else {
-                    missing(
-                        timeline,
-                        segno,
-                        format!("needed to recover past it from backup {}", m.id),
-                        problems,
-                    );
-                }
-            }
+            check(
+                timeline,
+                from,
+                last,
+                &|| format!("needed to recover past it from backup {}", m.id),
+                problems,
+            );
         }
     }
     if one_backup {
@@ -247,6 +410,31 @@ fn continuity(
             .collect();
     }
     archive.all_files().map(|f| f.name).collect()
+}
+
+/// One problem per run of missing segments `first..=last`.
+fn missing(
+    archive: &WalArchive,
+    timeline: u32,
+    first: u64,
+    last: u64,
+    why: &str,
+    problems: &mut BTreeSet<Problem>,
+) {
+    let name = WalFileName::Segment(archive.segment_name(timeline, first));
+    let problem = if first == last {
+        format!("missing WAL segment {name}, {why}")
+    } else {
+        format!(
+            "missing WAL segment {name} and the {} after it, to {}, {why}",
+            last - first,
+            archive.segment_name(timeline, last)
+        )
+    };
+    problems.insert(Problem {
+        object: wal_key(&name).to_string(),
+        problem,
+    });
 }
 
 async fn check_pack(
@@ -335,4 +523,161 @@ fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) -> Result
         }
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{BackupStats, ChunkRef, FileEntry, Lsn};
+    use crate::object::Sha256Digest;
+
+    fn file(path: &str, pack: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: 1,
+            mode: 0o600,
+            mtime: chrono::Utc::now(),
+            chunks_sha256: Sha256Digest([0; 32]),
+            chunks: vec![ChunkRef {
+                sha256: Sha256Digest([0; 32]),
+                size: 1,
+                pack: pack.into(),
+                offset: 0,
+                length: 1,
+            }],
+        }
+    }
+
+    fn manifest(files: Vec<FileEntry>) -> Manifest {
+        Manifest {
+            format: 1,
+            id: "20261127T153444Z".into(),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 1 << 24,
+            timeline: 1,
+            start_lsn: Lsn(2 << 24),
+            stop_lsn: Lsn(3 << 24),
+            start_time: chrono::Utc::now(),
+            stop_time: chrono::Utc::now(),
+            backup_label: "START WAL LOCATION: 0/2000028\n".into(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files,
+            stats: BackupStats::default(),
+        }
+    }
+
+    const PACK: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn only_what_restore_would_restore_passes() {
+        let good = || vec![file("PG_VERSION", PACK), file("global/pg_control", PACK)];
+        assert_eq!(restorable(&manifest(good())), []);
+
+        let mut escaping = good();
+        escaping.push(file("../../etc/cron.d/x", PACK));
+        let found = restorable(&manifest(escaping));
+        assert!(
+            found[0].problem.contains("leaves the data directory"),
+            "{found:?}"
+        );
+
+        let found = restorable(&manifest(vec![]));
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0]
+                .problem
+                .contains("has no PG_VERSION (0 files listed)")
+        );
+
+        // A short pack id is reported, not sliced (it used to panic).
+        let mut short = good();
+        short.push(file("base/1/1", "a"));
+        let found = restorable(&manifest(short));
+        assert!(
+            found[0]
+                .problem
+                .contains("pack 'a', which is not a pack id"),
+            "{found:?}"
+        );
+
+        // Sizes that overflow when added are a problem, not a panic.
+        let mut huge = good();
+        let again = huge[0].chunks[0].clone();
+        huge[0].chunks.push(again);
+        huge[0].chunks[1].size = u64::MAX;
+        let found = restorable(&manifest(huge));
+        assert!(found[0].problem.contains("more than 2^64"), "{found:?}");
+
+        let mut no_label = manifest(good());
+        no_label.backup_label = String::new();
+        assert_eq!(restorable(&no_label).len(), 1);
+    }
+
+    #[test]
+    fn wal_ranges_a_manifest_claims_are_walked_by_the_listing() {
+        let archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        let mut m = manifest(vec![]);
+        m.start_lsn = Lsn(0);
+        m.stop_lsn = Lsn(u64::MAX);
+        let mut problems = BTreeSet::new();
+        let started = std::time::Instant::now();
+        continuity(&archive, &[m.clone()], None, true, &mut problems);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let p: Vec<&str> = problems.iter().map(|p| p.problem.as_str()).collect();
+        assert_eq!(
+            p,
+            [
+                "missing WAL segment 000000010000000000000000 and the 1099511627775 after it, to 00000001FFFFFFFF000000FF, needed by backup 20261127T153444Z to become consistent"
+            ]
+        );
+
+        m.stop_lsn = Lsn(1);
+        m.start_lsn = Lsn(5 << 24);
+        let mut problems = BTreeSet::new();
+        continuity(&archive, &[m], None, true, &mut problems);
+        assert!(
+            problems
+                .iter()
+                .next()
+                .unwrap()
+                .problem
+                .contains("stops at 0/1 before it starts"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn what_a_prune_let_go_of_is_no_problem() {
+        let gone_backup = manifest_key("20261101T000000Z").to_string();
+        let kept_backup = manifest_key("20261127T153444Z").to_string();
+        let gone_pack = pack_key("ffffffffffffffffffffffffffffffff").to_string();
+        let kept_pack = pack_key(PACK).to_string();
+        let wal = |n: &str| format!("wal/{}/{n}.zst", &n[..16]);
+        let now = Present {
+            manifests: [kept_backup.clone()].into(),
+            wal: [wal("000000010000000000000005")].into(),
+            wal_needed_missing: [wal("000000010000000000000006")].into(),
+            packs: [kept_pack.clone()].into(),
+        };
+        let p = |object: &str| Problem {
+            object: object.into(),
+            problem: "x".into(),
+        };
+        // Deleted by prune with the backups that needed them.
+        assert!(!now.still_stands(&p(&gone_backup)));
+        assert!(!now.still_stands(&p(&gone_pack)));
+        assert!(!now.still_stands(&p(&wal("000000010000000000000001"))));
+        // Still needed, or still there and damaged: problems.
+        assert!(now.still_stands(&p(&kept_backup)));
+        assert!(now.still_stands(&p(&kept_pack)));
+        assert!(now.still_stands(&p(&wal("000000010000000000000005"))));
+        assert!(now.still_stands(&p(&wal("000000010000000000000006"))));
+        assert!(now.still_stands(&p(crate::retention::RETENTION_KEY)));
+    }
 }

@@ -155,17 +155,9 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
         // Timeline history files stay: tiny, and recovery needs every one of
         // the timelines it may follow.
         if !opts.dry_run
-            && let Some(full) = needs.first()
+            && let Some(record) = crate::retention::Retention::new(plan::complete_from(&needs), now)
         {
-            crate::retention::store(
-                repo,
-                &crate::retention::Retention {
-                    complete_from_timeline: full.timeline,
-                    complete_from_segno: full.from,
-                    updated_at: now,
-                },
-            )
-            .await?;
+            crate::retention::store(repo, &record).await?;
         }
     }
 

@@ -3,8 +3,10 @@
 
 use crate::archive::WalArchive;
 use crate::manifest::Manifest;
+use crate::retention::TimelineRetention;
 use crate::wal::SegmentName;
 use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
@@ -35,9 +37,11 @@ pub fn backups_to_keep(backups: &[Manifest], policy: &Policy, now: DateTime<Utc>
         .map(|(i, b)| {
             let newest = i + 1 == n;
             let by_count = policy.keep_last.is_some_and(|k| i + k >= n);
-            let by_age = policy.keep_within.is_some_and(|d| {
-                b.stop_time >= now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-            });
+            // `before` saturates: a window reaching past the beginning of
+            // time keeps everything instead of overflowing.
+            let by_age = policy
+                .keep_within
+                .is_some_and(|d| b.stop_time >= before(now, d));
             newest || by_count || by_age || !by_backup_policy
         })
         .collect()
@@ -53,52 +57,79 @@ pub struct WalNeed {
 }
 
 fn segno(lsn: u64, segment_size: u32) -> u64 {
-    lsn / u64::from(segment_size)
+    lsn / u64::from(segment_size.max(1))
 }
 
-/// The WAL the kept backups need: all of it from the oldest kept backup on
-/// (or, with `keep_wal_within`, from the backup that reaches the start of the
-/// window on), and for each older kept backup its own start to stop.
+/// The WAL the kept backups need, reasoned per timeline: a backup replays its
+/// own timeline (and whatever branches from it later), so LSNs are only ever
+/// compared between backups of one timeline. On each timeline: all WAL from
+/// its oldest kept backup on (or, with `keep_wal_within`, from the backup that
+/// reaches the start of the window on), and for each older kept backup of
+/// that timeline its own start to stop.
 pub fn wal_needs(
     kept: &[&Manifest],
     policy: &Policy,
     now: DateTime<Utc>,
     segment_size: u32,
 ) -> Vec<WalNeed> {
-    let Some(oldest) = kept.first() else {
-        return vec![];
-    };
-    let anchor = match policy.keep_wal_within {
-        None => *oldest,
-        Some(d) => {
-            let window_start = before(now, d);
-            // The newest backup that was consistent before the window opened
-            // can reach every moment in it; without one, all WAL is needed.
-            kept.iter()
-                .rev()
-                .find(|b| b.stop_time <= window_start)
-                .copied()
-                .unwrap_or(*oldest)
-        }
-    };
-    let mut needs = vec![WalNeed {
-        timeline: anchor.timeline,
-        from: segno(anchor.start_lsn.0, segment_size),
-        to: None,
-    }];
-    for b in kept.iter().filter(|b| b.start_lsn < anchor.start_lsn) {
+    let mut by_timeline: BTreeMap<u32, Vec<&Manifest>> = BTreeMap::new();
+    for b in kept {
+        by_timeline.entry(b.timeline).or_default().push(b);
+    }
+    let mut needs = vec![];
+    for (&timeline, backups) in &by_timeline {
+        // `kept` is oldest first, so each timeline's list is too.
+        let oldest = backups[0];
+        let anchor = match policy.keep_wal_within {
+            None => oldest,
+            Some(d) => {
+                let window_start = before(now, d);
+                // The newest backup of this timeline that was consistent
+                // before the window opened can reach every moment of the
+                // window on it; without one, all its WAL is needed.
+                backups
+                    .iter()
+                    .rev()
+                    .find(|b| b.stop_time <= window_start)
+                    .copied()
+                    .unwrap_or(oldest)
+            }
+        };
         needs.push(WalNeed {
-            timeline: b.timeline,
-            from: segno(b.start_lsn.0, segment_size),
-            to: Some(segno(b.stop_lsn.0, segment_size)),
+            timeline,
+            from: segno(anchor.start_lsn.0, segment_size),
+            to: None,
         });
+        for b in backups.iter().filter(|b| b.start_lsn < anchor.start_lsn) {
+            needs.push(WalNeed {
+                timeline,
+                from: segno(b.start_lsn.0, segment_size),
+                to: Some(segno(b.stop_lsn.0, segment_size)),
+            });
+        }
     }
     needs
 }
 
-/// Whether a WAL file at (`timeline`, `segno`) is needed. A timeline whose
-/// parentage is unknown (no readable history file) is kept when it is newer
-/// than a needed one: never delete what we cannot reason about.
+/// Where each timeline's WAL is complete from, for retention.json: the start
+/// of the open-ended need on it.
+pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
+    needs
+        .iter()
+        .filter(|n| n.to.is_none())
+        .map(|n| TimelineRetention {
+            timeline: n.timeline,
+            complete_from_segno: n.from,
+        })
+        .collect()
+}
+
+/// Whether a WAL file at (`timeline`, `segno`) is needed. A need on a
+/// timeline also keeps the timelines branched from it (a restore to `latest`
+/// may follow them) from the same segment on: along one lineage segment
+/// numbers are comparable. A timeline whose parentage is unknown (no readable
+/// history file) is kept when it is newer than a needed one: never delete
+/// what we cannot reason about.
 pub fn is_needed(archive: &WalArchive, needs: &[WalNeed], timeline: u32, segno: u64) -> bool {
     needs.iter().any(|n| {
         let related = timeline == n.timeline
@@ -183,6 +214,24 @@ mod tests {
     }
 
     #[test]
+    fn windows_past_the_beginning_of_time_keep_everything() {
+        let now = Utc::now();
+        let b = vec![backup("a", 72, 2, 3, now), backup("b", 48, 10, 11, now)];
+        // `--keep-within 99999999d` / `--keep-wal-within 99999999d`, and beyond.
+        for secs in [99_999_999 * 86_400, u64::MAX / 2, u64::MAX] {
+            let d = Duration::from_secs(secs);
+            let p = Policy {
+                keep_within: Some(d),
+                keep_wal_within: Some(d),
+                ..Default::default()
+            };
+            assert_eq!(backups_to_keep(&b, &p, now), [true, true], "{secs}");
+            let kept: Vec<&Manifest> = b.iter().collect();
+            assert_eq!(wal_needs(&kept, &p, now, 1 << 24)[0].from, 2, "{secs}");
+        }
+    }
+
+    #[test]
     fn wal_window() {
         let now = Utc::now();
         let b = [
@@ -227,5 +276,107 @@ mod tests {
         assert!(is_needed(&archive, &needs, 1, 10));
         // Timeline 2 with no history file: kept, we cannot tell where it came from.
         assert!(is_needed(&archive, &needs, 2, 12));
+    }
+
+    fn on_timeline(mut m: Manifest, timeline: u32) -> Manifest {
+        m.timeline = timeline;
+        m
+    }
+
+    /// A PITR copy of `a` promoted to timeline 2 at segment 3, archived into
+    /// the same repository and was backed up (`d`, after `c` in time but far
+    /// behind it in LSN).
+    fn two_timelines(now: DateTime<Utc>) -> (Vec<Manifest>, WalArchive) {
+        let b = vec![
+            backup("a", 72, 2, 3, now),
+            backup("b", 48, 10, 11, now),
+            backup("c", 24, 20, 21, now),
+            on_timeline(backup("d", 12, 6, 7, now), 2),
+        ];
+        let mut archive = WalArchive::default();
+        archive.ancestry.insert(2, vec![(1, 3 << 24)]);
+        (b, archive)
+    }
+
+    #[test]
+    fn each_timeline_keeps_what_its_backups_need() {
+        let now = Utc::now();
+        let (b, archive) = two_timelines(now);
+        let keep = backups_to_keep(
+            &b,
+            &Policy {
+                keep_last: Some(2),
+                ..Default::default()
+            },
+            now,
+        );
+        assert_eq!(keep, [false, false, true, true]);
+        let kept: Vec<&Manifest> = b.iter().zip(&keep).filter(|k| *k.1).map(|k| k.0).collect();
+        let needs = wal_needs(&kept, &Policy::default(), now, 1 << 24);
+        assert_eq!(
+            needs,
+            [
+                WalNeed {
+                    timeline: 1,
+                    from: 20,
+                    to: None
+                },
+                WalNeed {
+                    timeline: 2,
+                    from: 6,
+                    to: None
+                },
+            ]
+        );
+        // Timeline 2 after its backup stays, though its LSNs are below the
+        // newest timeline-1 backup's.
+        for segno in [6, 7, 12, 25] {
+            assert!(is_needed(&archive, &needs, 2, segno), "2/{segno}");
+        }
+        assert!(!is_needed(&archive, &needs, 2, 5));
+        assert!(!is_needed(&archive, &needs, 1, 19));
+        assert!(is_needed(&archive, &needs, 1, 20));
+        assert_eq!(
+            complete_from(&needs),
+            [
+                TimelineRetention {
+                    timeline: 1,
+                    complete_from_segno: 20
+                },
+                TimelineRetention {
+                    timeline: 2,
+                    complete_from_segno: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_wal_window_is_kept_per_timeline() {
+        let now = Utc::now();
+        let (b, archive) = two_timelines(now);
+        let kept: Vec<&Manifest> = b[1..].iter().collect();
+        let window = Policy {
+            keep_wal_within: Some(Duration::from_secs(30 * 3600)),
+            ..Default::default()
+        };
+        let needs = wal_needs(&kept, &window, now, 1 << 24);
+        assert_eq!(
+            needs,
+            [
+                WalNeed {
+                    timeline: 1,
+                    from: 10,
+                    to: None
+                },
+                WalNeed {
+                    timeline: 2,
+                    from: 6,
+                    to: None
+                },
+            ]
+        );
+        assert!(is_needed(&archive, &needs, 2, 8));
+        assert!(!is_needed(&archive, &needs, 1, 9));
     }
 }

@@ -81,16 +81,13 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     repo.require_config().await?;
     let backups = catalog::load_readable(&repo).await?;
     // Where complete WAL starts; an unreadable record only means "unknown".
-    let complete_from = crate::retention::load(&repo)
-        .await
-        .ok()
-        .flatten()
-        .map(|r| r.complete_from_segno);
+    let retention = crate::retention::load(&repo).await.ok().flatten();
     let manifest = opts
         .target
-        .choose(&backups, opts.backup.as_deref(), complete_from)?
+        .choose(&backups, opts.backup.as_deref(), retention.as_ref())?
         .clone();
     manifest.check_paths()?;
+    target::warn_about_latest(&repo, &manifest).await;
     if let Some(bad) = manifest
         .files
         .iter()

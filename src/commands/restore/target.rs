@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::manifest::{Lsn, Manifest};
+use crate::retention::Retention;
 use chrono::{DateTime, FixedOffset, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,15 +60,15 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
 impl RecoveryTarget {
     /// Picks the backup: the one named, or the newest one that was consistent
     /// before the target (only then can replay stop there).
-    /// `complete_from`: the segment number from which the archive holds all
-    /// WAL (see retention.json); xid and name targets cannot be placed in
-    /// time, so they start from the oldest backup whose WAL is complete,
-    /// which reaches any of them that lies after it.
+    /// `retention`: where the archive holds all WAL on each timeline (see
+    /// retention.json); xid and name targets cannot be placed in time, so
+    /// they start from the oldest backup whose WAL is complete, which reaches
+    /// any of them that lies after it.
     pub fn choose<'a>(
         &self,
         backups: &'a [Manifest],
         named: Option<&str>,
-        complete_from: Option<u64>,
+        retention: Option<&Retention>,
     ) -> Result<&'a Manifest> {
         if backups.is_empty() {
             return Err(Error::not_found(
@@ -94,7 +95,9 @@ impl RecoveryTarget {
         }
         if matches!(self, RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)) {
             let size = u64::from(backups[0].wal_segment_size.max(1));
-            let complete = |b: &&Manifest| complete_from.is_none_or(|c| b.start_lsn.0 / size >= c);
+            let complete = |b: &&Manifest| {
+                retention.is_none_or(|r| r.is_complete_from(b.timeline, b.start_lsn.0 / size))
+            };
             if let Some(b) = backups.iter().find(complete) {
                 if backups.len() > 1 {
                     tracing::info!(
@@ -144,6 +147,70 @@ impl RecoveryTarget {
     }
 }
 
+/// Warns (one line) when recovery to latest would not simply replay the
+/// backup's own timeline. Reads the history files PostgreSQL would probe;
+/// failing to read them only means no warning.
+pub async fn warn_about_latest(repo: &crate::repository::Repository, backup: &Manifest) {
+    use crate::wal::WalFileName;
+    let mut found = std::collections::BTreeMap::new();
+    for t in (backup.timeline.saturating_add(1)..).take(1000) {
+        let key = crate::repository::wal_key(&WalFileName::TimelineHistory(t));
+        let Ok(Some(bytes)) = repo.get(&key).await else {
+            break;
+        };
+        let ancestry = crate::object::decode_limited(&bytes, 16 << 20)
+            .map(|(_, text)| crate::archive::parse_history(&String::from_utf8_lossy(&text)))
+            .unwrap_or_default();
+        found.insert(t, ancestry);
+    }
+    if let Some(w) = latest_timeline_warning(backup, &|t| found.get(&t).cloned()) {
+        tracing::warn!("{w}");
+    }
+}
+
+/// What `recovery_target_timeline = 'latest'` makes of a backup, judged the
+/// way PostgreSQL does: it takes the highest timeline N whose history file
+/// exists counting up from the backup's timeline T (`history(t)`: timeline
+/// t's parents, `None` when t has no history file, `Some(empty)` when it
+/// cannot be read), and refuses to start unless the backup lies on N's
+/// history before N left T. A timeline archived by a restored copy (or a
+/// promoted standby) therefore steers every later restore to latest:
+/// returns a warning when it does, saying what to do instead.
+pub fn latest_timeline_warning(
+    backup: &Manifest,
+    history: &dyn Fn(u32) -> Option<crate::archive::Ancestry>,
+) -> Option<String> {
+    const MAX_PROBES: u32 = 1000;
+    let here = backup.timeline;
+    let mut newest = None;
+    for t in (here.saturating_add(1)..).take(MAX_PROBES as usize) {
+        match history(t) {
+            Some(a) => newest = Some((t, a)),
+            None => break,
+        }
+    }
+    let (n, ancestry) = newest?;
+    let stay = format!(
+        "to replay timeline {here} instead, set recovery_target_timeline = 'current' in postgresql.auto.conf before starting"
+    );
+    let Some(&(_, switch)) = ancestry.iter().find(|(parent, _)| *parent == here) else {
+        return Some(format!(
+            "the repository holds timeline {n}, which does not branch from timeline {here} of backup {} (or its history file is unreadable): PostgreSQL will refuse to recover it to latest; {stay}",
+            backup.id
+        ));
+    };
+    let at = crate::wal::format_lsn(switch);
+    if switch < backup.stop_lsn.0 {
+        return Some(format!(
+            "the repository holds timeline {n}, which left timeline {here} at {at}, before backup {} was consistent ({}): a restored copy or promoted standby archived it, and PostgreSQL will refuse to recover this backup to latest ('requested timeline {n} is not a child of this server's history'); {stay}",
+            backup.id, backup.stop_lsn
+        ));
+    }
+    Some(format!(
+        "recovery to latest will leave timeline {here} at {at} and follow timeline {n}, which a restored copy or promoted standby archived into this repository; {stay}"
+    ))
+}
+
 /// A value in postgresql.conf syntax: single-quoted, quotes doubled.
 pub fn conf_quote(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
@@ -180,5 +247,63 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(conf_quote("a'b"), "'a''b'");
+    }
+
+    fn backup(timeline: u32, start: u64, stop: u64) -> Manifest {
+        Manifest {
+            format: 1,
+            id: "20261127T153444Z".into(),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 1 << 24,
+            timeline,
+            start_lsn: Lsn(start),
+            stop_lsn: Lsn(stop),
+            start_time: Utc::now(),
+            stop_time: Utc::now(),
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![],
+            stats: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_branched_timeline_steers_latest() {
+        // Timeline 2 left timeline 1 at 0/5000000.
+        let histories = |t: u32| match t {
+            2 => Some(vec![(1, 0x500_0000)]),
+            _ => None,
+        };
+        // Alone on its timeline: nothing to say.
+        assert_eq!(
+            latest_timeline_warning(&backup(2, 0x600_0000, 0x700_0000), &histories),
+            None
+        );
+        assert_eq!(
+            latest_timeline_warning(&backup(1, 0x100_0000, 0x200_0000), &|_| None),
+            None
+        );
+        // Before the branch: recovery follows timeline 2.
+        let w = latest_timeline_warning(&backup(1, 0x100_0000, 0x200_0000), &histories).unwrap();
+        assert!(
+            w.contains("leave timeline 1 at 0/5000000 and follow timeline 2"),
+            "{w}"
+        );
+        assert!(w.contains("recovery_target_timeline = 'current'"), "{w}");
+        // After the branch: PostgreSQL refuses.
+        let w = latest_timeline_warning(&backup(1, 0x600_0000, 0x700_0000), &histories).unwrap();
+        assert!(
+            w.contains("will refuse to recover this backup to latest"),
+            "{w}"
+        );
+        // An unreadable history is no ground to promise anything.
+        let w = latest_timeline_warning(&backup(1, 0x100_0000, 0x200_0000), &|t| {
+            (t == 2).then(Vec::new)
+        })
+        .unwrap();
+        assert!(w.contains("does not branch from timeline 1"), "{w}");
     }
 }
