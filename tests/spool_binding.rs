@@ -1,0 +1,274 @@
+//! The spool speaks for one repository only: a push-ahead record proves a
+//! segment stored only in the repository it was made for, a prefetched copy
+//! is handed over only by a fetch from the repository it came from, and the
+//! spool is only ever a shortcut (a copy it cannot hand over is fetched from
+//! the repository instead). Real binary, synthetic well-formed segments.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+const MIB: u32 = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    Fixture { dir, bin }
+}
+
+/// Segment names of timeline 1, log 0, for segment numbers `range`.
+fn segment_names(range: std::ops::Range<u32>) -> Vec<String> {
+    range
+        .map(|i| format!("0000000100000000000000{i:02X}"))
+        .collect()
+}
+
+fn object_in(root: &Path, name: &str) -> PathBuf {
+    root.join(format!("wal/0000000100000000/{name}.zst"))
+}
+
+impl Fixture {
+    fn repo(&self, name: &str) -> (PathBuf, RepoTarget) {
+        let root = self.dir.path().join(name);
+        let target = RepoTarget::local(&root);
+        (root, target)
+    }
+
+    /// A pg_wal directory holding `names` (cluster 7), each marked `.ready`
+    /// as PostgreSQL leaves them.
+    fn pg_wal_with_ready(&self, names: &[String]) -> PathBuf {
+        let wal = self.dir.path().join("data/pg_wal");
+        std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+        for name in names {
+            std::fs::write(wal.join(name), synthetic_segment(name, 7, MIB, 0)).unwrap();
+            std::fs::write(wal.join(format!("archive_status/{name}.ready")), b"").unwrap();
+        }
+        wal
+    }
+
+    /// `push` as PostgreSQL calls it, from pg_wal, with a push-ahead window.
+    fn push(&self, repo: &RepoTarget, wal: &Path, name: &str, window: usize) -> Output {
+        repo.walvault(&self.bin)
+            .args(["push", "--push-ahead", &window.to_string()])
+            .arg(wal.join(name))
+            .arg(name)
+            .output()
+            .unwrap()
+    }
+
+    /// Pushes synthetic segments of cluster `sysid` (content varied by
+    /// `fill`) into `repo` from a scratch folder (no spool), and returns them.
+    fn archive(&self, repo: &RepoTarget, names: &[String], sysid: u64, fill: u8) -> Vec<Vec<u8>> {
+        let src = self.dir.path().join(format!("src-{sysid}-{fill}"));
+        std::fs::create_dir_all(&src).unwrap();
+        names
+            .iter()
+            .map(|n| {
+                let data = synthetic_segment(n, sysid, MIB, fill);
+                std::fs::write(src.join(n), &data).unwrap();
+                let out = repo
+                    .walvault(&self.bin)
+                    .args(["push", "--push-ahead", "0"])
+                    .arg(src.join(n))
+                    .arg(n)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{n}: {}", describe(&out));
+                data
+            })
+            .collect()
+    }
+
+    /// `fetch` as recovery calls it, into `wal/RECOVERYXLOG`.
+    fn fetch(&self, repo: &RepoTarget, wal: &Path, name: &str, extra: &[&str]) -> Output {
+        repo.walvault(&self.bin)
+            .args(["fetch", "--prefetch", "4"])
+            .args(extra)
+            .arg(name)
+            .arg(wal.join("RECOVERYXLOG"))
+            .output()
+            .unwrap()
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Finding 2: `--repo B push --push-ahead 8` with a backlog leaves records
+/// that once answered `--repo A push` too, which then exited 0 with A
+/// holding nothing. Now a record counts only for the repository it names,
+/// and a repository recreated at the same place is another one.
+#[test]
+fn a_push_record_proves_nothing_for_another_repository() {
+    let f = fixture();
+    let names = segment_names(3..6);
+    let wal = f.pg_wal_with_ready(&names);
+    let (root_a, repo_a) = f.repo("repo-a");
+    let (root_b, repo_b) = f.repo("repo-b");
+
+    let out = f.push(&repo_b, &wal, &names[0], 8);
+    assert!(out.status.success(), "{}", describe(&out));
+    let spool = wal.join("walvault-spool");
+    wait_for_spool_workers(&spool);
+    let log = std::fs::read_to_string(spool.join("push-worker.log")).unwrap();
+    assert!(log.contains("pushed 2 segments ahead"), "{log}");
+
+    // Into A, which has never seen it: a real push.
+    let out = f.push(&repo_a, &wal, &names[1], 0);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !stderr(&out).contains("archived ahead"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        object_in(&root_a, &names[1]).exists(),
+        "A holds nothing for {}: {}",
+        names[1],
+        describe(&out)
+    );
+    let back = f.dir.path().join("back");
+    let out = repo_a
+        .walvault(&f.bin)
+        .arg("fetch")
+        .arg(&names[1])
+        .arg(&back)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(wal.join(&names[1])).unwrap()
+    );
+
+    // Into B, for which it was made: the record still answers.
+    let out = f.push(&repo_b, &wal, &names[1], 0);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("archived ahead; verified unchanged"),
+        "{}",
+        describe(&out)
+    );
+
+    // B emptied and recreated at the same path (a mount gone and remade):
+    // another repository, which the old records prove nothing about.
+    std::fs::remove_dir_all(&root_b).unwrap();
+    let out = f.push(&repo_b, &wal, &names[0], 0);
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = f.push(&repo_b, &wal, &names[2], 0);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        !stderr(&out).contains("archived ahead"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        object_in(&root_b, &names[2]).exists(),
+        "the recreated B holds nothing for {}",
+        names[2]
+    );
+}
+
+/// Finding 9: prefetched copies were bound to name and sha256 only, so a
+/// spool shared by two repositories handed one cluster the other's segment.
+#[test]
+fn prefetched_copies_serve_only_their_own_repository() {
+    let f = fixture();
+    let names = segment_names(3..9);
+    let (_, repo_a) = f.repo("repo-a");
+    let (_, repo_b) = f.repo("repo-b");
+    let ours_a = f.archive(&repo_a, &names, 7, 1);
+    let ours_b = f.archive(&repo_b, &names, 8, 2);
+    let wal = f.dir.path().join("standby/pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+
+    let out = f.fetch(&repo_a, &wal, &names[0], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    wait_for_spool_workers(&wal.join("walvault-spool"));
+    let spooled = std::fs::read_dir(wal.join("walvault-spool/prefetch"))
+        .unwrap()
+        .count();
+    assert_eq!(spooled, 4, "A's next segments are spooled");
+
+    // B's recovery, through the same spool, gets B's segment.
+    let out = f.fetch(&repo_b, &wal, &names[1], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let got = std::fs::read(wal.join("RECOVERYXLOG")).unwrap();
+    assert!(got != ours_a[1], "B's recovery was handed A's segment");
+    assert_eq!(got, ours_b[1]);
+    wait_for_spool_workers(&wal.join("walvault-spool"));
+
+    // And A's recovery still gets A's.
+    let out = f.fetch(&repo_a, &wal, &names[2], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), ours_a[2]);
+    wait_for_spool_workers(&wal.join("walvault-spool"));
+}
+
+/// The copy of `name` in the spool's prefetch folder.
+fn spooled_copy(spool: &Path, name: &str) -> PathBuf {
+    std::fs::read_dir(spool.join("prefetch"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(name))
+        .unwrap_or_else(|| panic!("{name} is not spooled"))
+}
+
+/// Finding 9 and finding 1's hand-over: a spool on another filesystem than
+/// pg_wal failed every rename (EXDEV) and every fetch with it; a copy that
+/// cannot be handed over made the fetch fail. The spool is a shortcut only:
+/// on another filesystem its copies are copied (and re-proven), and any
+/// copy that cannot be delivered is fetched from the repository instead.
+#[test]
+fn a_spool_that_cannot_hand_over_never_fails_a_fetch() {
+    let f = fixture();
+    let names = segment_names(3..9);
+    let (root, repo) = f.repo("repo");
+    let ours = f.archive(&repo, &names, 7, 3);
+    let wal = f.dir.path().join("standby/pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    // /dev/shm is tmpfs, the test's temp dir is not.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let spool = shm.path().join("spool");
+    let spool_arg = ["--spool", spool.to_str().unwrap()];
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(shm.path()).unwrap()),
+        std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&wal).unwrap()),
+        "the spool must be on another filesystem for this test"
+    );
+
+    let out = f.fetch(&repo, &wal, &names[0], &spool_arg);
+    assert!(out.status.success(), "{}", describe(&out));
+    wait_for_spool_workers(&spool);
+    spooled_copy(&spool, &names[1]);
+
+    // Served from the spool across filesystems: the repository's object
+    // is out of the way.
+    let object = object_in(&root, &names[1]);
+    let saved = std::fs::read(&object).unwrap();
+    std::fs::remove_file(&object).unwrap();
+    let out = f.fetch(&repo, &wal, &names[1], &spool_arg);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), ours[1]);
+    std::fs::write(&object, saved).unwrap();
+    wait_for_spool_workers(&spool);
+
+    // A copy that cannot even be read (here: a folder in its place) is
+    // fetched from the repository.
+    let copy = spooled_copy(&spool, &names[2]);
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::create_dir(&copy).unwrap();
+    let out = f.fetch(&repo, &wal, &names[2], &spool_arg);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), ours[2]);
+    wait_for_spool_workers(&spool);
+    let _ = std::fs::remove_dir(&copy);
+}
