@@ -272,3 +272,100 @@ fn a_spool_that_cannot_hand_over_never_fails_a_fetch() {
     wait_for_spool_workers(&spool);
     let _ = std::fs::remove_dir(&copy);
 }
+
+/// Whether the strace output `text` shows `path` (exactly) opened and that
+/// descriptor fsynced before it was closed, in any process or thread.
+fn opened_and_fsynced(text: &str, path: &str) -> bool {
+    let lines: Vec<&str> = text.lines().collect();
+    let quoted = format!("\"{path}\"");
+    lines.iter().enumerate().any(|(i, line)| {
+        if !line.contains("openat(") || !line.contains(&quoted) || line.contains("= -1") {
+            return false;
+        }
+        let pid = line.split_whitespace().next().unwrap();
+        // A call another thread interrupted shows its result on a later
+        // "resumed" line.
+        let done = if line.contains("<unfinished") {
+            match lines[i..]
+                .iter()
+                .find(|l| l.starts_with(pid) && l.contains("openat resumed"))
+            {
+                Some(l) => *l,
+                None => return false,
+            }
+        } else {
+            line
+        };
+        let fd = done.rsplit("= ").next().unwrap().trim().to_string();
+        for later in &lines[i + 1..] {
+            if later.contains(&format!("fsync({fd})")) || later.contains(&format!("fsync({fd},")) {
+                return true;
+            }
+            if later.contains(&format!("close({fd})")) {
+                return false;
+            }
+        }
+        false
+    })
+}
+
+/// Finding 6: a push that found identical bytes already stored exited 0
+/// without making that object durable; a push killed after its link and
+/// before its fsyncs could then lose the name in a crash after PostgreSQL
+/// was told 0. Now the object and its directory are fsynced first. Also
+/// (Low): such a push no longer claims it "archived … stored N bytes".
+#[test]
+fn an_identical_push_makes_the_stored_object_durable() {
+    let f = fixture();
+    let (root, repo) = f.repo("repo");
+    let name = "000000010000000000000003";
+    let src = f.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join(name), synthetic_segment(name, 7, MIB, 0)).unwrap();
+    let push = |traced: Option<&Path>| {
+        let mut c = match traced {
+            Some(trace) => {
+                let mut c = std::process::Command::new("strace");
+                c.args(["-f", "-e", "trace=openat,fsync,fdatasync,close", "-o"])
+                    .arg(trace)
+                    .arg(&f.bin);
+                c
+            }
+            None => std::process::Command::new(&f.bin),
+        };
+        c.arg("--repo")
+            .arg(&repo.url)
+            .args(["push", "--push-ahead", "0"])
+            .arg(src.join(name))
+            .arg(name)
+            .output()
+            .expect("strace is needed for this test: run 'make setup'")
+    };
+    let out = push(None);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(stderr(&out).contains("archived"), "{}", describe(&out));
+
+    let trace = f.dir.path().join("trace.txt");
+    let out = push(Some(&trace));
+    assert!(out.status.success(), "{}", describe(&out));
+    let said = stderr(&out);
+    assert!(
+        said.contains("already archived with identical content"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("stored"),
+        "claims a store that did not happen: {said}"
+    );
+
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let object = object_in(&root, name);
+    assert!(
+        opened_and_fsynced(&text, object.to_str().unwrap()),
+        "the stored object was never fsynced:\n{text}"
+    );
+    assert!(
+        opened_and_fsynced(&text, object.parent().unwrap().to_str().unwrap()),
+        "its directory was never fsynced:\n{text}"
+    );
+}

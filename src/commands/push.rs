@@ -108,12 +108,15 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
 
     let pusher = Pusher::new(url, opts.compress_level, config)?;
     let pushed = pusher.push(&name, &opts.path, cores()).await?;
-    tracing::info!(
-        "archived {name} ({} bytes, stored {} bytes, {} ms)",
-        pushed.header.length,
-        pushed.stored,
-        started.elapsed().as_millis()
-    );
+    // Found already archived, identical: that was said, and nothing was stored.
+    if !pushed.already {
+        tracing::info!(
+            "archived {name} ({} bytes, stored {} bytes, {} ms)",
+            pushed.header.length,
+            pushed.stored,
+            started.elapsed().as_millis()
+        );
+    }
     if let (Some(spool), Some(binding)) = (&spool, pusher.binding()) {
         start_worker(spool, &binding, url, opts, &name);
     }
@@ -392,6 +395,8 @@ struct Pusher {
 struct Pushed {
     header: ObjectHeader,
     stored: usize,
+    /// The repository held this content already; nothing new was stored.
+    already: bool,
     /// The file's metadata, when it did not change while it was read.
     unchanged: Option<std::fs::Metadata>,
 }
@@ -470,12 +475,14 @@ impl Pusher {
                 }
             }
         };
-        if let Some(ours) = taken {
-            settle_existing(&self.repo, name, &key, header, ours).await?;
-        }
+        let already = match taken {
+            Some(ours) => settle_existing(&self.repo, name, &key, header, ours).await?,
+            None => false,
+        };
         Ok(Pushed {
             header,
             stored,
+            already,
             unchanged,
         })
     }
@@ -494,14 +501,14 @@ enum Stored {
 /// The name is already archived: fine if it is the same content, refused if
 /// not. A stored copy that fails its own checks (it cannot be what anyone
 /// meant to archive) is replaced, so one damaged object cannot block the
-/// archiver forever.
+/// archiver forever. Whether the same content was there already.
 async fn settle_existing(
     repo: &Repository,
     name: &WalFileName,
     key: &object_store::path::Path,
     ours: ObjectHeader,
     encoded: PutPayload,
-) -> Result<()> {
+) -> Result<bool> {
     let stored = repo.get(key).await?;
     // Compare headers first; decode only as far as needed to tell an intact
     // copy from a damaged one.
@@ -519,11 +526,12 @@ async fn settle_existing(
     });
     match verdict {
         Some(Stored::Same) => {
+            make_durable(repo, key).await?;
             tracing::info!(
                 "{name} is already archived with identical content (sha256 {}); nothing to do",
                 ours.sha256
             );
-            Ok(())
+            Ok(true)
         }
         Some(Stored::Different(theirs)) => Err(Error::conflict(format!(
             "{name} is already archived with different content (stored sha256 {}, {} bytes; \
@@ -539,14 +547,45 @@ async fn settle_existing(
             tracing::warn!(
                 "stored copy of {name} is damaged ({e}); replacing it with this file's content"
             );
-            repo.put_replace(key, encoded).await
+            repo.put_replace(key, encoded).await.map(|()| false)
         }
         // Deleted between our create and our read (a prune): write it again.
         None => match repo.put_new(key, encoded).await? {
-            Created::New => Ok(()),
+            Created::New => Ok(false),
             Created::AlreadyExists => Err(Error::io(format!(
                 "{name} keeps changing in the repository while being archived; retry"
             ))),
         },
     }
+}
+
+/// Makes an object found already stored durable before PostgreSQL is told
+/// it is archived: the push that stored it may have been killed after its
+/// link and before its fsyncs, and on a filesystem that does not order
+/// metadata after data (unlike ext4's default journal) the name could still
+/// vanish in a crash. So: the file, then its directory and each one above
+/// it up to the repository's root. A PUT to S3 is durable once it completed.
+async fn make_durable(repo: &Repository, key: &object_store::path::Path) -> Result<()> {
+    let RepoUrl::Local(root) = repo.url() else {
+        return Ok(());
+    };
+    let (root, path) = (root.clone(), root.join(key.as_ref()));
+    let url = repo.url().to_string();
+    tokio::task::spawn_blocking(move || {
+        let sync = |p: &Path| {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("cannot fsync {} in {url}: {e}", p.display())))
+        };
+        sync(&path)?;
+        for dir in path.ancestors().skip(1) {
+            sync(dir)?;
+            if dir == root {
+                break;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::io(format!("storage task failed: {e}")))?
 }
