@@ -369,3 +369,59 @@ fn an_identical_push_makes_the_stored_object_durable() {
         "its directory was never fsynced:\n{text}"
     );
 }
+
+/// Low item: `.history` and `.backup` pushes skipped the cluster check (they
+/// carry no system identifier), so another cluster's timeline history could
+/// land in a repository and steer its restores. They are now checked
+/// against the control file of the data directory they are archived from.
+#[test]
+fn history_and_backup_files_of_another_cluster_are_refused() {
+    let f = fixture();
+    let (root, repo) = f.repo("repo");
+    f.archive(&repo, &segment_names(3..4), 7, 0);
+    let data = f.dir.path().join("other-data");
+    std::fs::create_dir_all(data.join("global")).unwrap();
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    let files = [
+        ("00000002.history", root.join("wal/00000002.history.zst")),
+        (
+            "000000010000000000000003.00000028.backup",
+            root.join("wal/0000000100000000/000000010000000000000003.00000028.backup.zst"),
+        ),
+    ];
+    for (name, _) in &files {
+        std::fs::write(
+            data.join("pg_wal").join(name),
+            b"1\t0/3000000\tno recovery target\n",
+        )
+        .unwrap();
+    }
+    let control = |sysid: u64| {
+        let mut bytes = vec![0u8; 8192];
+        bytes[..8].copy_from_slice(&sysid.to_le_bytes());
+        std::fs::write(data.join("global/pg_control"), bytes).unwrap();
+    };
+    // As archive_command runs: from the data directory, %p relative to it.
+    let push = |name: &str| {
+        repo.walvault(&f.bin)
+            .current_dir(&data)
+            .args(["push", "--push-ahead", "0"])
+            .arg(format!("pg_wal/{name}"))
+            .arg(name)
+            .output()
+            .unwrap()
+    };
+    control(8);
+    for (name, object) in &files {
+        let out = push(name);
+        assert_eq!(out.status.code(), Some(3), "{name}: {}", describe(&out));
+        assert!(stderr(&out).contains("cluster"), "{}", describe(&out));
+        assert!(!object.exists(), "{name} of another cluster was stored");
+    }
+    control(7);
+    for (name, object) in &files {
+        let out = push(name);
+        assert!(out.status.success(), "{name}: {}", describe(&out));
+        assert!(object.exists(), "{name} was not stored");
+    }
+}

@@ -58,6 +58,38 @@ fn cluster_of_segment(
     }))
 }
 
+/// The system identifier in the control file of the data directory `path`
+/// lies in, when `path` is in a `pg_wal` (as PostgreSQL passes `%p`).
+/// History and backup history files carry no cluster identity of their own;
+/// the cluster archiving them does.
+fn cluster_of_data_directory(path: &Path) -> Result<Option<String>> {
+    let Some(wal_dir) = path
+        .parent()
+        .filter(|p| p.file_name() == Some("pg_wal".as_ref()))
+    else {
+        return Ok(None);
+    };
+    let control = wal_dir
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join("global/pg_control");
+    let mut head = [0u8; 8];
+    match std::fs::File::open(&control).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::io(format!(
+                "cannot read {} to check which cluster {} comes from: {e}; nothing was archived",
+                control.display(),
+                path.display()
+            )));
+        }
+    }
+    // ControlFileData begins with the system identifier, in every version.
+    let id = u64::from_le_bytes(head);
+    Ok((id != 0).then(|| id.to_string()))
+}
+
 /// How long a push waits for the background worker to finish a segment it
 /// has claimed before pushing the segment itself.
 const CLAIM_WAIT: Duration = Duration::from_secs(120);
@@ -434,6 +466,22 @@ impl Pusher {
                 .get_or_try_init(|| self.repo.bind_cluster(&cluster))
                 .await?;
             bound.check_same_cluster(&cluster, self.repo.url())?;
+        } else if let Some(ours) = cluster_of_data_directory(path)? {
+            // A repository not bound yet takes it: after a restore into a new
+            // repository, the new timeline's history file is archived first.
+            let bound = match self.cluster.get() {
+                Some(config) => Some(config.clone()),
+                None => self.repo.config().await?,
+            };
+            if let Some(bound) = bound.filter(|b| b.system_identifier != ours) {
+                return Err(Error::conflict(format!(
+                    "repository {} belongs to cluster {} but {name} comes from cluster {ours} \
+                     (its data directory's global/pg_control); two clusters must not share a \
+                     repository: give this one its own --repo; nothing was archived",
+                    self.repo.url(),
+                    bound.system_identifier
+                )));
+            }
         }
         file.seek(SeekFrom::Start(0)).map_err(cannot_read)?;
         let level = self.level;
