@@ -425,3 +425,34 @@ fn history_and_backup_files_of_another_cluster_are_refused() {
         assert!(object.exists(), "{name} was not stored");
     }
 }
+
+/// Low item: a stored object with a compression code this walvault does not
+/// know (a newer walvault's) counted as damaged, and a push replaced it.
+/// It is kept, and the push refuses with a word about upgrading.
+#[test]
+fn an_object_of_a_newer_compression_is_never_replaced() {
+    let f = fixture();
+    let (root, repo) = f.repo("repo");
+    let name = "000000010000000000000003";
+    f.archive(&repo, &[name.to_string()], 7, 0);
+    let object = object_in(&root, name);
+    let mut stored = std::fs::read(&object).unwrap();
+    stored[14] = 2; // the header's compression code; 1 is zstd
+    std::fs::write(&object, &stored).unwrap();
+
+    let src = f.dir.path().join("src-7-0").join(name);
+    let out = repo
+        .walvault(&f.bin)
+        .args(["push", "--push-ahead", "0"])
+        .arg(&src)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(stderr(&out).contains("upgrade"), "{}", describe(&out));
+    assert_eq!(
+        std::fs::read(&object).unwrap(),
+        stored,
+        "the object was replaced"
+    );
+}

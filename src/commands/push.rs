@@ -561,7 +561,9 @@ async fn settle_existing(
     // Compare headers first; decode only as far as needed to tell an intact
     // copy from a damaged one.
     let verdict = stored.as_deref().map(|obj| match object::read_header(obj) {
-        Err(e @ ObjectError::UnsupportedVersion(_)) => Stored::Unreadable(e),
+        Err(e @ (ObjectError::UnsupportedVersion(_) | ObjectError::UnsupportedCompression(_))) => {
+            Stored::Unreadable(e)
+        }
         Err(e) => Stored::Damaged(e),
         Ok(theirs) if theirs == ours => match object::decode_limited(obj, ours.length) {
             Ok(_) => Stored::Same,
