@@ -456,3 +456,119 @@ fn an_object_of_a_newer_compression_is_never_replaced() {
         "the object was replaced"
     );
 }
+
+/// A segment of cluster 7 whose content past its header does not compress.
+fn incompressible_segment(name: &str, size: u32, seed: u64) -> Vec<u8> {
+    let mut data = synthetic_segment(name, 7, size, 0);
+    let mut x = seed | 1;
+    for chunk in data[8192..].chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    data
+}
+
+/// Low item: the prefetch worker read every object of its window into
+/// memory at once (24 segments of 4 MiB that do not compress: 96 MiB).
+/// It now streams each into its spool file, a few at a time.
+#[test]
+fn prefetch_memory_does_not_grow_with_the_window() {
+    const SIZE: u32 = 4 << 20;
+    let f = fixture();
+    let (_, repo) = f.repo("repo");
+    let names = segment_names(3..28);
+    let src = f.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut originals = vec![];
+    for (i, n) in names.iter().enumerate() {
+        let data = incompressible_segment(n, SIZE, i as u64 + 1);
+        std::fs::write(src.join(n), &data).unwrap();
+        let out = repo
+            .walvault(&f.bin)
+            .args(["push", "--push-ahead", "0", "--compress-level", "1"])
+            .arg(src.join(n))
+            .arg(n)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n}: {}", describe(&out));
+        originals.push(data);
+        std::fs::remove_file(src.join(n)).unwrap();
+    }
+    let spool = f.dir.path().join("spool");
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kb %M"])
+        .arg(&f.bin)
+        .arg("--repo")
+        .arg(&repo.url)
+        .arg("fetch-ahead")
+        .arg("--spool")
+        .arg(&spool)
+        .args(["--count", "24", "--segment-size", &SIZE.to_string()])
+        .arg(&names[0])
+        .output()
+        .expect("/usr/bin/time is needed for this test");
+    assert!(out.status.success(), "{}", describe(&out));
+    let said = stderr(&out);
+    assert!(said.contains("prefetched 24 of 24"), "{said}");
+    let peak_kb: u64 = said
+        .lines()
+        .find_map(|l| l.strip_prefix("peak-rss-kb "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Less than the window itself: what the worker holds is a few
+    // downloads' frames (and what the allocator keeps of them), however
+    // long the window; before, it held every object of it (156 MB here).
+    assert!(
+        peak_kb < 96 << 10,
+        "the prefetch worker peaked at {peak_kb} kB for a 96 MiB window"
+    );
+
+    // What it spooled is what was archived.
+    let wal = f.dir.path().join("standby/pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let spool_arg = ["--spool", spool.to_str().unwrap(), "--prefetch", "0"];
+    let out = f.fetch(&repo, &wal, &names[5], &spool_arg[..2]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        std::fs::read(wal.join("RECOVERYXLOG")).unwrap(),
+        originals[5]
+    );
+    wait_for_spool_workers(&spool);
+}
+
+/// The same on S3 (where the worker streams each object's body): copies
+/// prefetched from one prefix serve that prefix, even with its object gone,
+/// and never another prefix of the same store sharing the spool.
+#[test]
+fn s3_prefetched_copies_serve_only_their_own_repository() {
+    let s3 = S3Server::start();
+    let f = fixture();
+    let names = segment_names(3..9);
+    let (repo_a, repo_b) = (s3.target("a"), s3.target("b"));
+    let ours_a = f.archive(&repo_a, &names, 7, 4);
+    let ours_b = f.archive(&repo_b, &names, 8, 5);
+    let wal = f.dir.path().join("standby/pg_wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    let spool = wal.join("walvault-spool");
+
+    let out = f.fetch(&repo_a, &wal, &names[0], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    wait_for_spool_workers(&spool);
+    spooled_copy(&spool, &names[1]);
+    let key = |n: &str| format!("wal/0000000100000000/{n}.zst");
+    std::fs::remove_file(s3.object_path("a", &key(&names[1]))).unwrap();
+    let out = f.fetch(&repo_a, &wal, &names[1], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), ours_a[1]);
+    wait_for_spool_workers(&spool);
+
+    let out = f.fetch(&repo_b, &wal, &names[2], &[]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), ours_b[2]);
+    wait_for_spool_workers(&spool);
+}

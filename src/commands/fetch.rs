@@ -438,10 +438,15 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
     }
 }
 
-/// Downloads, verifies and spools `wanted`, all in parallel; returns how
-/// many were spooled. Best effort: a segment missing or failing here is
-/// fetched on demand. Each is decoded straight into its spool file, off the
-/// async thread, so memory holds the compressed objects, not the segments.
+/// Downloads at once by the prefetch worker. Each streams its object into
+/// its spool file, holding only the frames being decoded; so the worker's
+/// memory is bounded by this, never by the window.
+const PREFETCH_PARALLEL: usize = 4;
+
+/// Downloads, verifies and spools `wanted`, [`PREFETCH_PARALLEL`] at a
+/// time; returns how many were spooled. Best effort: a segment missing or
+/// failing here is fetched on demand. Each is decoded as it arrives
+/// straight into its spool file, off the async thread.
 async fn prefetch(
     repo: &Repository,
     spool: &Spool,
@@ -449,42 +454,10 @@ async fn prefetch(
     wanted: &[WalFileName],
 ) -> usize {
     futures::stream::iter(wanted.iter().map(|name| async move {
-        let stored = match repo.get(&wal_key(name)).await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return false,
-            Err(e) => {
-                tracing::debug!("prefetch of {name} failed: {e}");
-                return false;
-            }
-        };
-        let (name, spool, binding) = (*name, Spool::at(spool.dir()), binding.clone());
-        let spooled = tokio::task::spawn_blocking(move || {
-            let limit = limit_for(&name);
-            let damaged = |e: object::ObjectError| {
-                Error::corrupt(format!(
-                    "{name} in the repository is damaged ({e}); not prefetched"
-                ))
-            };
-            let header = object::read_header_within(&stored, limit).map_err(damaged)?;
-            spool.store_prefetched(&binding, &name, &header.sha256, |file| {
-                match object::decode_to_file(stored, file, limit, 1) {
-                    Ok(_) => Ok(()),
-                    Err(object::ObjectError::Write(e) | object::ObjectError::Internal(e)) => {
-                        Err(Error::io(format!("cannot spool {name}: {e}")))
-                    }
-                    Err(e) => Err(damaged(e)),
-                }
-            })
-        })
-        .await;
-        match spooled {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) if e.kind == crate::error::ErrorKind::Corrupt => {
+        match prefetch_one(repo, spool, binding, *name).await {
+            Ok(()) => true,
+            Err(e) if e.kind == crate::error::ErrorKind::Corrupt => {
                 tracing::warn!("{e}");
-                false
-            }
-            Ok(Err(e)) => {
-                tracing::debug!("{e}");
                 false
             }
             Err(e) => {
@@ -493,8 +466,92 @@ async fn prefetch(
             }
         }
     }))
-    .buffer_unordered(wanted.len().max(1))
+    .buffer_unordered(PREFETCH_PARALLEL)
     .filter(|spooled| std::future::ready(*spooled))
     .count()
     .await
+}
+
+/// Downloads one object into the spool as it arrives, and proves it.
+async fn prefetch_one(
+    repo: &Repository,
+    spool: &Spool,
+    binding: &RepoBinding,
+    name: WalFileName,
+) -> Result<()> {
+    let Some(reader) = repo.open_object(&wal_key(&name)).await? else {
+        return Err(Error::not_found(format!("{name} is not in the archive")));
+    };
+    let limit = limit_for(&name);
+    let damaged = move |e: object::ObjectError| {
+        Error::corrupt(format!(
+            "{name} in the repository is damaged ({e}); not prefetched"
+        ))
+    };
+    let (ObjectReader::File { size, .. } | ObjectReader::Stream { size, .. }) = &reader;
+    let size = *size;
+    if size > object::max_stored_len(limit) {
+        return Err(damaged(object::ObjectError::Corrupt(format!(
+            "it is {size} bytes long, more than any object of at most {limit} bytes of content"
+        ))));
+    }
+    let (spool, binding) = (Spool::at(spool.dir()), binding.clone());
+    // Runs on a blocking thread, with `fill` delivering the object.
+    let store = move |fill: &mut object::Fill<'_>| -> Result<()> {
+        let mut buf = bytes::BytesMut::new();
+        // The header names the spool file (by the content's sha256).
+        while buf.len() < object::HEADER_LEN && fill(&mut buf).map_err(damaged)? > 0 {}
+        let header = object::read_header_within(&buf, limit).map_err(damaged)?;
+        spool.store_prefetched(&binding, &name, &header.sha256, |file| {
+            match object::decode_to_file_from(buf, fill, file, limit, 1) {
+                Ok(_) => Ok(()),
+                Err(object::ObjectError::Write(e) | object::ObjectError::Internal(e)) => {
+                    Err(Error::io(format!("cannot spool {name}: {e}")))
+                }
+                Err(object::ObjectError::Read(e)) => {
+                    Err(Error::io(format!("cannot read {name}: {e}")))
+                }
+                Err(e) => Err(damaged(e)),
+            }
+        })
+    };
+    let task_failed = |e: tokio::task::JoinError| Error::io(format!("prefetch of {name}: {e}"));
+    match reader {
+        ObjectReader::File { mut file, .. } => tokio::task::spawn_blocking(move || {
+            store(&mut |buf: &mut bytes::BytesMut| read_piece(&mut file, buf))
+        })
+        .await
+        .map_err(task_failed)?,
+        ObjectReader::Stream { mut stream, .. } => {
+            // The body is read here while a blocking thread decodes it; the
+            // channel bounds what waits in between.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
+            let decode = tokio::task::spawn_blocking(move || {
+                let mut received = 0u64;
+                store(&mut |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
+                    Some(Ok(piece)) => {
+                        buf.extend_from_slice(&piece);
+                        received += piece.len() as u64;
+                        Ok(piece.len().max(1)) // an empty piece is not the end
+                    }
+                    Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
+                        &e.to_string(),
+                    ))),
+                    None if received < size => Err(object::ObjectError::Read(format!(
+                        "the store sent {received} of its {size} bytes"
+                    ))),
+                    None => Ok(0),
+                })
+            });
+            let pump = async move {
+                while let Some(piece) = stream.next().await {
+                    if tx.send(piece).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let (decoded, ()) = tokio::join!(decode, pump);
+            decoded.map_err(task_failed)?
+        }
+    }
 }
