@@ -5,9 +5,13 @@
 //! the file it describes is unchanged (same inode, size, times and sha256),
 //! and it is written only after the object is durable. A prefetched segment
 //! carries its sha256 in its name and is re-hashed before it is handed over.
+//! Both speak for one repository only: each carries its [`RepoBinding`] in
+//! its name, so a record made for one repository is never taken as proof
+//! for another, nor a copy fetched from one handed over for another.
 
 use crate::error::{Context, Result};
 use crate::object::Sha256Digest;
+use crate::repository::{RepoUrl, Repository, RepositoryConfig};
 use crate::wal::WalFileName;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
@@ -15,6 +19,55 @@ use std::path::{Path, PathBuf};
 
 pub struct Spool {
     dir: PathBuf,
+}
+
+/// The repository a spool entry speaks for: where it is (its URL, written
+/// in one normal form, and for S3 the endpoint) and which repository is
+/// there (the cluster and creation time in its walvault.json, so one
+/// recreated or mounted at the same place is another). Kept as a hex
+/// digest, part of the name of each entry made for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoBinding(String);
+
+impl RepoBinding {
+    pub fn of(url: &RepoUrl, config: &RepositoryConfig) -> RepoBinding {
+        let place = match url {
+            RepoUrl::Local(path) => {
+                let normal: PathBuf = path.components().collect();
+                format!("file://{}", normal.display())
+            }
+            RepoUrl::S3 { .. } => {
+                // The same bucket name on another endpoint is another store.
+                let endpoint = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+                    .iter()
+                    .find_map(|k| std::env::var(k).ok())
+                    .unwrap_or_default();
+                format!("{url} at {}", endpoint.trim_end_matches('/'))
+            }
+        };
+        let text = format!(
+            "walvault spool binding 1\n{place}\n{}\n{}\n",
+            config.system_identifier,
+            config
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        );
+        RepoBinding(Sha256Digest::of(text.as_bytes()).to_hex()[..32].to_string())
+    }
+
+    /// The binding of the repository as it is now; `None` when it has no
+    /// walvault.json yet (nothing in any spool can speak for it then).
+    pub async fn read(repo: &Repository) -> Result<Option<RepoBinding>> {
+        Ok(repo
+            .config()
+            .await?
+            .map(|config| RepoBinding::of(repo.url(), &config)))
+    }
+
+    /// Whether `text` has the form of a binding's key.
+    fn is_key(text: &str) -> bool {
+        text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit())
+    }
 }
 
 /// The two kinds of background worker; each has its own lock, claims and
@@ -240,16 +293,29 @@ impl Spool {
         self.worker_file(kind, "log")
     }
 
-    /// Names the worker is working on now. Only meaningful while
-    /// [`Spool::worker_running`]: a dead worker's claims are stale.
-    pub fn set_claims(&self, kind: WorkerKind, names: &[WalFileName]) {
-        let text: String = names.iter().map(|n| format!("{n}\n")).collect();
+    /// Names the worker is working on now, for the repository `binding`.
+    /// Only meaningful while [`Spool::worker_running`]: a dead worker's
+    /// claims are stale.
+    pub fn set_claims(&self, kind: WorkerKind, binding: &RepoBinding, names: &[WalFileName]) {
+        let mut text = format!("repository {}\n", binding.0);
+        text.extend(names.iter().map(|n| format!("{n}\n")));
         let _ = write_visible(&self.worker_file(kind, "claims"), text.as_bytes());
     }
 
-    pub fn claimed(&self, kind: WorkerKind, name: &WalFileName) -> bool {
+    /// Whether the worker claims `name`, for any repository.
+    pub fn claimed_by_any(&self, kind: WorkerKind, name: &WalFileName) -> bool {
         std::fs::read_to_string(self.worker_file(kind, "claims"))
             .is_ok_and(|text| text.lines().any(|l| l == name.to_string()))
+    }
+
+    /// Whether the worker claims `name` for the repository `binding`: a
+    /// worker busy with another repository's copy is not worth waiting for.
+    pub fn claimed(&self, kind: WorkerKind, binding: &RepoBinding, name: &WalFileName) -> bool {
+        std::fs::read_to_string(self.worker_file(kind, "claims")).is_ok_and(|text| {
+            let mut lines = text.lines();
+            lines.next() == Some(&format!("repository {}", binding.0))
+                && lines.any(|l| l == name.to_string())
+        })
     }
 
     fn pushed_dir(&self) -> PathBuf {
@@ -280,45 +346,62 @@ impl Spool {
         );
     }
 
-    /// Records that `name`, as the file `identity` describes, is durably stored.
-    pub fn record_pushed(&self, name: &WalFileName, identity: &FileIdentity) -> Result<()> {
+    /// Records that `name`, as the file `identity` describes, is durably
+    /// stored in the repository `binding`.
+    pub fn record_pushed(
+        &self,
+        binding: &RepoBinding,
+        name: &WalFileName,
+        identity: &FileIdentity,
+    ) -> Result<()> {
         let dir = self.pushed_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         let json = serde_json::to_vec(identity).expect("serializes");
         // Not synced: the segment is already durable, so a record lost or torn
         // by a crash (it then fails to parse) only costs a second, identical push.
-        write_visible(&dir.join(format!("{name}.json")), &json)
+        write_visible(&self.record_path(binding, name), &json)
     }
 
-    /// The record for `name`, if any.
-    pub fn pushed(&self, name: &WalFileName) -> Option<FileIdentity> {
-        let bytes = std::fs::read(self.pushed_dir().join(format!("{name}.json"))).ok()?;
+    /// `pushed/NAME.BINDING.json`.
+    fn record_path(&self, binding: &RepoBinding, name: &WalFileName) -> PathBuf {
+        self.pushed_dir().join(format!("{name}.{}.json", binding.0))
+    }
+
+    /// The record that `name` is stored in the repository `binding`, if any.
+    pub fn pushed(&self, binding: &RepoBinding, name: &WalFileName) -> Option<FileIdentity> {
+        let bytes = std::fs::read(self.record_path(binding, name)).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
 
-    pub fn forget_pushed(&self, name: &WalFileName) {
-        let _ = std::fs::remove_file(self.pushed_dir().join(format!("{name}.json")));
+    pub fn forget_pushed(&self, binding: &RepoBinding, name: &WalFileName) {
+        let _ = std::fs::remove_file(self.record_path(binding, name));
     }
 
     /// Drops records whose segment is no longer in `wal_dir` (archived and
-    /// recycled): they can never be asked for again.
+    /// recycled): they can never be asked for again. Records of versions
+    /// that did not name their repository (`NAME.json`) prove nothing, and
+    /// go too.
     pub fn prune_pushed(&self, wal_dir: &Path) {
         let Ok(entries) = std::fs::read_dir(self.pushed_dir()) else {
             return;
         };
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().to_string();
-            let Some(name) = file.strip_suffix(".json") else {
-                continue;
-            };
-            if !wal_dir.join(name).exists() {
+            let live = file
+                .strip_suffix(".json")
+                .and_then(|stem| stem.split_once('.'))
+                .is_some_and(|(name, binding)| {
+                    RepoBinding::is_key(binding) && wal_dir.join(name).exists()
+                });
+            if !live {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
 
-    /// Prefetched segments as `(name, expected sha256, path)`.
-    pub fn prefetched(&self) -> Vec<(WalFileName, Sha256Digest, PathBuf)> {
+    /// Every prefetched copy, of any repository, as
+    /// `(name, expected sha256, binding key, path)`: `NAME.SHA256.BINDING`.
+    fn copies(&self) -> Vec<(WalFileName, Sha256Digest, String, PathBuf)> {
         let Ok(entries) = std::fs::read_dir(self.prefetch_dir()) else {
             return vec![];
         };
@@ -326,45 +409,66 @@ impl Spool {
             .flatten()
             .filter_map(|e| {
                 let file = e.file_name().to_string_lossy().to_string();
-                let (name, sha) = file.split_once('.')?;
+                let (name, rest) = file.split_once('.')?;
+                let (sha, binding) = rest.split_once('.')?;
+                RepoBinding::is_key(binding).then_some(())?;
                 Some((
                     WalFileName::parse(name).ok()?,
                     Sha256Digest::from_hex(sha)?,
+                    binding.to_string(),
                     e.path(),
                 ))
             })
             .collect()
     }
 
-    /// Removes everything in the prefetch folder that `keep` does not want,
-    /// including leftovers of interrupted downloads, except while a prefetch
-    /// worker runs: its downloads in progress are not leftovers.
+    /// Whether a copy of `name` is spooled, from any repository.
+    pub fn prefetched_by_any(&self, name: &WalFileName) -> bool {
+        self.copies().iter().any(|(n, ..)| n == name)
+    }
+
+    /// Segments prefetched from the repository `binding`, as
+    /// `(name, expected sha256, path)`.
+    pub fn prefetched(&self, binding: &RepoBinding) -> Vec<(WalFileName, Sha256Digest, PathBuf)> {
+        self.copies()
+            .into_iter()
+            .filter(|(_, _, b, _)| *b == binding.0)
+            .map(|(name, sha, _, path)| (name, sha, path))
+            .collect()
+    }
+
+    /// Removes every prefetched copy, of any repository, that `keep` does
+    /// not want, including leftovers of interrupted downloads, except while
+    /// a prefetch worker runs: its downloads in progress are not leftovers.
+    /// Copies of versions that did not name their repository go too.
     pub fn discard_prefetched(&self, keep: impl Fn(&WalFileName) -> bool) {
         let Ok(entries) = std::fs::read_dir(self.prefetch_dir()) else {
             return;
         };
         let downloading = self.worker_running(WorkerKind::Prefetch);
+        let wanted: Vec<PathBuf> = self
+            .copies()
+            .into_iter()
+            .filter(|(name, ..)| keep(name))
+            .map(|(.., path)| path)
+            .collect();
         for e in entries.flatten() {
             let file = e.file_name().to_string_lossy().to_string();
             if downloading && file.starts_with('.') {
                 continue;
             }
-            let wanted = file
-                .split_once('.')
-                .filter(|(_, sha)| Sha256Digest::from_hex(sha).is_some())
-                .and_then(|(name, _)| WalFileName::parse(name).ok())
-                .is_some_and(|n| keep(&n));
-            if !wanted {
+            if !wanted.contains(&e.path()) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
     }
 
-    /// Stores a verified segment for a later fetch.
-    /// `fill` writes the content and must prove it has `sha256`; only then is
-    /// the copy renamed into place.
+    /// Stores a verified segment of the repository `binding` for a later
+    /// fetch. `fill` writes the content and must prove it has `sha256`; only
+    /// then is the copy renamed into place.
     pub fn store_prefetched(
         &self,
+        binding: &RepoBinding,
         name: &WalFileName,
         sha256: &Sha256Digest,
         fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
@@ -373,7 +477,7 @@ impl Spool {
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         // Not synced: a copy torn by a crash fails the sha256 check at hand-over.
         crate::commands::write_atomically_with(
-            &dir.join(format!("{name}.{}", sha256.to_hex())),
+            &dir.join(format!("{name}.{}.{}", sha256.to_hex(), binding.0)),
             Some(0o600),
             crate::commands::Durability::Visible,
             fill,
@@ -397,6 +501,32 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_binding_names_one_repository() {
+        let config = |sysid: &str, created: &str| RepositoryConfig {
+            format: 1,
+            system_identifier: sysid.into(),
+            pg_version: 15,
+            wal_segment_size: 1 << 24,
+            created_at: created.parse().unwrap(),
+        };
+        let url = |u: &str| RepoUrl::parse(u).unwrap();
+        let first = config("7", "2026-12-01T10:00:00.123456789Z");
+        let ours = RepoBinding::of(&url("/srv/wal"), &first);
+        // One repository, spelled several ways.
+        for same in ["/srv/wal/", "file:///srv/wal", "/srv//wal", "/srv/./wal"] {
+            assert_eq!(RepoBinding::of(&url(same), &first), ours, "{same}");
+        }
+        // Another place, another cluster, or one recreated in the same place.
+        assert_ne!(RepoBinding::of(&url("/srv/wal2"), &first), ours);
+        assert_ne!(RepoBinding::of(&url("s3://srv-bucket/wal"), &first), ours);
+        let other_cluster = config("8", "2026-12-01T10:00:00.123456789Z");
+        assert_ne!(RepoBinding::of(&url("/srv/wal"), &other_cluster), ours);
+        let recreated = config("7", "2026-12-01T10:00:00.123456788Z");
+        assert_ne!(RepoBinding::of(&url("/srv/wal"), &recreated), ours);
+        assert!(RepoBinding::is_key(&ours.0));
+    }
 
     #[test]
     fn metadata_proves_a_file_unchanged_only_once_settled() {

@@ -9,7 +9,7 @@ use crate::commands::{Durability, write_atomically_with};
 use crate::error::{Context, Error, Result};
 use crate::object::{self, Sha256Digest};
 use crate::repository::{ObjectReader, RepoUrl, Repository, wal_key};
-use crate::spool::{Spool, WorkerKind};
+use crate::spool::{RepoBinding, Spool, WorkerKind};
 use crate::wal::{SegmentName, WalFileName};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -66,9 +66,8 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
     });
 
-    wait_for_worker(&spool, &name).await;
-    let spooled = spool.prefetched();
-    if hand_over(&spooled, &name, &opts.path)? {
+    let spooled = wait_for_worker(url, &spool, &name).await;
+    if hand_over(&spooled, &name, &opts.path) {
         tracing::debug!("restored {name} from the prefetch spool");
         // Refill once half the window is used up, in the background.
         if let Some(size) = size
@@ -102,19 +101,37 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     Ok(())
 }
 
-/// If the background worker is downloading `name` right now, waits for it
-/// rather than downloading the same object twice.
-async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
+/// If the background worker is downloading `name` from this repository
+/// right now, waits for it rather than downloading the same object twice;
+/// then the copies spooled for this repository (none if nothing spooled or
+/// claimed is `name`: then there is no need to ask which repository this is).
+async fn wait_for_worker(
+    url: &RepoUrl,
+    spool: &Spool,
+    name: &WalFileName,
+) -> Vec<(WalFileName, Sha256Digest, PathBuf)> {
+    if !spool.claimed_by_any(WorkerKind::Prefetch, name) && !spool.prefetched_by_any(name) {
+        return vec![];
+    }
+    // Copies speak only for the repository they came from: the one at this
+    // URL now must be it (see `RepoBinding`).
+    let binding = match Repository::open(url, false) {
+        Ok(repo) => RepoBinding::read(&repo).await.ok().flatten(),
+        Err(_) => None,
+    };
+    let Some(binding) = binding else {
+        return vec![];
+    };
     let since = Instant::now();
-    let spooled = || spool.prefetched().iter().any(|(n, _, _)| n == name);
-    // Cheapest test first: most calls find no claim and list nothing here.
-    while spool.claimed(WorkerKind::Prefetch, name)
+    let spooled = || spool.prefetched(&binding).iter().any(|(n, _, _)| n == name);
+    while spool.claimed(WorkerKind::Prefetch, &binding, name)
         && spool.worker_running(WorkerKind::Prefetch)
         && since.elapsed() < CLAIM_WAIT
         && !spooled()
     {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    spool.prefetched(&binding)
 }
 
 fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, size: u32) {
@@ -152,17 +169,25 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         return Ok(());
     };
     let started = Instant::now();
+    let repo = Repository::open(url, false)?;
+    // Copies are kept for this repository only (see `RepoBinding`).
+    let Some(binding) = RepoBinding::read(&repo).await? else {
+        return Ok(());
+    };
     let window = successors(after, opts.segment_size, opts.count.min(PREFETCH_MAX * 4));
-    let have: Vec<WalFileName> = spool.prefetched().into_iter().map(|(n, _, _)| n).collect();
+    let have: Vec<WalFileName> = spool
+        .prefetched(&binding)
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect();
     let wanted: Vec<WalFileName> = window
         .iter()
         .map(|s| WalFileName::Segment(*s))
         .filter(|n| !have.contains(n))
         .collect();
-    spool.set_claims(WorkerKind::Prefetch, &wanted);
-    let repo = Repository::open(url, false)?;
+    spool.set_claims(WorkerKind::Prefetch, &binding, &wanted);
     // Downloads stuck on the store must not keep recovery waiting on claims.
-    let got = tokio::time::timeout(CLAIM_WAIT, prefetch(&repo, &spool, &wanted))
+    let got = tokio::time::timeout(CLAIM_WAIT, prefetch(&repo, &spool, &binding, &wanted))
         .await
         .unwrap_or_else(|_| {
             tracing::warn!(
@@ -171,7 +196,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
             );
             0
         });
-    spool.set_claims(WorkerKind::Prefetch, &[]);
+    spool.set_claims(WorkerKind::Prefetch, &binding, &[]);
     tracing::info!(
         "prefetched {got} of {} segments after {} ({} ms)",
         wanted.len(),
@@ -332,72 +357,107 @@ fn limit_for(name: &WalFileName) -> u64 {
     }
 }
 
-/// Moves a prefetched copy of `name` to `path` after proving its sha256; a
-/// copy that fails is deleted and the caller fetches from the repository.
-/// `spooled` is the spool's listing.
+/// Moves a prefetched copy of `name` to `path` after proving its sha256;
+/// whether it did. `spooled` is the spool's listing for this repository.
+/// The spool is only a shortcut: a copy that cannot be handed over, for
+/// whatever reason, is deleted and the caller fetches from the repository.
 fn hand_over(
     spooled: &[(WalFileName, Sha256Digest, PathBuf)],
     name: &WalFileName,
     path: &Path,
-) -> Result<bool> {
+) -> bool {
     let Some((_, sha, file)) = spooled.iter().find(|(n, _, _)| n == name) else {
-        return Ok(false);
+        return false;
     };
+    match move_verified(file, sha, path) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(
+                "cannot hand over the prefetched copy of {name} ({e}); fetching it from the repository"
+            );
+            let _ = std::fs::remove_file(file);
+            false
+        }
+    }
+}
+
+/// Puts the spooled `file` at `path` once it has proven to hash to `sha`:
+/// a rename, or on another filesystem a copy, hashed as it is made and
+/// renamed into place only if it matches.
+fn move_verified(file: &Path, sha: &Sha256Digest, path: &Path) -> Result<()> {
     let actual =
         Sha256Digest::of_file(file).context(|| format!("cannot read {}", file.display()))?;
     if actual != *sha {
-        tracing::warn!("prefetched copy of {name} is damaged; fetching it again");
-        let _ = std::fs::remove_file(file);
-        return Ok(false);
+        return Err(Error::corrupt(format!("{} is damaged", file.display())));
     }
     // No fsync, as in fetch_from_repository.
-    std::fs::rename(file, path)
-        .context(|| format!("cannot move {} to {}", file.display(), path.display()))?;
-    Ok(true)
+    match std::fs::rename(file, path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        Err(e) => {
+            return Err(Error::io(format!(
+                "cannot move {} to {}: {e}",
+                file.display(),
+                path.display()
+            )));
+        }
+    }
+    // The spool is on another filesystem.
+    write_atomically_with(path, Some(0o600), Durability::Visible, |out| {
+        let mut hashing = HashingReader {
+            inner: std::fs::File::open(file)
+                .context(|| format!("cannot read {}", file.display()))?,
+            hasher: <sha2::Sha256 as sha2::Digest>::new(),
+        };
+        std::io::copy(&mut hashing, out)
+            .context(|| format!("cannot copy {} to {}", file.display(), path.display()))?;
+        let copied = Sha256Digest(sha2::Digest::finalize(hashing.hasher).into());
+        if copied != *sha {
+            return Err(Error::corrupt(format!(
+                "{} changed while it was copied",
+                file.display()
+            )));
+        }
+        Ok(())
+    })?;
+    let _ = std::fs::remove_file(file);
+    Ok(())
 }
 
-/// Downloads, verifies and spools `wanted`, all in parallel; returns how
-/// many were spooled. Best effort: a segment missing or failing here is
-/// fetched on demand. Each is decoded straight into its spool file, off the
-/// async thread, so memory holds the compressed objects, not the segments.
-async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> usize {
+/// Hashes what is read through it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: std::io::Read> std::io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        sha2::Digest::update(&mut self.hasher, &buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Downloads at once by the prefetch worker. Each streams its object into
+/// its spool file, holding only the frames being decoded; so the worker's
+/// memory is bounded by this, never by the window.
+const PREFETCH_PARALLEL: usize = 4;
+
+/// Downloads, verifies and spools `wanted`, [`PREFETCH_PARALLEL`] at a
+/// time; returns how many were spooled. Best effort: a segment missing or
+/// failing here is fetched on demand. Each is decoded as it arrives
+/// straight into its spool file, off the async thread.
+async fn prefetch(
+    repo: &Repository,
+    spool: &Spool,
+    binding: &RepoBinding,
+    wanted: &[WalFileName],
+) -> usize {
     futures::stream::iter(wanted.iter().map(|name| async move {
-        let stored = match repo.get(&wal_key(name)).await {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return false,
-            Err(e) => {
-                tracing::debug!("prefetch of {name} failed: {e}");
-                return false;
-            }
-        };
-        let (name, spool) = (*name, Spool::at(spool.dir()));
-        let spooled = tokio::task::spawn_blocking(move || {
-            let limit = limit_for(&name);
-            let damaged = |e: object::ObjectError| {
-                Error::corrupt(format!(
-                    "{name} in the repository is damaged ({e}); not prefetched"
-                ))
-            };
-            let header = object::read_header_within(&stored, limit).map_err(damaged)?;
-            spool.store_prefetched(&name, &header.sha256, |file| {
-                match object::decode_to_file(stored, file, limit, 1) {
-                    Ok(_) => Ok(()),
-                    Err(object::ObjectError::Write(e) | object::ObjectError::Internal(e)) => {
-                        Err(Error::io(format!("cannot spool {name}: {e}")))
-                    }
-                    Err(e) => Err(damaged(e)),
-                }
-            })
-        })
-        .await;
-        match spooled {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) if e.kind == crate::error::ErrorKind::Corrupt => {
+        match prefetch_one(repo, spool, binding, *name).await {
+            Ok(()) => true,
+            Err(e) if e.kind == crate::error::ErrorKind::Corrupt => {
                 tracing::warn!("{e}");
-                false
-            }
-            Ok(Err(e)) => {
-                tracing::debug!("{e}");
                 false
             }
             Err(e) => {
@@ -406,8 +466,92 @@ async fn prefetch(repo: &Repository, spool: &Spool, wanted: &[WalFileName]) -> u
             }
         }
     }))
-    .buffer_unordered(wanted.len().max(1))
+    .buffer_unordered(PREFETCH_PARALLEL)
     .filter(|spooled| std::future::ready(*spooled))
     .count()
     .await
+}
+
+/// Downloads one object into the spool as it arrives, and proves it.
+async fn prefetch_one(
+    repo: &Repository,
+    spool: &Spool,
+    binding: &RepoBinding,
+    name: WalFileName,
+) -> Result<()> {
+    let Some(reader) = repo.open_object(&wal_key(&name)).await? else {
+        return Err(Error::not_found(format!("{name} is not in the archive")));
+    };
+    let limit = limit_for(&name);
+    let damaged = move |e: object::ObjectError| {
+        Error::corrupt(format!(
+            "{name} in the repository is damaged ({e}); not prefetched"
+        ))
+    };
+    let (ObjectReader::File { size, .. } | ObjectReader::Stream { size, .. }) = &reader;
+    let size = *size;
+    if size > object::max_stored_len(limit) {
+        return Err(damaged(object::ObjectError::Corrupt(format!(
+            "it is {size} bytes long, more than any object of at most {limit} bytes of content"
+        ))));
+    }
+    let (spool, binding) = (Spool::at(spool.dir()), binding.clone());
+    // Runs on a blocking thread, with `fill` delivering the object.
+    let store = move |fill: &mut object::Fill<'_>| -> Result<()> {
+        let mut buf = bytes::BytesMut::new();
+        // The header names the spool file (by the content's sha256).
+        while buf.len() < object::HEADER_LEN && fill(&mut buf).map_err(damaged)? > 0 {}
+        let header = object::read_header_within(&buf, limit).map_err(damaged)?;
+        spool.store_prefetched(&binding, &name, &header.sha256, |file| {
+            match object::decode_to_file_from(buf, fill, file, limit, 1) {
+                Ok(_) => Ok(()),
+                Err(object::ObjectError::Write(e) | object::ObjectError::Internal(e)) => {
+                    Err(Error::io(format!("cannot spool {name}: {e}")))
+                }
+                Err(object::ObjectError::Read(e)) => {
+                    Err(Error::io(format!("cannot read {name}: {e}")))
+                }
+                Err(e) => Err(damaged(e)),
+            }
+        })
+    };
+    let task_failed = |e: tokio::task::JoinError| Error::io(format!("prefetch of {name}: {e}"));
+    match reader {
+        ObjectReader::File { mut file, .. } => tokio::task::spawn_blocking(move || {
+            store(&mut |buf: &mut bytes::BytesMut| read_piece(&mut file, buf))
+        })
+        .await
+        .map_err(task_failed)?,
+        ObjectReader::Stream { mut stream, .. } => {
+            // The body is read here while a blocking thread decodes it; the
+            // channel bounds what waits in between.
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
+            let decode = tokio::task::spawn_blocking(move || {
+                let mut received = 0u64;
+                store(&mut |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
+                    Some(Ok(piece)) => {
+                        buf.extend_from_slice(&piece);
+                        received += piece.len() as u64;
+                        Ok(piece.len().max(1)) // an empty piece is not the end
+                    }
+                    Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
+                        &e.to_string(),
+                    ))),
+                    None if received < size => Err(object::ObjectError::Read(format!(
+                        "the store sent {received} of its {size} bytes"
+                    ))),
+                    None => Ok(0),
+                })
+            });
+            let pump = async move {
+                while let Some(piece) = stream.next().await {
+                    if tx.send(piece).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let (decoded, ()) = tokio::join!(decode, pump);
+            decoded.map_err(task_failed)?
+        }
+    }
 }

@@ -4,7 +4,7 @@ use crate::error::{Context, Error, Result};
 use crate::object::Sha256Digest;
 use crate::object::{self, ObjectError, ObjectHeader};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
-use crate::spool::{FileIdentity, Spool, WorkerKind, metadata_key};
+use crate::spool::{FileIdentity, RepoBinding, Spool, WorkerKind, metadata_key};
 use crate::wal::{SegmentHeader, WalFileName};
 use futures::StreamExt;
 use object_store::PutPayload;
@@ -58,6 +58,38 @@ fn cluster_of_segment(
     }))
 }
 
+/// The system identifier in the control file of the data directory `path`
+/// lies in, when `path` is in a `pg_wal` (as PostgreSQL passes `%p`).
+/// History and backup history files carry no cluster identity of their own;
+/// the cluster archiving them does.
+fn cluster_of_data_directory(path: &Path) -> Result<Option<String>> {
+    let Some(wal_dir) = path
+        .parent()
+        .filter(|p| p.file_name() == Some("pg_wal".as_ref()))
+    else {
+        return Ok(None);
+    };
+    let control = wal_dir
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join("global/pg_control");
+    let mut head = [0u8; 8];
+    match std::fs::File::open(&control).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(Error::io(format!(
+                "cannot read {} to check which cluster {} comes from: {e}; nothing was archived",
+                control.display(),
+                path.display()
+            )));
+        }
+    }
+    // ControlFileData begins with the system identifier, in every version.
+    let id = u64::from_le_bytes(head);
+    Ok((id != 0).then(|| id.to_string()))
+}
+
 /// How long a push waits for the background worker to finish a segment it
 /// has claimed before pushing the segment itself.
 const CLAIM_WAIT: Duration = Duration::from_secs(120);
@@ -66,13 +98,22 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     let started = Instant::now();
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let spool = Spool::locate(opts.spool.as_deref(), &opts.path);
+    // The repository there now: only records made for it prove anything.
+    let config = match &spool {
+        Some(_) => match Repository::open(url, false) {
+            Ok(repo) => repo.config().await.ok().flatten(),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let binding = config.as_ref().map(|c| RepoBinding::of(url, c));
 
-    if let Some(spool) = &spool {
-        wait_for_worker(spool, &name).await;
-        // Pushed ahead, and the file is still exactly what was pushed then:
-        // nothing to do.
-        if let Some(record) = spool.pushed(&name) {
-            spool.forget_pushed(&name);
+    if let (Some(spool), Some(binding)) = (&spool, &binding) {
+        wait_for_worker(spool, binding, &name).await;
+        // Pushed ahead into this repository, and the file is still exactly
+        // what was pushed then: nothing to do.
+        if let Some(record) = spool.pushed(binding, &name) {
+            spool.forget_pushed(binding, &name);
             let meta = std::fs::metadata(&opts.path)
                 .context(|| format!("cannot read {}", opts.path.display()))?;
             let proof = if crate::spool::local_timestamps(&opts.path)
@@ -90,34 +131,37 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
                     "{name} was archived ahead; verified unchanged {proof} ({} ms)",
                     started.elapsed().as_millis()
                 );
-                start_worker(spool, url, opts, &name);
+                start_worker(spool, binding, url, opts, &name);
                 return Ok(());
             }
             tracing::debug!("{name} changed since it was pushed ahead; pushing it again");
         }
     }
 
-    let pusher = Pusher::new(url, opts.compress_level)?;
+    let pusher = Pusher::new(url, opts.compress_level, config)?;
     let pushed = pusher.push(&name, &opts.path, cores()).await?;
-    tracing::info!(
-        "archived {name} ({} bytes, stored {} bytes, {} ms)",
-        pushed.header.length,
-        pushed.stored,
-        started.elapsed().as_millis()
-    );
-    if let Some(spool) = &spool {
-        start_worker(spool, url, opts, &name);
+    // Found already archived, identical: that was said, and nothing was stored.
+    if !pushed.already {
+        tracing::info!(
+            "archived {name} ({} bytes, stored {} bytes, {} ms)",
+            pushed.header.length,
+            pushed.stored,
+            started.elapsed().as_millis()
+        );
+    }
+    if let (Some(spool), Some(binding)) = (&spool, pusher.binding()) {
+        start_worker(spool, &binding, url, opts, &name);
     }
     Ok(())
 }
 
 /// If the background worker is pushing `name` right now, waits for it (a
 /// few milliseconds, usually) rather than compressing the same bytes twice.
-async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
+async fn wait_for_worker(spool: &Spool, binding: &RepoBinding, name: &WalFileName) {
     let since = Instant::now();
-    while spool.pushed(name).is_none()
+    while spool.pushed(binding, name).is_none()
         && since.elapsed() < CLAIM_WAIT
-        && spool.claimed(WorkerKind::Push, name)
+        && spool.claimed(WorkerKind::Push, binding, name)
         && spool.worker_running(WorkerKind::Push)
     {
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -125,7 +169,13 @@ async fn wait_for_worker(spool: &Spool, name: &WalFileName) {
 }
 
 /// Starts the push-ahead worker when other segments wait to be archived.
-fn start_worker(spool: &Spool, url: &RepoUrl, opts: &PushOptions, current: &WalFileName) {
+fn start_worker(
+    spool: &Spool,
+    binding: &RepoBinding,
+    url: &RepoUrl,
+    opts: &PushOptions,
+    current: &WalFileName,
+) {
     if opts.push_ahead == 0 || !matches!(current, WalFileName::Segment(_)) {
         return;
     }
@@ -133,7 +183,7 @@ fn start_worker(spool: &Spool, url: &RepoUrl, opts: &PushOptions, current: &WalF
         return;
     };
     if spool.worker_running(WorkerKind::Push)
-        || ready_segments(wal_dir, spool, &HashSet::from([*current]), 1).is_empty()
+        || ready_segments(wal_dir, spool, binding, &HashSet::from([*current]), 1).is_empty()
     {
         return;
     }
@@ -152,10 +202,12 @@ fn start_worker(spool: &Spool, url: &RepoUrl, opts: &PushOptions, current: &WalF
 }
 
 /// Segments PostgreSQL has marked `.ready` in `wal_dir` and that are neither
-/// recorded as pushed nor in `skip`: the oldest `limit` of them.
+/// recorded as pushed into the repository `binding` nor in `skip`: the
+/// oldest `limit` of them.
 fn ready_segments(
     wal_dir: &Path,
     spool: &Spool,
+    binding: &RepoBinding,
     skip: &HashSet<WalFileName>,
     limit: usize,
 ) -> Vec<WalFileName> {
@@ -169,7 +221,9 @@ fn ready_segments(
             WalFileName::parse(file.strip_suffix(".ready")?).ok()
         })
         .filter(|n| {
-            matches!(n, WalFileName::Segment(_)) && !skip.contains(n) && spool.pushed(n).is_none()
+            matches!(n, WalFileName::Segment(_))
+                && !skip.contains(n)
+                && spool.pushed(binding, n).is_none()
         })
         .collect();
     ready.sort_by_key(|n| n.to_string());
@@ -205,7 +259,12 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
     let Some(_lock) = spool.worker_lock(WorkerKind::Push) else {
         return Ok(());
     };
-    let pusher = Pusher::new(url, opts.compress_level)?;
+    let pusher = Pusher::new(url, opts.compress_level, None)?;
+    // The repository this worker pushes into, as it is when it starts; a
+    // record is made only while it is still that one (see `push_one`).
+    let Some(binding) = RepoBinding::read(&pusher.repo).await? else {
+        return Ok(());
+    };
     let started = Instant::now();
     // Segments this worker could not record: left to PostgreSQL's own calls.
     let mut given_up: HashSet<WalFileName> = opts
@@ -228,6 +287,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
             queue.extend(ready_segments(
                 &opts.wal_dir,
                 &spool,
+                &binding,
                 &skip,
                 opts.push_ahead.max(1) - busy.len(),
             ));
@@ -242,7 +302,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
                 continue;
             }
             busy.insert(name);
-            in_flight.push(push_one(&pusher, &spool, &opts.wal_dir, name));
+            in_flight.push(push_one(&pusher, &spool, &binding, &opts.wal_dir, name));
             claims_changed = true;
         }
         // Only pushes under way are claimed: a call for a segment that is
@@ -250,7 +310,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         // runs at low priority.
         if claims_changed {
             let claimed: Vec<WalFileName> = busy.iter().copied().collect();
-            spool.set_claims(WorkerKind::Push, &claimed);
+            spool.set_claims(WorkerKind::Push, &binding, &claimed);
         }
         // A push stuck on the store (a hung connection) must not hold
         // PostgreSQL's calls waiting on its claims: give up.
@@ -270,7 +330,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         if !matches!(result, Ok(true)) {
             // No record will come: release the claim so no call waits on it.
             let claimed: Vec<WalFileName> = busy.iter().copied().collect();
-            spool.set_claims(WorkerKind::Push, &claimed);
+            spool.set_claims(WorkerKind::Push, &binding, &claimed);
         }
         match result {
             Ok(true) => done += 1,
@@ -285,7 +345,7 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
             }
         }
     }
-    spool.set_claims(WorkerKind::Push, &[]);
+    spool.set_claims(WorkerKind::Push, &binding, &[]);
     tracing::info!(
         "pushed {done} segments ahead ({} ms)",
         started.elapsed().as_millis()
@@ -293,10 +353,12 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
     Ok(())
 }
 
-/// Pushes one segment ahead; whether it was recorded.
+/// Pushes one segment ahead into the repository `binding`; whether it was
+/// recorded.
 async fn push_one(
     pusher: &Pusher,
     spool: &Spool,
+    binding: &RepoBinding,
     wal_dir: &Path,
     name: WalFileName,
 ) -> (WalFileName, Result<bool>) {
@@ -305,10 +367,22 @@ async fn push_one(
         let read_from = std::time::SystemTime::now();
         // One compressing thread each: the pushes themselves run in parallel.
         let pushed = pusher.push(&name, &path, 1).await?;
+        // A record says "stored in this repository": made only if the one
+        // the push checked and the one there now are both `binding` (a
+        // mount switched or a repository recreated meanwhile is another).
+        let now = RepoBinding::read(&pusher.repo).await?;
+        if pusher.binding().as_ref() != Some(binding) || now.as_ref() != Some(binding) {
+            tracing::warn!(
+                "the repository at {} changed while {name} was pushed ahead; \
+                 it will be pushed when PostgreSQL asks",
+                pusher.repo.url()
+            );
+            return Ok(false);
+        }
         match pushed.unchanged {
             Some(meta) => {
                 let identity = FileIdentity::of(&meta, &pushed.header.sha256, read_from);
-                spool.record_pushed(&name, &identity)?;
+                spool.record_pushed(binding, &name, &identity)?;
                 Ok(true)
             }
             // Changed under us: no record; PostgreSQL's own call pushes it.
@@ -353,17 +427,29 @@ struct Pusher {
 struct Pushed {
     header: ObjectHeader,
     stored: usize,
+    /// The repository held this content already; nothing new was stored.
+    already: bool,
     /// The file's metadata, when it did not change while it was read.
     unchanged: Option<std::fs::Metadata>,
 }
 
 impl Pusher {
-    fn new(url: &RepoUrl, level: i32) -> Result<Pusher> {
+    /// `config`: the repository's walvault.json when it was just read (its
+    /// cluster is still checked against every segment).
+    fn new(url: &RepoUrl, level: i32, config: Option<RepositoryConfig>) -> Result<Pusher> {
         Ok(Pusher {
             repo: Repository::open(url, true)?,
             level,
-            cluster: tokio::sync::OnceCell::new(),
+            cluster: tokio::sync::OnceCell::new_with(config),
         })
+    }
+
+    /// The binding of the repository as this pusher found it (once it has
+    /// checked a segment's cluster against it).
+    fn binding(&self) -> Option<RepoBinding> {
+        self.cluster
+            .get()
+            .map(|config| RepoBinding::of(self.repo.url(), config))
     }
 
     /// Pushes one file, compressing its frames on `workers` threads.
@@ -380,6 +466,22 @@ impl Pusher {
                 .get_or_try_init(|| self.repo.bind_cluster(&cluster))
                 .await?;
             bound.check_same_cluster(&cluster, self.repo.url())?;
+        } else if let Some(ours) = cluster_of_data_directory(path)? {
+            // A repository not bound yet takes it: after a restore into a new
+            // repository, the new timeline's history file is archived first.
+            let bound = match self.cluster.get() {
+                Some(config) => Some(config.clone()),
+                None => self.repo.config().await?,
+            };
+            if let Some(bound) = bound.filter(|b| b.system_identifier != ours) {
+                return Err(Error::conflict(format!(
+                    "repository {} belongs to cluster {} but {name} comes from cluster {ours} \
+                     (its data directory's global/pg_control); two clusters must not share a \
+                     repository: give this one its own --repo; nothing was archived",
+                    self.repo.url(),
+                    bound.system_identifier
+                )));
+            }
         }
         file.seek(SeekFrom::Start(0)).map_err(cannot_read)?;
         let level = self.level;
@@ -421,12 +523,14 @@ impl Pusher {
                 }
             }
         };
-        if let Some(ours) = taken {
-            settle_existing(&self.repo, name, &key, header, ours).await?;
-        }
+        let already = match taken {
+            Some(ours) => settle_existing(&self.repo, name, &key, header, ours).await?,
+            None => false,
+        };
         Ok(Pushed {
             header,
             stored,
+            already,
             unchanged,
         })
     }
@@ -445,19 +549,21 @@ enum Stored {
 /// The name is already archived: fine if it is the same content, refused if
 /// not. A stored copy that fails its own checks (it cannot be what anyone
 /// meant to archive) is replaced, so one damaged object cannot block the
-/// archiver forever.
+/// archiver forever. Whether the same content was there already.
 async fn settle_existing(
     repo: &Repository,
     name: &WalFileName,
     key: &object_store::path::Path,
     ours: ObjectHeader,
     encoded: PutPayload,
-) -> Result<()> {
+) -> Result<bool> {
     let stored = repo.get(key).await?;
     // Compare headers first; decode only as far as needed to tell an intact
     // copy from a damaged one.
     let verdict = stored.as_deref().map(|obj| match object::read_header(obj) {
-        Err(e @ ObjectError::UnsupportedVersion(_)) => Stored::Unreadable(e),
+        Err(e @ (ObjectError::UnsupportedVersion(_) | ObjectError::UnsupportedCompression(_))) => {
+            Stored::Unreadable(e)
+        }
         Err(e) => Stored::Damaged(e),
         Ok(theirs) if theirs == ours => match object::decode_limited(obj, ours.length) {
             Ok(_) => Stored::Same,
@@ -470,11 +576,12 @@ async fn settle_existing(
     });
     match verdict {
         Some(Stored::Same) => {
+            make_durable(repo, key).await?;
             tracing::info!(
                 "{name} is already archived with identical content (sha256 {}); nothing to do",
                 ours.sha256
             );
-            Ok(())
+            Ok(true)
         }
         Some(Stored::Different(theirs)) => Err(Error::conflict(format!(
             "{name} is already archived with different content (stored sha256 {}, {} bytes; \
@@ -490,14 +597,45 @@ async fn settle_existing(
             tracing::warn!(
                 "stored copy of {name} is damaged ({e}); replacing it with this file's content"
             );
-            repo.put_replace(key, encoded).await
+            repo.put_replace(key, encoded).await.map(|()| false)
         }
         // Deleted between our create and our read (a prune): write it again.
         None => match repo.put_new(key, encoded).await? {
-            Created::New => Ok(()),
+            Created::New => Ok(false),
             Created::AlreadyExists => Err(Error::io(format!(
                 "{name} keeps changing in the repository while being archived; retry"
             ))),
         },
     }
+}
+
+/// Makes an object found already stored durable before PostgreSQL is told
+/// it is archived: the push that stored it may have been killed after its
+/// link and before its fsyncs, and on a filesystem that does not order
+/// metadata after data (unlike ext4's default journal) the name could still
+/// vanish in a crash. So: the file, then its directory and each one above
+/// it up to the repository's root. A PUT to S3 is durable once it completed.
+async fn make_durable(repo: &Repository, key: &object_store::path::Path) -> Result<()> {
+    let RepoUrl::Local(root) = repo.url() else {
+        return Ok(());
+    };
+    let (root, path) = (root.clone(), root.join(key.as_ref()));
+    let url = repo.url().to_string();
+    tokio::task::spawn_blocking(move || {
+        let sync = |p: &Path| {
+            std::fs::File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(format!("cannot fsync {} in {url}: {e}", p.display())))
+        };
+        sync(&path)?;
+        for dir in path.ancestors().skip(1) {
+            sync(dir)?;
+            if dir == root {
+                break;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| Error::io(format!("storage task failed: {e}")))?
 }

@@ -98,6 +98,9 @@ impl ObjectHeader {
 pub enum ObjectError {
     NotAnObject(String),
     UnsupportedVersion(u16),
+    /// A compression this walvault does not know: written by a newer one,
+    /// not damage.
+    UnsupportedCompression(u8),
     Corrupt(String),
     /// Writing the decoded content failed (not the object's fault).
     Write(String),
@@ -115,6 +118,11 @@ impl fmt::Display for ObjectError {
                 f,
                 "object format version {v} is newer than this walvault understands \
                  (version {FORMAT_VERSION}); upgrade walvault"
+            ),
+            ObjectError::UnsupportedCompression(c) => write!(
+                f,
+                "compression {c} is newer than this walvault understands \
+                 (it knows {COMPRESSION_ZSTD}, zstd); upgrade walvault"
             ),
             ObjectError::Corrupt(why) => write!(f, "corrupt object: {why}"),
             ObjectError::Write(why) => write!(f, "cannot write the content: {why}"),
@@ -274,10 +282,7 @@ pub fn read_header(object: &[u8]) -> Result<ObjectHeader, ObjectError> {
         ));
     }
     if object[14] != COMPRESSION_ZSTD {
-        return Err(ObjectError::Corrupt(format!(
-            "unknown compression {}",
-            object[14]
-        )));
+        return Err(ObjectError::UnsupportedCompression(object[14]));
     }
     Ok(ObjectHeader {
         length: u64::from_le_bytes(object[16..24].try_into().unwrap()),
@@ -537,6 +542,14 @@ mod tests {
         let (_, mut obj) = encode(b"hello", 3).unwrap();
         obj[12] = 9;
         assert_eq!(decode(&obj), Err(ObjectError::UnsupportedVersion(9)));
+    }
+
+    #[test]
+    fn newer_compression_is_named() {
+        let (_, mut obj) = encode(b"hello", 3).unwrap();
+        obj[14] = 2;
+        assert_eq!(decode(&obj), Err(ObjectError::UnsupportedCompression(2)));
+        assert!(decode(&obj).unwrap_err().to_string().contains("upgrade"));
     }
 
     #[test]
