@@ -3,6 +3,7 @@
 //! stop it and clean up.
 
 use crate::archive::WalArchive;
+use crate::commands::restore::target::conf_quote;
 use crate::commands::restore::{self, RecoveryTarget, RestoreOptions};
 use crate::error::{Context, Error, Result};
 use crate::repository::{RepoUrl, Repository};
@@ -90,6 +91,103 @@ fn chown_to_postgres(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Makes the scratch directory the way mkdtemp(3) does: a random name, mode
+/// 0700, and never a directory or link that was there before (the system
+/// temp folder is writable by every local user).
+fn make_private_dir(parent: &Path) -> Result<PathBuf> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut template = parent
+        .join("walvault-drill-XXXXXX")
+        .into_os_string()
+        .into_vec();
+    template.push(0);
+    // SAFETY: `template` is a NUL-terminated buffer mkdtemp fills in place.
+    let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(Error::io(format!(
+            "cannot create a scratch directory in {}: {}; give --scratch DIR",
+            parent.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    template.pop();
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&template)))
+}
+
+/// The name of the OS user this process runs as (what peer authentication sees).
+fn effective_user_name() -> Result<String> {
+    // SAFETY: getpwuid_r writes only into `pwd` and `buf`, both owned here and
+    // alive while the name is read.
+    unsafe {
+        let uid = libc::geteuid();
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 16384];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found);
+        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+            return Err(Error::io(format!(
+                "cannot find the name of OS user {uid}; the drill lets only that user into its server"
+            )));
+        }
+        Ok(std::ffi::CStr::from_ptr(pwd.pw_name)
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+/// A name quoted for pg_hba.conf / pg_ident.conf (quoted: never a keyword).
+fn auth_name(name: &str) -> Result<String> {
+    if name.is_empty() || name.contains(['"', '\n', '\r']) {
+        return Err(Error::usage(format!(
+            "user name '{}' cannot be used for the drill's server; set PGUSER to another",
+            name.escape_debug()
+        )));
+    }
+    Ok(format!("\"{name}\""))
+}
+
+/// Only peer connections, and only as `db_user` from the mapped OS user.
+fn hba_text(db_user: &str) -> Result<String> {
+    Ok(format!(
+        "# walvault drill: the drill's OS user only, on the private socket\nlocal all {} peer map=walvault_drill\n",
+        auth_name(db_user)?
+    ))
+}
+
+fn ident_text(os_user: &str, db_user: &str) -> Result<String> {
+    Ok(format!(
+        "walvault_drill {} {}\n",
+        auth_name(os_user)?,
+        auth_name(db_user)?
+    ))
+}
+
+/// Creates a file that must not exist yet, never through a link.
+fn create_new_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .context(|| format!("cannot create {}", path.display()))
+}
+
+/// Appends to an existing regular file, never through a link.
+fn append_to_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .context(|| format!("cannot write {}", path.display()))
 }
 
 struct Scratch {
@@ -189,13 +287,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .scratch_parent
         .clone()
         .unwrap_or_else(std::env::temp_dir);
-    let dir = parent.join(format!(
-        "walvault-drill-{}-{}",
-        std::process::id(),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S")
-    ));
-    std::fs::create_dir_all(&dir)
-        .context(|| format!("cannot create scratch directory {}", dir.display()))?;
+    let dir = make_private_dir(&parent)?;
     let mut scratch = Scratch {
         data: dir.join("data"),
         dir,
@@ -220,31 +312,35 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     report.backup = restored.backup_id.clone();
     report.restore_seconds = restored.seconds;
 
-    // The scratch server must not touch anything of the real one's: its own
-    // socket, no TCP, no archiving, trust on its private socket only.
+    // The scratch server must not touch anything of the real one's, and no
+    // one but the drill's own OS user may reach it: a superuser session is a
+    // shell as the server's OS user (COPY ... TO PROGRAM). Its socket lives in
+    // the private scratch directory with mode 0700, there is no TCP, and only
+    // the drill's OS user is let in, as the database user it asks for.
+    let db_user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into());
+    let os_user = effective_user_name()?;
     let conf = scratch.data.join("postgresql.conf");
     if !conf.exists() {
         // Debian keeps postgresql.conf outside the data directory.
-        std::fs::write(&conf, b"").context(|| format!("cannot create {}", conf.display()))?;
+        create_new_file(&conf, b"")?;
     }
     let hba = scratch.dir.join("drill_hba.conf");
-    std::fs::write(&hba, b"local all all trust\n")
-        .context(|| format!("cannot write {}", hba.display()))?;
-    let mut auto = std::fs::OpenOptions::new()
-        .append(true)
-        .open(scratch.data.join("postgresql.auto.conf"))
-        .context(|| "cannot open postgresql.auto.conf".into())?;
-    use std::io::Write;
-    writeln!(
-        auto,
-        "# walvault drill\nlisten_addresses = ''\nunix_socket_directories = '{dir}'\nport = 5432\n\
-         archive_mode = off\nhba_file = '{hba}'\nssl = off\nhot_standby = on\nlogging_collector = off\n\
-         shared_preload_libraries = ''",
-        dir = scratch.dir.display(),
-        hba = hba.display()
-    )
-    .context(|| "cannot write postgresql.auto.conf".into())?;
-    drop(auto);
+    create_new_file(&hba, hba_text(&db_user)?.as_bytes())?;
+    let ident = scratch.dir.join("drill_ident.conf");
+    create_new_file(&ident, ident_text(&os_user, &db_user)?.as_bytes())?;
+    let settings = format!(
+        "# walvault drill\nlisten_addresses = ''\nunix_socket_directories = {dir}\n\
+         unix_socket_permissions = 0700\nport = 5432\narchive_mode = off\nhba_file = {hba}\n\
+         ident_file = {ident}\nssl = off\nhot_standby = on\nlogging_collector = off\n\
+         shared_preload_libraries = ''\n",
+        dir = conf_quote(&scratch.dir.to_string_lossy()),
+        hba = conf_quote(&hba.to_string_lossy()),
+        ident = conf_quote(&ident.to_string_lossy()),
+    );
+    append_to_file(
+        &scratch.data.join("postgresql.auto.conf"),
+        settings.as_bytes(),
+    )?;
     chown_to_postgres(&scratch.dir)?;
 
     let out = server_command(&scratch.bindir.join("pg_ctl"))
@@ -268,12 +364,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     config
         .host_path(&scratch.dir)
         .port(5432)
-        .user(
-            std::env::var("PGUSER")
-                .ok()
-                .as_deref()
-                .unwrap_or("postgres"),
-        )
+        .user(&db_user)
         .dbname("postgres");
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)

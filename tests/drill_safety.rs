@@ -1,0 +1,136 @@
+//! drill and restore on a shared machine: the drill's server is private to
+//! the user running it, replay that stops short of the archive fails the
+//! drill, and a restore writes only where it belongs.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A folder like /tmp: every local user may create entries in it.
+fn shared_temp_folder() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("walvault-shared-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    dir
+}
+
+/// psql as another OS user, against the server whose socket is in `socket_dir`.
+fn psql_as(os_user: &str, socket_dir: &Path) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", os_user, "--"])
+        .arg(pg_bindir().join("psql"))
+        .arg("-h")
+        .arg(socket_dir)
+        .args(["-p", "5432", "-U", "postgres", "-d", "postgres", "-AtX"])
+        .args(["-c", "SELECT 'connected'"])
+        .output()
+        .unwrap()
+}
+
+/// The running drill's scratch directory, once its server's socket is there.
+fn wait_for_drill_socket(
+    parent: &Path,
+    planted: &[&str],
+    drill: &mut std::process::Child,
+) -> PathBuf {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        for entry in std::fs::read_dir(parent).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if planted.contains(&name.as_str()) {
+                continue;
+            }
+            if entry.path().join(".s.PGSQL.5432").exists() {
+                return entry.path();
+            }
+        }
+        if let Some(status) = drill.try_wait().unwrap() {
+            panic!("the drill ended ({status}) before its server was seen");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no drill server appeared in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn another_local_user_cannot_reach_the_drill_server() {
+    if !is_root() {
+        eprintln!("skipped: needs root to act as other OS users");
+        return;
+    }
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    s.primary
+        .sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    s.backup();
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived(&last);
+
+    // What another user may have left in the shared temp folder beforehand.
+    let shared = shared_temp_folder();
+    let planted_dir = shared.path().join("walvault-drill-planted");
+    std::fs::create_dir(&planted_dir).unwrap();
+    std::fs::set_permissions(&planted_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let victim = s.root().join("victim");
+    std::fs::write(&victim, b"untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, shared.path().join("walvault-drill-link")).unwrap();
+    let planted = ["walvault-drill-planted", "walvault-drill-link"];
+
+    // As root, like a cron job: the server runs as postgres.
+    let mut drill = s
+        .repo
+        .walvault(&s.bin)
+        .args(["drill", "--json", "--scratch"])
+        .arg(shared.path())
+        .args(["--check-sql", "SELECT count(*) FROM t, pg_sleep(8)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let dir = wait_for_drill_socket(shared.path(), &planted, &mut drill);
+    let meta = std::fs::symlink_metadata(&dir).unwrap();
+    let nobody = psql_as("nobody", &dir);
+    // The server's own OS user reaches the socket, but is not the drill's user.
+    let postgres = psql_as("postgres", &dir);
+    let out = drill.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["check_sql_result"], "1000", "{report}");
+
+    assert!(meta.is_dir() && !meta.file_type().is_symlink());
+    assert_eq!(meta.mode() & 0o7777, 0o700, "scratch directory mode");
+    let postgres_uid: u32 = run_capture(Command::new("id").args(["-u", "postgres"]))
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(meta.uid(), postgres_uid, "scratch directory owner");
+    assert!(
+        !nobody.status.success() && !String::from_utf8_lossy(&nobody.stdout).contains("connected"),
+        "another OS user connected to the drill's server: {}",
+        describe(&nobody)
+    );
+    assert!(
+        !postgres.status.success()
+            && !String::from_utf8_lossy(&postgres.stdout).contains("connected"),
+        "an OS user other than the drill's connected: {}",
+        describe(&postgres)
+    );
+    // Nothing planted was used or followed, and the scratch directory is gone.
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+    assert_eq!(std::fs::read_dir(&planted_dir).unwrap().count(), 0);
+    let left: Vec<_> = std::fs::read_dir(shared.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !planted.contains(&n.as_str()))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
