@@ -134,3 +134,81 @@ fn another_local_user_cannot_reach_the_drill_server() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// The stored object of WAL segment `name` in a filesystem repository.
+fn wal_object(repo: &Path, name: &str) -> PathBuf {
+    walkdir::WalkDir::new(repo.join("wal"))
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .find(|p| p.file_name().unwrap().to_string_lossy() == format!("{name}.zst"))
+        .unwrap_or_else(|| panic!("no object for {name}"))
+}
+
+fn drill_as_postgres(s: &Setup, parent: &Path) -> (std::process::Output, serde_json::Value) {
+    let out = s
+        .repo
+        .walvault_as_postgres(&s.bin)
+        .args(["drill", "--json", "--scratch"])
+        .arg(parent)
+        .args(["--check-sql", "SELECT count(*) FROM t"])
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no json report ({e}): {}", describe(&out)));
+    (out, report)
+}
+
+#[test]
+fn drill_fails_when_replay_stops_short_of_the_archive() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let p = &s.primary;
+    p.sql("CREATE TABLE t (batch int, id int)");
+    s.backup();
+    let mut segments = vec![];
+    for batch in 1..=5 {
+        p.sql(&format!(
+            "INSERT INTO t SELECT {batch}, g FROM generate_series(1, 5000) g"
+        ));
+        segments.push(p.switch_wal());
+    }
+    p.wait_archived(segments.last().unwrap());
+    let parent = s.root().join("drills");
+    std::fs::create_dir(&parent).unwrap();
+    give_to_postgres(&parent);
+
+    // The whole archive: the drill passes and sees every row.
+    let (out, report) = drill_as_postgres(&s, &parent);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(report["check_sql_result"], "25000", "{report}");
+
+    // A segment missing in the middle: PostgreSQL takes it for the end of the
+    // archive and promotes without the rest; the drill must fail.
+    let missing = wal_object(&s.root().join("repo"), &segments[1]);
+    let saved = std::fs::read(&missing).unwrap();
+    std::fs::remove_file(&missing).unwrap();
+    let (out, report) = drill_as_postgres(&s, &parent);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    assert_eq!(report["ok"], false, "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("short of the archive's end") && error.contains(&segments[4]),
+        "{error}"
+    );
+    std::fs::write(&missing, &saved).unwrap();
+    give_to_postgres(&missing);
+
+    // A damaged segment in the middle: the drill fails too.
+    let damaged = wal_object(&s.root().join("repo"), &segments[2]);
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x55;
+    std::fs::write(&damaged, &bytes).unwrap();
+    let (out, report) = drill_as_postgres(&s, &parent);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(
+        std::fs::read_dir(&parent).unwrap().count(),
+        0,
+        "scratch dir left behind"
+    );
+}

@@ -399,6 +399,17 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .map_err(|e| Error::io(format!("restored server: {e}")))?;
     report.replayed_lsn = row.get(0);
     report.last_replayed_commit = row.get(1);
+    // Replay to the end of the archive: the timeline it ended on, and where.
+    // (A recovery target PostgreSQL does not reach stops it with FATAL.)
+    let end_of_recovery = if opts.target == RecoveryTarget::Latest {
+        let row = query("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+            .await
+            .map_err(|e| Error::io(format!("restored server: {e}")))?;
+        let timeline: String = row.get(0);
+        Some(end_of_recovery(&scratch.data, &timeline)?)
+    } else {
+        None
+    };
     if let Some(sql) = &opts.check_sql {
         let rows = client.simple_query(sql).await.map_err(|e| {
             Error::io(format!(
@@ -442,8 +453,105 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
             );
         }
     }
+    if let Some((timeline, end)) = end_of_recovery
+        && let Err(e) = check_replay_reached_archive_end(&archive, timeline, end)
+    {
+        report.server_log_tail = Some(scratch.log_tail());
+        return Err(e);
+    }
     drop(client);
     scratch.stop();
     report.ok = true;
     Ok(())
+}
+
+/// The timeline archive recovery ended on and the LSN where it stopped: the
+/// last line of the history file of the timeline it promoted to
+/// (`<parent timeline>\t<switch LSN>\t<reason>`).
+fn end_of_recovery(data: &Path, new_timeline: &str) -> Result<(u32, u64)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = || {
+        Error::io(format!(
+            "cannot tell where the restored server's recovery ended: pg_wal/{}.history is missing or unreadable",
+            new_timeline.escape_debug()
+        ))
+    };
+    if new_timeline.len() != 8 || !new_timeline.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(unreadable());
+    }
+    let mut text = String::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(data.join("pg_wal").join(format!("{new_timeline}.history")))
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+        .map_err(|_| unreadable())?;
+    parse_history_end(&text).ok_or_else(unreadable)
+}
+
+/// The last entry of a timeline history file: parent timeline and switch LSN.
+fn parse_history_end(text: &str) -> Option<(u32, u64)> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'))?;
+    let mut fields = line.split_whitespace();
+    let timeline = fields.next()?.parse().ok()?;
+    let lsn = parse_lsn(fields.next()?)?;
+    Some((timeline, lsn))
+}
+
+/// Replay to latest must end in the newest segment archived on the timeline
+/// it ended on. Ending earlier means a segment before it was missing, damaged
+/// or could not be delivered, and PostgreSQL took that for the end of the
+/// archive: a restore would silently lose everything after it.
+fn check_replay_reached_archive_end(archive: &WalArchive, timeline: u32, end: u64) -> Result<()> {
+    let size = archive.segment_size;
+    let Some((&newest, _)) = archive
+        .segments
+        .get(&timeline)
+        .and_then(|segments| segments.last_key_value())
+    else {
+        return Ok(());
+    };
+    // The end LSN is the end of the last record: at a segment boundary it
+    // belongs to the segment before.
+    let replayed = SegmentName::containing(timeline, end.saturating_sub(1), size);
+    if replayed.segno(size) >= newest {
+        return Ok(());
+    }
+    let newest = SegmentName::containing(timeline, newest * u64::from(size), size);
+    Err(Error::corrupt(format!(
+        "replay stopped at LSN {} in segment {replayed}, short of the archive's end on timeline {timeline} (segment {newest}): WAL after it is missing or could not be delivered (the server log says which); a restore to latest would lose it, run 'walvault verify'",
+        format_lsn(end)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_end_is_the_last_entry() {
+        let text =
+            "1\t0/3000000\tno recovery target specified\n\n2\t0/5A00028\tbefore 2026-01-01\n";
+        assert_eq!(parse_history_end(text), Some((2, 0x5A0_0028)));
+        assert_eq!(parse_history_end("# nothing\n"), None);
+        assert_eq!(parse_history_end("x\t0/1\n"), None);
+    }
+
+    #[test]
+    fn only_the_drill_user_is_let_in() {
+        assert_eq!(
+            hba_text("postgres").unwrap(),
+            "# walvault drill: the drill's OS user only, on the private socket\nlocal all \"postgres\" peer map=walvault_drill\n"
+        );
+        assert_eq!(
+            ident_text("root", "postgres").unwrap(),
+            "walvault_drill \"root\" \"postgres\"\n"
+        );
+        assert!(hba_text("a\"b").is_err());
+        assert!(ident_text("root", "a\nb").is_err());
+    }
 }
