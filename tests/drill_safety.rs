@@ -212,3 +212,72 @@ fn drill_fails_when_replay_stops_short_of_the_archive() {
         "scratch dir left behind"
     );
 }
+
+/// A restore writes only into a directory of its own user, and a tablespace
+/// only where it lived beside the data directory unless told otherwise.
+#[test]
+fn restore_writes_only_where_it_belongs() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let p = &s.primary;
+    let ts = s.root().join("ts-original");
+    std::fs::create_dir(&ts).unwrap();
+    give_to_postgres(&ts);
+    p.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts.display()
+    ));
+    p.sql("CREATE TABLE t TABLESPACE extra AS SELECT g FROM generate_series(1, 1000) g");
+    let oid = p.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'extra'");
+    s.backup();
+    // The tablespace's old location is now empty, like one on another host.
+    p.sql("ALTER TABLE t SET TABLESPACE pg_default");
+    p.sql("DROP TABLESPACE extra");
+    let last = p.switch_wal();
+    p.wait_archived(&last);
+    assert_eq!(std::fs::read_dir(&ts).unwrap().count(), 0);
+
+    // Unmapped, outside the restore's parent directory: refused, nothing written there.
+    let out = s.restore("no-map", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("--tablespace-map {oid}=DIR")),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&ts).unwrap().count(),
+        0,
+        "wrote into {}",
+        ts.display()
+    );
+
+    if is_root() {
+        // An empty directory another user owns (and can write): refused.
+        let shared = shared_temp_folder();
+        let foreign = shared.path().join("pgdata");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        let moved = s.root().join("ts-moved");
+        let out = s
+            .repo
+            .walvault(&s.bin)
+            .arg("restore")
+            .arg("--pgdata")
+            .arg(&foreign)
+            .arg("--tablespace-map")
+            .arg(format!("{oid}={}", moved.display()))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("belongs to uid 65534"), "{err}");
+        assert_eq!(std::fs::read_dir(&foreign).unwrap().count(), 0);
+        let meta = std::fs::metadata(&foreign).unwrap();
+        assert_eq!(
+            meta.mode() & 0o777,
+            0o777,
+            "the refused directory was changed"
+        );
+    }
+}
