@@ -281,3 +281,40 @@ fn restore_writes_only_where_it_belongs() {
         );
     }
 }
+
+/// A chunk the manifest places past its pack's end is damage (exit 4), not
+/// an I/O failure a retry could mend (exit 5).
+#[test]
+fn a_chunk_past_its_packs_end_is_damage() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    chunk_past_pack_end(&s, &s.root().join("repo/packs"));
+}
+
+#[test]
+fn a_chunk_past_its_packs_end_is_damage_on_s3() {
+    let s3 = S3Server::start();
+    let s = setup(&|_| s3.target("repo"));
+    chunk_past_pack_end(&s, &s3.object_path("repo", "packs"));
+}
+
+fn chunk_past_pack_end(s: &Setup, packs: &Path) {
+    s.primary
+        .sql("CREATE TABLE t AS SELECT g FROM generate_series(1, 1000) g");
+    s.backup();
+    let largest = walkdir::WalkDir::new(packs)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "pack"))
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .into_path();
+    let bytes = std::fs::read(&largest).unwrap();
+    std::fs::write(&largest, &bytes[..bytes.len() / 2]).unwrap();
+    let out = s.restore("short-pack", &["--jobs", "1"]);
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is damaged in the repository") && err.contains("which holds"),
+        "{err}"
+    );
+}
