@@ -203,7 +203,21 @@ impl Scratch {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        // The server's OS user writes in this directory: read the log's end
+        // without following a link it may have put there, and lossily.
+        let mut raw = vec![];
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.log())
+            .and_then(|mut f| {
+                let len = f.metadata()?.len();
+                f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))?;
+                f.take(64 << 10).read_to_end(&mut raw)
+            });
+        let log = String::from_utf8_lossy(&raw);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
