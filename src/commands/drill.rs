@@ -357,6 +357,12 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     )?;
     chown_to_postgres(&scratch.dir)?;
 
+    // The archive as recovery starts: replay must reach its end. A live
+    // primary may archive more while the drill runs; replay need not see that.
+    let repo = Repository::open(url, false)?;
+    let segment_size = repo.require_config().await?.wal_segment_size;
+    let archive = WalArchive::load(&repo, segment_size).await?;
+
     let out = server_command(&scratch.bindir.join("pg_ctl"))
         .arg("-D")
         .arg(&scratch.data)
@@ -443,9 +449,6 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     }
 
     // How far the restore got, against the newest WAL in the archive.
-    let repo = Repository::open(url, false)?;
-    let config = repo.require_config().await?;
-    let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
     if let Some(newest) = archive.newest() {
         report.newest_archived_segment = Some(newest.name.to_string());
         if let (Some(lsn), crate::wal::WalFileName::Segment(seg)) = (
@@ -454,16 +457,13 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         ) {
             // The LSN is the end of the last record: at a segment boundary it
             // belongs to the segment before.
-            let replayed = SegmentName::containing(
-                seg.timeline,
-                lsn.saturating_sub(1),
-                config.wal_segment_size,
-            );
+            let replayed =
+                SegmentName::containing(seg.timeline, lsn.saturating_sub(1), segment_size);
             report.replayed_segment = Some(replayed.to_string());
             report.replayed_lsn = Some(format_lsn(lsn));
             report.segments_behind_archive = Some(
-                seg.segno(config.wal_segment_size)
-                    .saturating_sub(replayed.segno(config.wal_segment_size)),
+                seg.segno(segment_size)
+                    .saturating_sub(replayed.segno(segment_size)),
             );
         }
     }
