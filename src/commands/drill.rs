@@ -3,6 +3,7 @@
 //! stop it and clean up.
 
 use crate::archive::WalArchive;
+use crate::commands::restore::target::conf_quote;
 use crate::commands::restore::{self, RecoveryTarget, RestoreOptions};
 use crate::error::{Context, Error, Result};
 use crate::repository::{RepoUrl, Repository};
@@ -92,6 +93,103 @@ fn chown_to_postgres(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes the scratch directory the way mkdtemp(3) does: a random name, mode
+/// 0700, and never a directory or link that was there before (the system
+/// temp folder is writable by every local user).
+fn make_private_dir(parent: &Path) -> Result<PathBuf> {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut template = parent
+        .join("walvault-drill-XXXXXX")
+        .into_os_string()
+        .into_vec();
+    template.push(0);
+    // SAFETY: `template` is a NUL-terminated buffer mkdtemp fills in place.
+    let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(Error::io(format!(
+            "cannot create a scratch directory in {}: {}; give --scratch DIR",
+            parent.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    template.pop();
+    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&template)))
+}
+
+/// The name of the OS user this process runs as (what peer authentication sees).
+fn effective_user_name() -> Result<String> {
+    // SAFETY: getpwuid_r writes only into `pwd` and `buf`, both owned here and
+    // alive while the name is read.
+    unsafe {
+        let uid = libc::geteuid();
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut buf = vec![0 as libc::c_char; 16384];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found);
+        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+            return Err(Error::io(format!(
+                "cannot find the name of OS user {uid}; the drill lets only that user into its server"
+            )));
+        }
+        Ok(std::ffi::CStr::from_ptr(pwd.pw_name)
+            .to_string_lossy()
+            .into_owned())
+    }
+}
+
+/// A name quoted for pg_hba.conf / pg_ident.conf (quoted: never a keyword).
+fn auth_name(name: &str) -> Result<String> {
+    if name.is_empty() || name.contains(['"', '\n', '\r']) {
+        return Err(Error::usage(format!(
+            "user name '{}' cannot be used for the drill's server; set PGUSER to another",
+            name.escape_debug()
+        )));
+    }
+    Ok(format!("\"{name}\""))
+}
+
+/// Only peer connections, and only as `db_user` from the mapped OS user.
+fn hba_text(db_user: &str) -> Result<String> {
+    Ok(format!(
+        "# walvault drill: the drill's OS user only, on the private socket\nlocal all {} peer map=walvault_drill\n",
+        auth_name(db_user)?
+    ))
+}
+
+fn ident_text(os_user: &str, db_user: &str) -> Result<String> {
+    Ok(format!(
+        "walvault_drill {} {}\n",
+        auth_name(os_user)?,
+        auth_name(db_user)?
+    ))
+}
+
+/// Creates a file that must not exist yet, never through a link.
+fn create_new_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .context(|| format!("cannot create {}", path.display()))
+}
+
+/// Appends to an existing regular file, never through a link.
+fn append_to_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .context(|| format!("cannot write {}", path.display()))
+}
+
 struct Scratch {
     dir: PathBuf,
     data: PathBuf,
@@ -105,7 +203,21 @@ impl Scratch {
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        // The server's OS user writes in this directory: read the log's end
+        // without following a link it may have put there, and lossily.
+        let mut raw = vec![];
+        let _ = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.log())
+            .and_then(|mut f| {
+                let len = f.metadata()?.len();
+                f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)))?;
+                f.take(64 << 10).read_to_end(&mut raw)
+            });
+        let log = String::from_utf8_lossy(&raw);
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
@@ -189,13 +301,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .scratch_parent
         .clone()
         .unwrap_or_else(std::env::temp_dir);
-    let dir = parent.join(format!(
-        "walvault-drill-{}-{}",
-        std::process::id(),
-        chrono::Utc::now().format("%Y%m%dT%H%M%S")
-    ));
-    std::fs::create_dir_all(&dir)
-        .context(|| format!("cannot create scratch directory {}", dir.display()))?;
+    let dir = make_private_dir(&parent)?;
     let mut scratch = Scratch {
         data: dir.join("data"),
         dir,
@@ -220,32 +326,42 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     report.backup = restored.backup_id.clone();
     report.restore_seconds = restored.seconds;
 
-    // The scratch server must not touch anything of the real one's: its own
-    // socket, no TCP, no archiving, trust on its private socket only.
+    // The scratch server must not touch anything of the real one's, and no
+    // one but the drill's own OS user may reach it: a superuser session is a
+    // shell as the server's OS user (COPY ... TO PROGRAM). Its socket lives in
+    // the private scratch directory with mode 0700, there is no TCP, and only
+    // the drill's OS user is let in, as the database user it asks for.
+    let db_user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into());
+    let os_user = effective_user_name()?;
     let conf = scratch.data.join("postgresql.conf");
     if !conf.exists() {
         // Debian keeps postgresql.conf outside the data directory.
-        std::fs::write(&conf, b"").context(|| format!("cannot create {}", conf.display()))?;
+        create_new_file(&conf, b"")?;
     }
     let hba = scratch.dir.join("drill_hba.conf");
-    std::fs::write(&hba, b"local all all trust\n")
-        .context(|| format!("cannot write {}", hba.display()))?;
-    let mut auto = std::fs::OpenOptions::new()
-        .append(true)
-        .open(scratch.data.join("postgresql.auto.conf"))
-        .context(|| "cannot open postgresql.auto.conf".into())?;
-    use std::io::Write;
-    writeln!(
-        auto,
-        "# walvault drill\nlisten_addresses = ''\nunix_socket_directories = '{dir}'\nport = 5432\n\
-         archive_mode = off\nhba_file = '{hba}'\nssl = off\nhot_standby = on\nlogging_collector = off\n\
-         shared_preload_libraries = ''",
-        dir = scratch.dir.display(),
-        hba = hba.display()
-    )
-    .context(|| "cannot write postgresql.auto.conf".into())?;
-    drop(auto);
+    create_new_file(&hba, hba_text(&db_user)?.as_bytes())?;
+    let ident = scratch.dir.join("drill_ident.conf");
+    create_new_file(&ident, ident_text(&os_user, &db_user)?.as_bytes())?;
+    let settings = format!(
+        "# walvault drill\nlisten_addresses = ''\nunix_socket_directories = {dir}\n\
+         unix_socket_permissions = 0700\nport = 5432\narchive_mode = off\nhba_file = {hba}\n\
+         ident_file = {ident}\nssl = off\nhot_standby = on\nlogging_collector = off\n\
+         shared_preload_libraries = ''\n",
+        dir = conf_quote(&scratch.dir.to_string_lossy()),
+        hba = conf_quote(&hba.to_string_lossy()),
+        ident = conf_quote(&ident.to_string_lossy()),
+    );
+    append_to_file(
+        &scratch.data.join("postgresql.auto.conf"),
+        settings.as_bytes(),
+    )?;
     chown_to_postgres(&scratch.dir)?;
+
+    // The archive as recovery starts: replay must reach its end. A live
+    // primary may archive more while the drill runs; replay need not see that.
+    let repo = Repository::open(url, false)?;
+    let segment_size = repo.require_config().await?.wal_segment_size;
+    let archive = WalArchive::load(&repo, segment_size).await?;
 
     let out = server_command(&scratch.bindir.join("pg_ctl"))
         .arg("-D")
@@ -268,12 +384,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     config
         .host_path(&scratch.dir)
         .port(5432)
-        .user(
-            std::env::var("PGUSER")
-                .ok()
-                .as_deref()
-                .unwrap_or("postgres"),
-        )
+        .user(&db_user)
         .dbname("postgres");
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
@@ -308,6 +419,17 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .map_err(|e| Error::io(format!("restored server: {e}")))?;
     report.replayed_lsn = row.get(0);
     report.last_replayed_commit = row.get(1);
+    // Replay to the end of the archive: the timeline it ended on, and where.
+    // (A recovery target PostgreSQL does not reach stops it with FATAL.)
+    let end_of_recovery = if opts.target == RecoveryTarget::Latest {
+        let row = query("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+            .await
+            .map_err(|e| Error::io(format!("restored server: {e}")))?;
+        let timeline: String = row.get(0);
+        Some(end_of_recovery(&scratch.data, &timeline)?)
+    } else {
+        None
+    };
     if let Some(sql) = &opts.check_sql {
         let rows = client.simple_query(sql).await.map_err(|e| {
             Error::io(format!(
@@ -327,9 +449,6 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     }
 
     // How far the restore got, against the newest WAL in the archive.
-    let repo = Repository::open(url, false)?;
-    let config = repo.require_config().await?;
-    let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
     if let Some(newest) = archive.newest() {
         report.newest_archived_segment = Some(newest.name.to_string());
         if let (Some(lsn), crate::wal::WalFileName::Segment(seg)) = (
@@ -338,21 +457,115 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         ) {
             // The LSN is the end of the last record: at a segment boundary it
             // belongs to the segment before.
-            let replayed = SegmentName::containing(
-                seg.timeline,
-                lsn.saturating_sub(1),
-                config.wal_segment_size,
-            );
+            let replayed =
+                SegmentName::containing(seg.timeline, lsn.saturating_sub(1), segment_size);
             report.replayed_segment = Some(replayed.to_string());
             report.replayed_lsn = Some(format_lsn(lsn));
             report.segments_behind_archive = Some(
-                seg.segno(config.wal_segment_size)
-                    .saturating_sub(replayed.segno(config.wal_segment_size)),
+                seg.segno(segment_size)
+                    .saturating_sub(replayed.segno(segment_size)),
             );
         }
+    }
+    if let Some((timeline, end)) = end_of_recovery
+        && let Err(e) = check_replay_reached_archive_end(&archive, timeline, end)
+    {
+        report.server_log_tail = Some(scratch.log_tail());
+        return Err(e);
     }
     drop(client);
     scratch.stop();
     report.ok = true;
     Ok(())
+}
+
+/// The timeline archive recovery ended on and the LSN where it stopped: the
+/// last line of the history file of the timeline it promoted to
+/// (`<parent timeline>\t<switch LSN>\t<reason>`).
+fn end_of_recovery(data: &Path, new_timeline: &str) -> Result<(u32, u64)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = || {
+        Error::io(format!(
+            "cannot tell where the restored server's recovery ended: pg_wal/{}.history is missing or unreadable",
+            new_timeline.escape_debug()
+        ))
+    };
+    if new_timeline.len() != 8 || !new_timeline.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(unreadable());
+    }
+    let mut text = String::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(data.join("pg_wal").join(format!("{new_timeline}.history")))
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+        .map_err(|_| unreadable())?;
+    parse_history_end(&text).ok_or_else(unreadable)
+}
+
+/// The last entry of a timeline history file: parent timeline and switch LSN.
+fn parse_history_end(text: &str) -> Option<(u32, u64)> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'))?;
+    let mut fields = line.split_whitespace();
+    let timeline = fields.next()?.parse().ok()?;
+    let lsn = parse_lsn(fields.next()?)?;
+    Some((timeline, lsn))
+}
+
+/// Replay to latest must end in the newest segment archived on the timeline
+/// it ended on. Ending earlier means a segment before it was missing, damaged
+/// or could not be delivered, and PostgreSQL took that for the end of the
+/// archive: a restore would silently lose everything after it.
+fn check_replay_reached_archive_end(archive: &WalArchive, timeline: u32, end: u64) -> Result<()> {
+    let size = archive.segment_size;
+    let Some((&newest, _)) = archive
+        .segments
+        .get(&timeline)
+        .and_then(|segments| segments.last_key_value())
+    else {
+        return Ok(());
+    };
+    // The end LSN is the end of the last record: at a segment boundary it
+    // belongs to the segment before.
+    let replayed = SegmentName::containing(timeline, end.saturating_sub(1), size);
+    if replayed.segno(size) >= newest {
+        return Ok(());
+    }
+    let newest = SegmentName::containing(timeline, newest * u64::from(size), size);
+    Err(Error::corrupt(format!(
+        "replay stopped at LSN {} in segment {replayed}, short of the archive's end on timeline {timeline} (segment {newest}): WAL after it is missing or could not be delivered (the server log says which); a restore to latest would lose it, run 'walvault verify'",
+        format_lsn(end)
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_end_is_the_last_entry() {
+        let text =
+            "1\t0/3000000\tno recovery target specified\n\n2\t0/5A00028\tbefore 2026-01-01\n";
+        assert_eq!(parse_history_end(text), Some((2, 0x5A0_0028)));
+        assert_eq!(parse_history_end("# nothing\n"), None);
+        assert_eq!(parse_history_end("x\t0/1\n"), None);
+    }
+
+    #[test]
+    fn only_the_drill_user_is_let_in() {
+        assert_eq!(
+            hba_text("postgres").unwrap(),
+            "# walvault drill: the drill's OS user only, on the private socket\nlocal all \"postgres\" peer map=walvault_drill\n"
+        );
+        assert_eq!(
+            ident_text("root", "postgres").unwrap(),
+            "walvault_drill \"root\" \"postgres\"\n"
+        );
+        assert!(hba_text("a\"b").is_err());
+        assert!(ident_text("root", "a\nb").is_err());
+    }
 }

@@ -9,7 +9,7 @@
 //! without it) is written through the page cache; the final syncfs makes
 //! both durable.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::FileEntry;
 use crate::object;
 use crate::repository::{Repository, pack_key};
@@ -161,13 +161,28 @@ pub fn restore_file(
         let end = chunk
             .offset
             .checked_add(chunk.length)
-            .filter(|_| chunk.length <= MAX_BLOB_LEN)
+            .filter(|_| (1..=MAX_BLOB_LEN).contains(&chunk.length))
             .ok_or_else(|| {
                 damaged(format!(
                     "its manifest points at an impossible range of {key}"
                 ))
             })?;
-        let stored = rt.block_on(repo.get_range(&key, chunk.offset..end))?;
+        let stored = match rt.block_on(repo.get_range(&key, chunk.offset..end)) {
+            Ok(stored) => stored,
+            // Stores answer a range past an object's end with an error of
+            // their own, read as I/O; the truth is a manifest and a pack that
+            // do not match: damage, not something a retry mends.
+            Err(e) if e.kind == ErrorKind::Io => match rt.block_on(stored_size(repo, &key)) {
+                Some(size) if end > size => {
+                    return Err(damaged(format!(
+                        "its manifest points at bytes {}..{end} of {key}, which holds {size}",
+                        chunk.offset
+                    )));
+                }
+                _ => return Err(e),
+            },
+            Err(e) => return Err(e),
+        };
         let out = buffer.as_mut();
         let header = object::decode_to_slice(&stored, out, chunk.size)
             .map_err(|e| damaged(format!("chunk at {key}+{}: {e}", chunk.offset)))?;
@@ -200,6 +215,17 @@ pub fn restore_file(
     .map_err(|e| Error::io(format!("cannot set mode of {}: {e}", dest.display())))?;
     let _ = file.set_modified(entry.mtime.into());
     Ok(size)
+}
+
+/// The size of a stored object, from a listing of its directory (bounded:
+/// packs are spread over 256 of them); `None` when it cannot be told.
+async fn stored_size(repo: &Repository, key: &object_store::path::Path) -> Option<u64> {
+    let (dir, _) = key.as_ref().rsplit_once('/')?;
+    let listed = repo.list(dir).await.ok()?;
+    listed
+        .into_iter()
+        .find(|meta| meta.location == *key)
+        .map(|meta| meta.size)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use crate::error::{Context, Error, Result};
 use crate::manifest::Manifest;
 use crate::repository::{RepoUrl, Repository, is_pack_id};
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -106,21 +106,19 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
 
     for dir in &manifest.directories {
         let dest = dest_of(&dir.path);
-        std::fs::create_dir_all(&dest).context(|| format!("cannot create {}", dest.display()))?;
+        make_dir(&dest)?;
         std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(dir_mode(dir.mode)))
             .context(|| format!("cannot set mode of {}", dest.display()))?;
     }
     for extra in ["pg_wal/archive_status", "pg_tblspc"] {
-        let d = pgdata.join(extra);
-        std::fs::create_dir_all(&d).context(|| format!("cannot create {}", d.display()))?;
+        make_dir(&pgdata.join(extra))?;
     }
 
     let files = Arc::new(manifest.files.clone());
     let dests: Arc<Vec<PathBuf>> = Arc::new(files.iter().map(|f| dest_of(&f.path)).collect());
     for d in dests.iter() {
         if let Some(parent) = d.parent() {
-            std::fs::create_dir_all(parent)
-                .context(|| format!("cannot create {}", parent.display()))?;
+            make_dir(parent)?;
         }
     }
     let next = Arc::new(AtomicUsize::new(0));
@@ -166,7 +164,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     sync_filesystems(std::iter::once(&pgdata).chain(locations.values()))?;
 
     let write = |name: &str, text: &str| -> Result<()> {
-        crate::commands::write_file_atomically(&pgdata.join(name), text.as_bytes(), Some(0o600))
+        write_private_file(&pgdata.join(name), text.as_bytes())
     };
     write("backup_label", &manifest.backup_label)?;
     if let Some(map) = tablespace_map_text(&manifest, &locations) {
@@ -201,18 +199,30 @@ fn sync_filesystems<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// An empty directory, created 0700 if missing; anything else is refused.
+/// An empty directory of ours, created 0700 if missing; anything else is
+/// refused. A directory another user owns is refused too: its owner could
+/// plant links in it while the restore writes, and a restore run as root
+/// would follow them.
 fn prepare_empty_dir(dir: &Path, what: &str) -> Result<PathBuf> {
     match std::fs::symlink_metadata(dir) {
         Ok(meta) if meta.is_dir() => {
-            let mut entries =
-                std::fs::read_dir(dir).context(|| format!("cannot read {}", dir.display()))?;
-            if entries.next().is_some() {
-                return Err(Error::usage(format!(
-                    "{what} {} is not empty; restore into an empty or new directory",
-                    dir.display()
-                )));
-            }
+            check_owner(dir, &meta, what)?;
+            let refuse_unless_empty = || -> Result<()> {
+                let mut entries =
+                    std::fs::read_dir(dir).context(|| format!("cannot read {}", dir.display()))?;
+                if entries.next().is_some() {
+                    return Err(Error::usage(format!(
+                        "{what} {} is not empty; restore into an empty or new directory",
+                        dir.display()
+                    )));
+                }
+                Ok(())
+            };
+            refuse_unless_empty()?;
+            // Closed, then checked again: nothing can have slipped in since.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .context(|| format!("cannot set mode of {}", dir.display()))?;
+            refuse_unless_empty()?;
         }
         Ok(_) => {
             return Err(Error::usage(format!(
@@ -221,13 +231,100 @@ fn prepare_empty_dir(dir: &Path, what: &str) -> Result<PathBuf> {
             )));
         }
         Err(_) => {
-            std::fs::create_dir_all(dir).context(|| format!("cannot create {}", dir.display()))?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .context(|| format!("cannot create {}", parent.display()))?;
+            }
+            // Made here, 0700 from the start, failing if anything appeared.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .context(|| format!("cannot create {}", dir.display()))?;
         }
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .context(|| format!("cannot set mode of {}", dir.display()))?;
-    dir.canonicalize()
-        .context(|| format!("cannot resolve {}", dir.display()))
+    let resolved = dir
+        .canonicalize()
+        .context(|| format!("cannot resolve {}", dir.display()))?;
+    // What the path leads to now must still be our own directory.
+    let meta = std::fs::symlink_metadata(&resolved)
+        .context(|| format!("cannot read {}", resolved.display()))?;
+    if !meta.is_dir() {
+        return Err(Error::usage(format!(
+            "{what} {} changed while restore prepared it; restore into a directory only you can write",
+            dir.display()
+        )));
+    }
+    check_owner(&resolved, &meta, what)?;
+    Ok(resolved)
+}
+
+fn check_owner(dir: &Path, meta: &std::fs::Metadata, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::usage(format!(
+            "{what} {} belongs to uid {}, not to the user running restore (uid {me}); run restore as its owner or give a new directory",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    Ok(())
+}
+
+/// A directory inside the restore (parents included), never reached through
+/// a link: each component must be a real directory once made.
+fn make_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .context(|| format!("cannot create {}", dir.display()))?;
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        _ => Err(Error::usage(format!(
+            "{} is not a directory of the restore (a link?); restore into a directory only you can write",
+            dir.display()
+        ))),
+    }
+}
+
+/// Writes a file of the restored data directory atomically. Its temporary
+/// file is created new and never through a link, so nothing planted under
+/// its name is truncated or written through.
+fn write_private_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::usage(format!(
+            "'{}' is not a file path",
+            path.display()
+        )));
+    };
+    let tmp = dir.join(format!(
+        ".{}.walvault-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .context(|| format!("cannot create {}", tmp.display()))?;
+    let result = file
+        .write_all(data)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .context(|| format!("cannot write {}", path.display()));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .context(|| format!("cannot fsync directory {}", dir.display()))
 }
 
 /// Where each tablespace goes: `--tablespace-map`, else where it was.
@@ -238,11 +335,14 @@ fn tablespace_locations(
 ) -> Result<HashMap<u32, PathBuf>> {
     let mut out = HashMap::new();
     for t in &manifest.tablespaces {
-        let target = map
+        let mapped = map
             .iter()
             .find(|(oid, _)| *oid == t.oid)
-            .map(|(_, p)| p.clone())
-            .unwrap_or_else(|| PathBuf::from(&t.location));
+            .map(|(_, p)| p.clone());
+        let target = match mapped {
+            Some(p) => p,
+            None => unmapped_location(manifest, t, pgdata)?,
+        };
         if !target.is_absolute() {
             return Err(Error::usage(format!(
                 "tablespace {} location {} must be absolute",
@@ -262,6 +362,36 @@ fn tablespace_locations(
         out.insert(t.oid, target);
     }
     Ok(out)
+}
+
+/// A tablespace's recorded location, restored there without being asked only
+/// when it lies beside the data directory (under its parent): the manifest is
+/// data from the repository, and anywhere else it would make and fill a
+/// directory wherever it says.
+fn unmapped_location(
+    manifest: &Manifest,
+    t: &crate::manifest::Tablespace,
+    pgdata: &Path,
+) -> Result<PathBuf> {
+    use std::path::Component;
+    let location = PathBuf::from(&t.location);
+    let parent = pgdata.parent().filter(|p| p.parent().is_some());
+    let beside = location.is_absolute()
+        && location
+            .components()
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && parent.is_some_and(|p| location.starts_with(p));
+    if beside {
+        return Ok(location);
+    }
+    Err(Error::usage(format!(
+        "backup {} has tablespace {} at {}, outside {}; say where it goes with --tablespace-map {}=DIR (its old path to restore it there)",
+        manifest.id,
+        t.oid,
+        t.location.escape_debug(),
+        parent.unwrap_or(pgdata).display(),
+        t.oid
+    )))
 }
 
 /// Files under `pg_tblspc/<oid>/` go to the tablespace's location; all others
@@ -369,7 +499,7 @@ fn write_recovery_settings(
             .contains(&key)
     };
     let auto = pgdata.join("postgresql.auto.conf");
-    let previous = std::fs::read_to_string(&auto).unwrap_or_default();
+    let previous = read_regular_file(&auto)?;
     let mut text: String = previous
         .lines()
         .filter(|line| !managed(line.split('=').next().unwrap_or("").trim()))
@@ -383,17 +513,57 @@ fn write_recovery_settings(
     for (k, v) in &settings {
         text.push_str(&format!("{k} = {}\n", conf_quote(v)));
     }
-    crate::commands::write_file_atomically(&auto, text.as_bytes(), Some(0o600))?;
+    write_private_file(&auto, text.as_bytes())?;
     let signal = if opts.standby {
         "standby.signal"
     } else {
         "recovery.signal"
     };
-    crate::commands::write_file_atomically(&pgdata.join(signal), b"", Some(0o600))
+    write_private_file(&pgdata.join(signal), b"")
+}
+
+/// A restored file's text, never read through a link; empty when missing.
+fn read_regular_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(mut f) => {
+            f.read_to_string(&mut text)
+                .context(|| format!("cannot read {}", path.display()))?;
+            Ok(text)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(text),
+        Err(e) => Err(Error::io(format!("cannot read {}: {e}", path.display()))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_planted_link_at_the_temporary_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        let tmp = dir
+            .path()
+            .join(format!(".backup_label.walvault-{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let label = dir.path().join("backup_label");
+        assert!(super::write_private_file(&label, b"label").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert!(!label.exists());
+        // Without the link it writes, and leaves no temporary file.
+        std::fs::remove_file(&tmp).unwrap();
+        super::write_private_file(&label, b"label").unwrap();
+        assert_eq!(std::fs::read(&label).unwrap(), b"label");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
     #[test]
     fn modes_are_clamped() {
         assert_eq!(super::dir_mode(0o7777), 0o750);
