@@ -98,6 +98,13 @@ const GAP_SETTLE: Duration = Duration::from_secs(30);
 
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let caller = Caller::in_dir(Path::new("."));
+    // A fetch ended by a signal leaves its temporary beside %p; nothing else
+    // would ever remove it.
+    let target_dir = match opts.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    crate::commands::remove_abandoned_temporaries(target_dir);
     let mut outcome = fetch(url, opts).await;
     if caller == Caller::ArchiveRecovery
         && let Err(e) = &outcome
