@@ -80,10 +80,10 @@ impl Caller {
                     && e.kind != crate::error::ErrorKind::NotFound =>
             {
                 Err(e.stopping_recovery(&format!(
-                    "archive recovery stopped here on purpose, so that PostgreSQL does not take \
-                     this for the end of the archive and open without the WAL after {name}: \
-                     fix the repository or the object and start the server again, or restore \
-                     again with a recovery target before {name}"
+                    "archive recovery stopped on purpose, not ended, so that the server does \
+                     not open without the WAL from {name} on: fix the repository or the object \
+                     and start the server again, or restore again with a recovery target \
+                     before {name}"
                 )))
             }
             other => other,
@@ -203,9 +203,9 @@ async fn gap_error(repo: &Repository, missing: SegmentName, next: SegmentName) -
         _ => String::new(),
     };
     Error::corrupt(format!(
-        "{missing} is not in {} but {next} after it is: the archived WAL has a gap. \
-         Put the missing segment back if a copy exists (pg_wal of the old server, \
-         another repository); otherwise only a recovery to a target before the gap{start} \
+        "{missing} is not in {} but {next} after it is: the archived WAL has a gap; \
+         put the missing segment back if a copy exists (pg_wal of the old server, \
+         another repository), otherwise only a recovery to a target before the gap{start} \
          can succeed",
         repo.url()
     ))
@@ -615,7 +615,7 @@ mod tests {
                 .unwrap_err();
             assert_eq!(stopped.exit_code(), status);
             assert!(stopped.message().starts_with(e.message()));
-            assert!(stopped.message().contains("stopped here on purpose"));
+            assert!(stopped.message().contains("stopped on purpose"));
             assert!(!stopped.message().contains('\n'));
             for caller in [Caller::Standby, Caller::Manual] {
                 let same = caller.report(name, Err(e.clone())).unwrap_err();

@@ -1,0 +1,240 @@
+//! A restore whose archive cannot deliver a segment must stop recovery, not
+//! promote without the rest of the WAL: PostgreSQL reads any restore_command
+//! exit of 1..125 as "not in the archive" and ends archive recovery there.
+//! With a real PostgreSQL 15: a damaged middle WAL object and a missing one
+//! stop the restored server with FATAL, and nothing of a new timeline reaches
+//! the repository; a standby rides out an S3 outage and catches up.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+/// A primary with a filesystem repository and a backup, then six batches
+/// of rows, each in a segment of its own. Returns the segments, in order.
+fn archive_six_batches(s: &Setup) -> Vec<String> {
+    let p = &s.primary;
+    p.sql("CREATE TABLE t (batch int, id int)");
+    p.sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    s.backup();
+    let mut segments = vec![];
+    for batch in 2..=7 {
+        p.sql(&format!(
+            "INSERT INTO t SELECT {batch}, g FROM generate_series(1, 1000) g"
+        ));
+        segments.push(p.switch_wal());
+    }
+    p.wait_archived(segments.last().unwrap());
+    segments
+}
+
+fn wal_object(repo: &Path, segment: &str) -> PathBuf {
+    repo.join("wal")
+        .join(&segment[..16])
+        .join(format!("{segment}.zst"))
+}
+
+/// Every file under `dir`, relative to it.
+fn files_under(dir: &Path) -> Vec<String> {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            e.path()
+                .strip_prefix(dir)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Stops (immediately) whatever a start left running, even when the test fails.
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = as_postgres(pg_bindir().join("pg_ctl"))
+            .args(["-w", "-t", "60", "-m", "immediate", "-D"])
+            .arg(&self.0)
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Restores the newest backup to the end of the archive and starts it with
+/// the configuration it was backed up with (archiving into the same
+/// repository, as a restored primary would). Returns pg_ctl's output, the
+/// server log, and a guard that stops the server if it did come up.
+fn restore_latest_and_start(s: &Setup, name: &str) -> (Output, String, StopOnDrop) {
+    let out = s.restore(name, &["--backup", "latest"]);
+    assert!(out.status.success(), "restore: {}", describe(&out));
+    let dir = s.root().join(name);
+    let data = dir.join("data");
+    let sock = dir.join("sock");
+    std::fs::create_dir_all(&sock).unwrap();
+    give_to_postgres(&dir);
+    let log = dir.join("server.log");
+    let guard = StopOnDrop(data.clone());
+    let started = as_postgres(pg_bindir().join("pg_ctl"))
+        .args(["-w", "-t", "120", "-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .arg("-o")
+        .arg(format!("-c unix_socket_directories={}", sock.display()))
+        .arg("start")
+        .output()
+        .unwrap();
+    // pg_ctl -w returns once the server is consistent, recovery still under
+    // way: wait (bounded) for recovery to end, promoted or stopped.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(PROMOTED) || text.contains(SHUT_DOWN) || !started.status.success() {
+            return (started, text, guard);
+        }
+        assert!(Instant::now() < deadline, "recovery did not end: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const PROMOTED: &str = "database system is ready to accept connections";
+const SHUT_DOWN: &str = "database system is shut down";
+
+/// What every stopped recovery must show: the server shut down after the
+/// startup process failed, the log has walvault's line and PostgreSQL's FATAL, no new timeline was
+/// chosen, and nothing of timeline 2 reached the repository.
+fn assert_recovery_stopped(started: &Output, log: &str, repo: &Path, walvault_says: &str) {
+    assert!(
+        log.contains("shutting down due to startup process failure"),
+        "the restored server did not stop: {}\n{log}",
+        describe(started)
+    );
+    assert!(log.contains(walvault_says), "{log}");
+    assert!(log.contains("stopped on purpose"), "{log}");
+    assert!(
+        log.contains("FATAL:  could not restore file") && log.contains("exited with exit code 20"),
+        "{log}"
+    );
+    for promoted in [
+        "selected new timeline ID",
+        "archive recovery complete",
+        PROMOTED,
+    ] {
+        assert!(!log.contains(promoted), "{promoted}: {log}");
+    }
+    let on_timeline_2: Vec<String> = files_under(&repo.join("wal"))
+        .into_iter()
+        .filter(|f| f.contains("00000002"))
+        .collect();
+    assert!(on_timeline_2.is_empty(), "{on_timeline_2:?}");
+}
+
+#[test]
+fn a_damaged_middle_wal_object_stops_recovery() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let repo = s.root().join("repo");
+    let segments = archive_six_batches(&s);
+    // Batch 4's segment: batches 2 and 3 replay, then the damage.
+    let object = wal_object(&repo, &segments[2]);
+    let mut bytes = std::fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&object, bytes).unwrap();
+
+    let (started, log, _guard) = restore_latest_and_start(&s, "damaged");
+    assert_recovery_stopped(&started, &log, &repo, "is damaged");
+    assert!(log.contains(&segments[2]), "{log}");
+}
+
+#[test]
+fn a_missing_middle_segment_stops_recovery() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let repo = s.root().join("repo");
+    let segments = archive_six_batches(&s);
+    std::fs::remove_file(wal_object(&repo, &segments[2])).unwrap();
+    // An archive written a while ago (a fresh one gets a short grace for
+    // segments pushed out of order).
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in files_under(&repo.join("wal")) {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+
+    let (started, log, _guard) = restore_latest_and_start(&s, "gap");
+    assert_recovery_stopped(&started, &log, &repo, "the archived WAL has a gap");
+    // The line names the missing segment and the next one present.
+    let line = log
+        .lines()
+        .find(|l| l.contains("has a gap"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&segments[2]) && line.contains(&segments[3]),
+        "{line}"
+    );
+}
+
+/// Waits (bounded) until the primary has archived `segment`, failures on
+/// the way allowed (the store was down).
+fn wait_archived_after_outage(primary: &PgServer, segment: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let last = primary.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+        if last.len() >= 24 && &last[..24] >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived after the outage; log:\n{}",
+            primary.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_standby_rides_out_a_store_outage() {
+    let mut s3 = S3Server::start();
+    let s = setup(&|_| s3.target("repo"));
+    let p = &s.primary;
+    p.sql("CREATE TABLE t (batch int, id int)");
+    p.sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    s.backup();
+    // Archive-only standby: everything it gets comes through fetch.
+    let standby = s.restore_and_start("standby", &["--standby"]);
+    assert!(s.root().join("standby/data/standby.signal").exists());
+    assert_eq!(Setup::batches(&standby), "1:1000");
+
+    s3.stop();
+    p.sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 1000) g");
+    let segment = p.switch_wal();
+    // Long enough for the standby to ask for the next segment (every 5 s).
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
+    s3.restart();
+
+    wait_archived_after_outage(p, &segment);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while Setup::batches(&standby) != "1:1000 2:1000" {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not catch up; log:\n{}",
+            standby.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
+    let log = standby.log();
+    assert!(!log.contains("FATAL"), "{log}");
+    assert!(!log.contains("selected new timeline ID"), "{log}");
+}
