@@ -218,8 +218,18 @@ fn a_standby_rides_out_a_store_outage() {
     s3.stop();
     p.sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 1000) g");
     let segment = p.switch_wal();
-    // Long enough for the standby to ask for the next segment (every 5 s).
-    std::thread::sleep(Duration::from_secs(8));
+    // The standby asks for the next segment every 5 s; wait (bounded) until
+    // a fetch has failed on the store, which must not stop the standby.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !standby.log().contains("walvault: error: cannot read") {
+        assert!(
+            Instant::now() < deadline,
+            "no fetch failed during the outage; log:\n{}",
+            standby.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
     assert_eq!(standby.sql("SELECT pg_is_in_recovery()"), "t");
     s3.restart();
 
@@ -237,4 +247,150 @@ fn a_standby_rides_out_a_store_outage() {
     let log = standby.log();
     assert!(!log.contains("FATAL"), "{log}");
     assert!(!log.contains("selected new timeline ID"), "{log}");
+}
+
+const MIB: u32 = 1 << 20;
+
+/// Runs `walvault fetch name pg_wal/RECOVERYXLOG` in `data`, as PostgreSQL
+/// does (the data directory as working directory), without prefetch.
+fn fetch_in(bin: &Path, repo: &str, data: &Path, name: &str) -> Output {
+    std::process::Command::new(bin)
+        .current_dir(data)
+        .args(["--repo", repo, "fetch", "--prefetch", "0", name])
+        .arg("pg_wal/RECOVERYXLOG")
+        .output()
+        .unwrap()
+}
+
+/// Without a server: the status of each outcome, by who calls fetch (the
+/// signal file in the working directory).
+#[test]
+fn exit_statuses_follow_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    let repo_url = repo.display().to_string();
+    let source = dir.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let segment = |n: u32| format!("0000000100000000{n:08X}");
+    for n in [3, 4, 6] {
+        let path = source.join(segment(n));
+        std::fs::write(&path, synthetic_segment(&segment(n), 7, MIB, n as u8)).unwrap();
+        let out = std::process::Command::new(&bin)
+            .args(["--repo", &repo_url, "push", "--push-ahead", "0"])
+            .arg(&path)
+            .arg(segment(n))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let damaged = wal_object(&repo, &segment(4));
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&damaged, bytes).unwrap();
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in files_under(&repo.join("wal")) {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+    let gone = dir.path().join("gone");
+
+    // (signal files, [delivered, damaged, gap, end of archive, history, no repository])
+    let callers: [(&[&str], [i32; 6]); 4] = [
+        (&[], [0, 4, 1, 1, 1, 2]),
+        (&["recovery.signal"], [0, 204, 204, 1, 1, 202]),
+        (&["standby.signal"], [0, 4, 1, 1, 1, 2]),
+        (&["recovery.signal", "standby.signal"], [0, 4, 1, 1, 1, 2]),
+    ];
+    for (i, (signals, statuses)) in callers.iter().enumerate() {
+        let data = dir.path().join(format!("data{i}"));
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        for s in *signals {
+            std::fs::write(data.join(s), b"").unwrap();
+        }
+        let outcomes = [
+            fetch_in(&bin, &repo_url, &data, &segment(3)),
+            fetch_in(&bin, &repo_url, &data, &segment(4)),
+            fetch_in(&bin, &repo_url, &data, &segment(5)),
+            fetch_in(&bin, &repo_url, &data, &segment(7)),
+            fetch_in(&bin, &repo_url, &data, "00000002.history"),
+            fetch_in(&bin, &gone.display().to_string(), &data, &segment(3)),
+        ];
+        for (out, status) in outcomes.iter().zip(statuses) {
+            assert_eq!(
+                out.status.code(),
+                Some(*status),
+                "{signals:?}: {}",
+                describe(out)
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // One line, or none for "not in the archive".
+            assert_eq!(stderr.lines().count(), usize::from(*status > 1), "{stderr}");
+            assert_eq!(
+                stderr.contains("stopped on purpose"),
+                *status > 125,
+                "{stderr}"
+            );
+        }
+        if statuses[2] > 125 {
+            // The gap line names the missing segment and the next present.
+            let stderr = String::from_utf8_lossy(&outcomes[2].stderr);
+            assert!(
+                stderr.contains(&segment(5)) && stderr.contains(&segment(6)),
+                "{stderr}"
+            );
+        }
+    }
+}
+
+/// A fetch killed by a signal leaves its temporary in pg_wal; the next
+/// fetch removes it, and only it.
+#[test]
+fn a_fetch_removes_what_killed_fetches_left_in_pg_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    let repo_url = repo.display().to_string();
+    let name = "000000010000000000000003";
+    let segment = dir.path().join(name);
+    let content = synthetic_segment(name, 7, MIB, 0);
+    std::fs::write(&segment, &content).unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["--repo", &repo_url, "push", "--push-ahead", "0"])
+        .arg(&segment)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+
+    let data = dir.path().join("data");
+    let pg_wal = data.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).unwrap();
+    std::fs::write(data.join("recovery.signal"), b"").unwrap();
+    // What a fetch killed mid-write leaves: its temporary, named with a pid
+    // that no longer exists.
+    let mut reaped = std::process::Command::new("true").spawn().unwrap();
+    let dead = reaped.id();
+    reaped.wait().unwrap();
+    let left = pg_wal.join(format!(".RECOVERYXLOG.walvault-{dead}.tmp"));
+    std::fs::write(&left, vec![0u8; MIB as usize]).unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, b"keep").unwrap();
+    let link = pg_wal.join(format!(".LINK.walvault-{dead}.tmp"));
+    std::os::unix::fs::symlink(&precious, &link).unwrap();
+    let other = pg_wal.join("000000010000000000000002");
+    std::fs::write(&other, b"wal").unwrap();
+
+    let out = fetch_in(&bin, &repo_url, &data, name);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(std::fs::read(pg_wal.join("RECOVERYXLOG")).unwrap(), content);
+    assert!(!left.exists(), "the abandoned temporary is still there");
+    assert!(link.symlink_metadata().is_ok());
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
+    assert_eq!(std::fs::read(&other).unwrap(), b"wal");
 }
