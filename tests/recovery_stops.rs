@@ -394,3 +394,59 @@ fn a_fetch_removes_what_killed_fetches_left_in_pg_wal() {
     assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
     assert_eq!(std::fs::read(&other).unwrap(), b"wal");
 }
+
+/// The gap check lists the store: the same answers from S3 (s3s-fs).
+#[test]
+fn s3_a_gap_stops_archive_recovery_and_the_end_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let s3 = S3Server::start();
+    let repo = s3.target("gap");
+    let segment = |n: u32| format!("0000000100000000{n:08X}");
+    for n in [3, 5] {
+        let path = dir.path().join(segment(n));
+        std::fs::write(&path, synthetic_segment(&segment(n), 7, MIB, n as u8)).unwrap();
+        let out = repo
+            .walvault(&bin)
+            .args(["push", "--push-ahead", "0"])
+            .arg(&path)
+            .arg(segment(n))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for n in [3, 5] {
+        let object = s3.object_path("gap", &format!("wal/0000000100000000/{}.zst", segment(n)));
+        std::fs::File::options()
+            .write(true)
+            .open(object)
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    std::fs::write(data.join("recovery.signal"), b"").unwrap();
+    let fetch = |name: &str| {
+        repo.walvault(&bin)
+            .current_dir(&data)
+            .args(["fetch", "--prefetch", "0", name, "pg_wal/RECOVERYXLOG"])
+            .output()
+            .unwrap()
+    };
+    let since = Instant::now();
+    let gap = fetch(&segment(4));
+    assert_eq!(gap.status.code(), Some(204), "{}", describe(&gap));
+    let stderr = String::from_utf8_lossy(&gap.stderr);
+    assert!(
+        stderr.contains("has a gap") && stderr.contains(&segment(5)),
+        "{stderr}"
+    );
+    // Stored an hour ago: no wait for out-of-order pushes to land.
+    assert!(since.elapsed() < Duration::from_secs(20));
+    let end = fetch(&segment(6));
+    assert_eq!(end.status.code(), Some(1), "{}", describe(&end));
+    assert!(end.stderr.is_empty(), "{}", describe(&end));
+    assert!(fetch(&segment(5)).status.success());
+}
