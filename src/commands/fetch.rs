@@ -136,10 +136,11 @@ enum Gap {
     Before(SegmentName),
 }
 
-/// Whether `missing` is a hole in its timeline's stored segments: one
-/// listing of its log folder, and of the neighbouring folder when the
-/// answer lies beyond it. A hole next to segments stored just now is given
-/// [`GAP_SETTLE`] to fill.
+/// Whether `missing` is a hole in its timeline's stored segments, stored
+/// ones on both sides: a listing of its log folder, and of the next (or
+/// previous) folder only when no later (or earlier) segment is in it. Nothing
+/// earlier means the timeline starts later, which recovery asks about too.
+/// A hole next to segments stored just now is given `settle` to fill.
 async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Result<Gap> {
     let stored = |log: u32| {
         let prefix = format!(
