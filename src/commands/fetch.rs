@@ -183,6 +183,9 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
     if !here.iter().any(|(s, _)| *s < missing) {
         return Ok(Gap::None);
     }
+    if trimmed_on_purpose(repo, missing).await? {
+        return Ok(Gap::None);
+    }
     let key = wal_key(&WalFileName::Segment(missing));
     let settles_at = Instant::now() + settle;
     let age = |t: chrono::DateTime<chrono::Utc>| (chrono::Utc::now() - t).to_std().ok();
@@ -195,9 +198,25 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
     Ok(Gap::Before(next))
 }
 
+/// Whether `missing` lies where `prune --keep-wal-within` deletes WAL on
+/// purpose (before retention.json's complete_from): there an older backup is
+/// restorable only to its consistency point, and recovery reading ahead past
+/// that point must find the end of the archive, as before.
+async fn trimmed_on_purpose(repo: &Repository, missing: SegmentName) -> Result<bool> {
+    let Some(retention) = crate::retention::load(repo).await? else {
+        return Ok(false);
+    };
+    Ok(match repo.config().await? {
+        Some(c) if c.wal_segment_size > 0 => {
+            missing.segno(c.wal_segment_size) < retention.complete_from_segno
+        }
+        _ => false,
+    })
+}
+
 async fn gap_error(repo: &Repository, missing: SegmentName, next: SegmentName) -> Error {
     let start = match repo.config().await {
-        Ok(Some(c)) => format!(
+        Ok(Some(c)) if c.wal_segment_size > 0 => format!(
             " (LSN {})",
             crate::wal::format_lsn(missing.start_lsn(c.wal_segment_size))
         ),
@@ -691,6 +710,53 @@ mod tests {
         assert_eq!(gap("000000020000000000000005").await.unwrap(), Gap::None);
         // Before anything stored.
         assert_eq!(gap("000000010000000000000002").await.unwrap(), Gap::None);
+    }
+
+    #[tokio::test]
+    async fn wal_that_prune_trimmed_on_purpose_is_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        // An older backup's WAL (3), trimmed WAL (4-9), the window (10 on).
+        let repo = repository_with(
+            dir.path(),
+            &[
+                "000000010000000000000003",
+                "00000001000000000000000A",
+                "00000001000000000000000C",
+            ],
+            hour,
+        );
+        let settle = Duration::from_secs(5);
+        let gap = |s: &'static str| gap_at(&repo, segment(s), settle);
+        // Without a record of the trimming, a hole is a hole.
+        assert_eq!(
+            gap("000000010000000000000004").await.unwrap(),
+            Gap::Before(segment("00000001000000000000000A"))
+        );
+        let config = crate::repository::RepositoryConfig {
+            format: 1,
+            system_identifier: "7".into(),
+            pg_version: 150000,
+            wal_segment_size: 1 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        std::fs::write(
+            dir.path().join("walvault.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let retention = crate::retention::Retention {
+            complete_from_timeline: 1,
+            complete_from_segno: 10,
+            updated_at: chrono::Utc::now(),
+        };
+        crate::retention::store(&repo, &retention).await.unwrap();
+        assert_eq!(gap("000000010000000000000004").await.unwrap(), Gap::None);
+        // Inside the complete window it still is.
+        assert_eq!(
+            gap("00000001000000000000000B").await.unwrap(),
+            Gap::Before(segment("00000001000000000000000C"))
+        );
     }
 
     #[tokio::test]
