@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-/// A primary with a filesystem repository and a backup, then six batches
+/// A primary with a repository and a backup, then six batches
 /// of rows, each in a segment of its own. Returns the segments, in order.
 fn archive_six_batches(s: &Setup) -> Vec<String> {
     let p = &s.primary;
@@ -67,13 +67,16 @@ impl Drop for StopOnDrop {
     }
 }
 
-/// Restores the newest backup to the end of the archive and starts it with
-/// the configuration it was backed up with (archiving into the same
-/// repository, as a restored primary would). Returns pg_ctl's output, the
-/// server log, and a guard that stops the server if it did come up.
+/// Restores the newest backup to the end of the archive (unless restored
+/// already) and starts it with the configuration it was backed up with
+/// (archiving into the same repository, as a restored primary would).
+/// Returns pg_ctl's output, the server log, and a guard that stops the
+/// server if it did come up.
 fn restore_latest_and_start(s: &Setup, name: &str) -> (Output, String, StopOnDrop) {
-    let out = s.restore(name, &["--backup", "latest"]);
-    assert!(out.status.success(), "restore: {}", describe(&out));
+    if !s.root().join(name).join("data").exists() {
+        let out = s.restore(name, &["--backup", "latest"]);
+        assert!(out.status.success(), "restore: {}", describe(&out));
+    }
     let dir = s.root().join(name);
     let data = dir.join("data");
     let sock = dir.join("sock");
@@ -81,7 +84,13 @@ fn restore_latest_and_start(s: &Setup, name: &str) -> (Output, String, StopOnDro
     give_to_postgres(&dir);
     let log = dir.join("server.log");
     let guard = StopOnDrop(data.clone());
-    let started = as_postgres(pg_bindir().join("pg_ctl"))
+    // The server's environment reaches restore_command (S3 settings).
+    let mut pg_ctl = as_postgres("env");
+    for (k, v) in &s.repo.env {
+        pg_ctl.arg(format!("{k}={v}"));
+    }
+    let started = pg_ctl
+        .arg(pg_bindir().join("pg_ctl"))
         .args(["-w", "-t", "120", "-D"])
         .arg(&data)
         .arg("-l")
@@ -449,4 +458,69 @@ fn s3_a_gap_stops_archive_recovery_and_the_end_does_not() {
     assert_eq!(end.status.code(), Some(1), "{}", describe(&end));
     assert!(end.stderr.is_empty(), "{}", describe(&end));
     assert!(fetch(&segment(5)).status.success());
+}
+
+/// The fault run of the issue, shortened: the S3 store goes down while a
+/// restored server is halfway through the archive. Recovery stops (it used
+/// to promote there, without the later batches); once the store is back,
+/// starting again recovers it all.
+#[test]
+fn an_s3_outage_stops_archive_recovery_and_a_restart_finishes_it() {
+    let mut s3 = S3Server::start();
+    let s = setup(&|_| s3.target("repo"));
+    let segments = archive_six_batches(&s);
+    // Halfway: replay to the middle of batch 4's segment and shut down there.
+    let seg = &segments[2];
+    let log_no = u64::from_str_radix(&seg[8..16], 16).unwrap();
+    let seg_no = u64::from_str_radix(&seg[16..24], 16).unwrap();
+    let halfway = (log_no << 32) + seg_no * u64::from(MIB) + u64::from(MIB / 2);
+    let lsn = format!("{:X}/{:X}", halfway >> 32, halfway & 0xFFFF_FFFF);
+    let out = s.restore(
+        "outage",
+        &[
+            "--backup",
+            "latest",
+            "--lsn",
+            &lsn,
+            "--target-action",
+            "shutdown",
+        ],
+    );
+    assert!(out.status.success(), "restore: {}", describe(&out));
+    let dir = s.root().join("outage");
+    let data = dir.join("data");
+    let (_, log, guard) = restore_latest_and_start(&s, "outage");
+    assert!(
+        log.contains("recovery stopping after WAL location"),
+        "{log}"
+    );
+    assert!(log.contains(SHUT_DOWN), "{log}");
+    drop(guard);
+    // The rest of the way to the end of the archive, with the store down.
+    let auto = data.join("postgresql.auto.conf");
+    let conf: String = std::fs::read_to_string(&auto)
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            !l.starts_with("recovery_target_lsn") && !l.starts_with("recovery_target_action")
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&auto, conf).unwrap();
+    std::fs::remove_file(dir.join("server.log")).unwrap();
+    s3.stop();
+    let stored = s3.data.path().join(&s3.bucket).join("repo");
+    let (started, log, guard) = restore_latest_and_start(&s, "outage");
+    assert_recovery_stopped(&started, &log, &stored, "cannot read");
+    drop(guard);
+
+    s3.restart();
+    let mut again = PgServer::existing(&dir, &data, s.repo.env.clone());
+    again.append_conf("archive_mode = off");
+    again.start();
+    again.wait_promoted();
+    assert_eq!(
+        Setup::batches(&again),
+        "1:1000 2:1000 3:1000 4:1000 5:1000 6:1000 7:1000"
+    );
 }
