@@ -368,13 +368,13 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.kind == ErrorKind::NotFound {
+            if e.kind == ErrorKind::NotFound && !e.stops_recovery() {
                 // PostgreSQL asks for files that do not exist yet: not an error.
                 tracing::debug!("{e}");
             } else {
                 tracing::error!("{e}");
             }
-            ExitCode::from(e.kind.exit_code())
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -43,7 +43,195 @@ fn window_len(given: Option<usize>, segment_size: Option<u32>) -> usize {
 /// Also the most a prefetch worker spends downloading.
 const CLAIM_WAIT: Duration = Duration::from_secs(60);
 
+/// Who runs this fetch, judged by the signal file in the working directory
+/// (PostgreSQL runs restore_command in the data directory). It decides what a
+/// failure must look like: PostgreSQL reads any exit of 1..=125 as "not in the
+/// archive", which in archive recovery ends recovery there and opens the
+/// server for writes without the rest of the WAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// standby.signal (it wins over recovery.signal, as in PostgreSQL): a
+    /// failure makes the standby retry later or stream, so ordinary statuses.
+    Standby,
+    /// recovery.signal alone: a file that exists but cannot be delivered
+    /// must stop recovery (exit above 125), and so must a gap in the archive.
+    ArchiveRecovery,
+    /// No signal file: a person or a script, ordinary statuses.
+    Manual,
+}
+
+impl Caller {
+    pub fn in_dir(dir: &Path) -> Caller {
+        if dir.join("standby.signal").exists() {
+            Caller::Standby
+        } else if dir.join("recovery.signal").exists() {
+            Caller::ArchiveRecovery
+        } else {
+            Caller::Manual
+        }
+    }
+
+    /// The outcome to report for `name`: in archive recovery every failure
+    /// but "not in the archive" stops recovery; elsewhere unchanged.
+    pub fn report(self, name: &str, outcome: Result<()>) -> Result<()> {
+        match outcome {
+            Err(e)
+                if self == Caller::ArchiveRecovery
+                    && e.kind != crate::error::ErrorKind::NotFound =>
+            {
+                Err(e.stopping_recovery(&format!(
+                    "archive recovery stopped on purpose, not ended, so that the server does \
+                     not open without the WAL from {name} on: fix the repository or the object \
+                     and start the server again, or restore again with a recovery target \
+                     before {name}"
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+/// How long a fetch in archive recovery waits for a missing segment that
+/// has later segments stored less than this long ago: a push-ahead worker
+/// stores segments out of order for a moment.
+const GAP_SETTLE: Duration = Duration::from_secs(30);
+
 pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
+    let caller = Caller::in_dir(Path::new("."));
+    // A fetch ended by a signal leaves its temporary beside %p; nothing else
+    // would ever remove it.
+    let target_dir = match opts.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    crate::commands::remove_abandoned_temporaries(target_dir);
+    let mut outcome = fetch(url, opts).await;
+    if caller == Caller::ArchiveRecovery
+        && let Err(e) = &outcome
+        && e.kind == crate::error::ErrorKind::NotFound
+        && let Ok(WalFileName::Segment(segment)) = WalFileName::parse(&opts.name)
+    {
+        outcome = match Repository::open(url, false) {
+            Ok(repo) => match gap_at(&repo, segment, GAP_SETTLE).await {
+                Ok(Gap::Settled) => fetch(url, opts).await,
+                Ok(Gap::None) => outcome,
+                Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later).await),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+    }
+    caller.report(&opts.name, outcome)
+}
+
+/// What the archive says about a segment fetch did not find.
+#[derive(Debug, PartialEq, Eq)]
+enum Gap {
+    /// Nothing of its timeline after it (the end of the archive), or nothing
+    /// before it (the timeline starts later).
+    None,
+    /// It arrived while we waited.
+    Settled,
+    /// Missing between stored segments: this later one is the next present.
+    Before(SegmentName),
+}
+
+/// Whether `missing` is a hole in its timeline's stored segments, stored
+/// ones on both sides: a listing of its log folder, and of the next (or
+/// previous) folder only when no later (or earlier) segment is in it. Nothing
+/// earlier means the timeline starts later, which recovery asks about too.
+/// A hole next to segments stored just now is given `settle` to fill.
+async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Result<Gap> {
+    let stored = |log: u32| {
+        let prefix = format!(
+            "{}/{:08X}{log:08X}",
+            crate::repository::WAL_DIR,
+            missing.timeline
+        );
+        async move {
+            let listed = repo.list(&prefix).await?;
+            Ok::<_, Error>(
+                listed
+                    .into_iter()
+                    .filter_map(
+                        |meta| match crate::repository::wal_name_of_key(&meta.location) {
+                            Some(WalFileName::Segment(s)) if s.timeline == missing.timeline => {
+                                Some((s, meta.last_modified))
+                            }
+                            _ => None,
+                        },
+                    )
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let mut here = stored(missing.log).await?;
+    if !here.iter().any(|(s, _)| *s > missing) && missing.log < u32::MAX {
+        here.extend(stored(missing.log + 1).await?);
+    }
+    if !here.iter().any(|(s, _)| *s < missing) && missing.log > 0 {
+        here.extend(stored(missing.log - 1).await?);
+    }
+    let Some((next, stored_at)) = here
+        .iter()
+        .filter(|(s, _)| *s > missing)
+        .min_by_key(|(s, _)| *s)
+        .copied()
+    else {
+        return Ok(Gap::None);
+    };
+    if !here.iter().any(|(s, _)| *s < missing) {
+        return Ok(Gap::None);
+    }
+    if trimmed_on_purpose(repo, missing).await? {
+        return Ok(Gap::None);
+    }
+    let key = wal_key(&WalFileName::Segment(missing));
+    let settles_at = Instant::now() + settle;
+    let age = |t: chrono::DateTime<chrono::Utc>| (chrono::Utc::now() - t).to_std().ok();
+    while age(stored_at).is_none_or(|a| a < settle) && Instant::now() < settles_at {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if repo.open_object(&key).await?.is_some() {
+            return Ok(Gap::Settled);
+        }
+    }
+    Ok(Gap::Before(next))
+}
+
+/// Whether `missing` lies where `prune --keep-wal-within` deletes WAL on
+/// purpose (before retention.json's complete_from): there an older backup is
+/// restorable only to its consistency point, and recovery reading ahead past
+/// that point must find the end of the archive, as before.
+async fn trimmed_on_purpose(repo: &Repository, missing: SegmentName) -> Result<bool> {
+    let Some(retention) = crate::retention::load(repo).await? else {
+        return Ok(false);
+    };
+    Ok(match repo.config().await? {
+        Some(c) if c.wal_segment_size > 0 => {
+            !retention.is_complete_from(missing.timeline, missing.segno(c.wal_segment_size))
+        }
+        _ => false,
+    })
+}
+
+async fn gap_error(repo: &Repository, missing: SegmentName, next: SegmentName) -> Error {
+    let start = match repo.config().await {
+        Ok(Some(c)) if c.wal_segment_size > 0 => format!(
+            " (LSN {})",
+            crate::wal::format_lsn(missing.start_lsn(c.wal_segment_size))
+        ),
+        _ => String::new(),
+    };
+    Error::corrupt(format!(
+        "{missing} is not in {} but {next} after it is: the archived WAL has a gap; \
+         put the missing segment back if a copy exists (pg_wal of the old server, \
+         another repository), otherwise only a recovery to a target before the gap{start} \
+         can succeed",
+        repo.url()
+    ))
+}
+
+async fn fetch(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
         (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) => {
@@ -553,5 +741,214 @@ async fn prefetch_one(
             let (decoded, ()) = tokio::join!(decode, pump);
             decoded.map_err(task_failed)?
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn the_signal_file_in_the_working_directory_names_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(Caller::in_dir(d), Caller::Manual);
+        std::fs::write(d.join("recovery.signal"), b"").unwrap();
+        assert_eq!(Caller::in_dir(d), Caller::ArchiveRecovery);
+        // Both: PostgreSQL runs a standby.
+        std::fs::write(d.join("standby.signal"), b"").unwrap();
+        assert_eq!(Caller::in_dir(d), Caller::Standby);
+        std::fs::remove_file(d.join("recovery.signal")).unwrap();
+        assert_eq!(Caller::in_dir(d), Caller::Standby);
+    }
+
+    #[test]
+    fn only_archive_recovery_turns_failures_into_a_stop() {
+        let name = "000000010000000000000005";
+        let failures = [
+            (Error::corrupt("damaged"), 204),
+            (Error::io("store down"), 205),
+            (Error::usage("no repository"), 202),
+            (Error::conflict("refused"), 203),
+        ];
+        for (e, status) in failures {
+            let kind = e.kind;
+            let stopped = Caller::ArchiveRecovery
+                .report(name, Err(e.clone()))
+                .unwrap_err();
+            assert_eq!(stopped.exit_code(), status);
+            assert!(stopped.message().starts_with(e.message()));
+            assert!(stopped.message().contains("stopped on purpose"));
+            assert!(!stopped.message().contains('\n'));
+            for caller in [Caller::Standby, Caller::Manual] {
+                let same = caller.report(name, Err(e.clone())).unwrap_err();
+                assert_eq!(same.exit_code(), kind.exit_code());
+                assert_eq!(same, e);
+            }
+        }
+        for caller in [Caller::ArchiveRecovery, Caller::Standby, Caller::Manual] {
+            let missing = caller
+                .report(name, Err(Error::not_found("not in the archive")))
+                .unwrap_err();
+            assert_eq!(missing.exit_code(), 1);
+            assert_eq!(missing.kind, ErrorKind::NotFound);
+            assert!(caller.report(name, Ok(())).is_ok());
+        }
+    }
+
+    fn segment(s: &str) -> SegmentName {
+        match WalFileName::parse(s).unwrap() {
+            WalFileName::Segment(s) => s,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A local repository holding objects (content does not matter here)
+    /// under the keys of `names`, stored `age` ago.
+    fn repository_with(dir: &Path, names: &[&str], age: Duration) -> Repository {
+        for name in names {
+            let key = wal_key(&WalFileName::parse(name).unwrap());
+            let path = dir.join(key.as_ref());
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            let file = std::fs::File::create(&path).unwrap();
+            file.set_modified(std::time::SystemTime::now() - age)
+                .unwrap();
+        }
+        let url = RepoUrl::parse(dir.to_str().unwrap()).unwrap();
+        Repository::open(&url, false).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_missing_segment_between_stored_ones_is_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        let repo = repository_with(
+            dir.path(),
+            &[
+                "000000010000000000000003",
+                "000000010000000000000004",
+                "000000010000000000000006",
+                // the next log folder, and another timeline
+                "000000010000000100000000",
+                "00000002000000000000000A",
+                "000000010000000000000007.partial",
+            ],
+            hour,
+        );
+        let settle = Duration::from_secs(5);
+        let gap = |s: &str| gap_at(&repo, segment(s), settle);
+        assert_eq!(
+            gap("000000010000000000000005").await.unwrap(),
+            Gap::Before(segment("000000010000000000000006"))
+        );
+        // Across log folders: the end of log 0 has nothing, log 1 has.
+        assert_eq!(
+            gap("0000000100000000000000FF").await.unwrap(),
+            Gap::Before(segment("000000010000000100000000"))
+        );
+        // The end of the archive: nothing of timeline 1 after it.
+        assert_eq!(gap("000000010000000100000001").await.unwrap(), Gap::None);
+        // Timeline 2 starts later: asking for an earlier segment of it is
+        // what recovery does, not a gap.
+        assert_eq!(gap("000000020000000000000005").await.unwrap(), Gap::None);
+        // Before anything stored.
+        assert_eq!(gap("000000010000000000000002").await.unwrap(), Gap::None);
+    }
+
+    #[tokio::test]
+    async fn wal_that_prune_trimmed_on_purpose_is_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = Duration::from_secs(3600);
+        // An older backup's WAL (3), trimmed WAL (4-9), the window (10 on).
+        let repo = repository_with(
+            dir.path(),
+            &[
+                "000000010000000000000003",
+                "00000001000000000000000A",
+                "00000001000000000000000C",
+            ],
+            hour,
+        );
+        let settle = Duration::from_secs(5);
+        let gap = |s: &'static str| gap_at(&repo, segment(s), settle);
+        // Without a record of the trimming, a hole is a hole.
+        assert_eq!(
+            gap("000000010000000000000004").await.unwrap(),
+            Gap::Before(segment("00000001000000000000000A"))
+        );
+        let config = crate::repository::RepositoryConfig {
+            format: 1,
+            system_identifier: "7".into(),
+            pg_version: 150000,
+            wal_segment_size: 1 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        std::fs::write(
+            dir.path().join("walvault.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        let retention = crate::retention::Retention {
+            complete_from_timeline: 1,
+            complete_from_segno: 10,
+            updated_at: chrono::Utc::now(),
+            timelines: vec![],
+        };
+        crate::retention::store(&repo, &retention).await.unwrap();
+        assert_eq!(gap("000000010000000000000004").await.unwrap(), Gap::None);
+        // Inside the complete window it still is.
+        assert_eq!(
+            gap("00000001000000000000000B").await.unwrap(),
+            Gap::Before(segment("00000001000000000000000C"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gap_next_to_fresh_segments_waits_for_them_to_settle() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = repository_with(
+            dir.path(),
+            &["000000010000000000000003", "000000010000000000000005"],
+            Duration::ZERO,
+        );
+        let late = dir
+            .path()
+            .join(wal_key(&WalFileName::Segment(segment("000000010000000000000004"))).as_ref());
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            std::fs::write(late, b"x").unwrap();
+        });
+        let since = Instant::now();
+        let gap = gap_at(
+            &repo,
+            segment("000000010000000000000004"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        writer.await.unwrap();
+        assert_eq!(gap, Gap::Settled);
+        assert!(since.elapsed() < Duration::from_secs(10));
+        // Fresh later segments and nothing arriving: a gap once settled.
+        let since = Instant::now();
+        let gap = gap_at(
+            &repo,
+            segment("000000010000000000000002"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(gap, Gap::None);
+        let repo = repository_with(dir.path(), &["000000010000000000000007"], Duration::ZERO);
+        let gap = gap_at(
+            &repo,
+            segment("000000010000000000000006"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(gap, Gap::Before(segment("000000010000000000000007")));
+        assert!(since.elapsed() >= Duration::from_secs(1));
     }
 }

@@ -65,10 +65,9 @@ pub fn write_atomically_with(
     let file_name = path.file_name().ok_or_else(|| {
         crate::error::Error::usage(format!("'{}' is not a file path", path.display()))
     })?;
-    let tmp = dir.join(format!(
-        ".{}.walvault-{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
+    let tmp = dir.join(temporary_name(
+        &file_name.to_string_lossy(),
+        std::process::id(),
     ));
     let result = (|| {
         let mut options = std::fs::OpenOptions::new();
@@ -98,6 +97,73 @@ pub fn write_atomically_with(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The temporary through which process `pid` writes `file_name`
+/// ([`write_atomically_with`]); a process killed by a signal leaves it behind.
+fn temporary_name(file_name: &str, pid: u32) -> String {
+    format!(".{file_name}.walvault-{pid}.tmp")
+}
+
+/// The pid in a name [`temporary_name`] made, if `name` is exactly such a name.
+fn temporary_owner(name: &str) -> Option<u32> {
+    let (file_name, pid) = name
+        .strip_prefix('.')?
+        .strip_suffix(".tmp")?
+        .rsplit_once(".walvault-")?;
+    let valid_pid = !pid.is_empty() && pid.len() <= 10 && pid.bytes().all(|b| b.is_ascii_digit());
+    if file_name.is_empty() || !valid_pid {
+        return None;
+    }
+    pid.parse().ok().filter(|&p| p > 0 && p <= i32::MAX as u32)
+}
+
+/// Whether a process `pid` exists (one we may not signal exists too).
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        // kill(0 or negative) would address process groups.
+        return true;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let sent = unsafe { libc::kill(pid, 0) };
+    sent == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes from `dir` the temporaries of [`write_atomically_with`] whose
+/// writer no longer exists: a write ended by a signal leaves one behind (up
+/// to a whole segment in pg_wal), and nothing else ever would remove it.
+/// Only regular files named exactly like one go, never a symlink or anything
+/// else; a temporary whose pid is alive (or reused) stays. Best effort:
+/// returns how many were removed.
+pub fn remove_abandoned_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temporary_owner) else {
+            continue;
+        };
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        if !regular || process_exists(pid) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                tracing::info!(
+                    "removed {}, left behind by an interrupted walvault (pid {pid})",
+                    entry.path().display()
+                );
+                removed += 1;
+            }
+            Err(e) => tracing::debug!("cannot remove {}: {e}", entry.path().display()),
+        }
+    }
+    removed
 }
 
 /// Starts `walvault <args>` as a background worker unless one of its kind
@@ -156,5 +222,85 @@ pub fn spawn_worker(
     })();
     if let Err(e) = started {
         tracing::warn!("cannot start the background {kind:?} worker ({e}); continuing without it");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pid no process has: one that existed and was reaped.
+    fn dead_pid() -> u32 {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(!process_exists(pid));
+        pid
+    }
+
+    #[test]
+    fn temporary_names_round_trip_and_nothing_else_matches() {
+        let name = temporary_name("RECOVERYXLOG", 4242);
+        assert_eq!(name, ".RECOVERYXLOG.walvault-4242.tmp");
+        assert_eq!(temporary_owner(&name), Some(4242));
+        for other in [
+            "RECOVERYXLOG.walvault-4242.tmp",
+            ".RECOVERYXLOG.walvault-4242.tmp.x",
+            ".RECOVERYXLOG.walvault-.tmp",
+            ".RECOVERYXLOG.walvault-42a.tmp",
+            ".RECOVERYXLOG.walvault--1.tmp",
+            ".RECOVERYXLOG.walvault-0.tmp",
+            ".RECOVERYXLOG.walvault-99999999999.tmp",
+            "..walvault-4242.tmp",
+            "000000010000000000000001",
+            ".RECOVERYXLOG.tmp",
+        ] {
+            assert_eq!(temporary_owner(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn abandoned_temporaries_go_and_everything_else_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let dead = dead_pid();
+        let alive = std::process::id();
+        let abandoned = d.join(temporary_name("RECOVERYXLOG", dead));
+        let in_use = d.join(temporary_name("RECOVERYXLOG", alive));
+        let other_file = d.join("000000010000000000000001");
+        let look_alike = d.join(format!(".RECOVERYXLOG.walvault-{dead}.tmp.keep"));
+        std::fs::write(&abandoned, b"half a segment").unwrap();
+        std::fs::write(&in_use, b"being written").unwrap();
+        std::fs::write(&other_file, b"wal").unwrap();
+        std::fs::write(&look_alike, b"x").unwrap();
+        // A symlink and a directory named like abandoned temporaries, and
+        // the file the symlink points at, stay.
+        let target = d.join("target");
+        std::fs::write(&target, b"precious").unwrap();
+        let link = d.join(temporary_name("LINK", dead));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let sub = d.join(temporary_name("DIR", dead));
+        std::fs::create_dir(&sub).unwrap();
+
+        assert_eq!(remove_abandoned_temporaries(d), 1);
+        assert!(!abandoned.exists());
+        for kept in [&in_use, &other_file, &look_alike, &target, &sub] {
+            assert!(kept.exists(), "{}", kept.display());
+        }
+        assert!(link.symlink_metadata().is_ok());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+        // Nothing to do in a directory that does not exist.
+        assert_eq!(remove_abandoned_temporaries(&d.join("missing")), 0);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("RECOVERYXLOG");
+        let failed = write_atomically_with(&path, None, Durability::Visible, |_| {
+            Err(crate::error::Error::io("disk full"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
