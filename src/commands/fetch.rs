@@ -880,7 +880,7 @@ mod tests {
         let config = crate::repository::RepositoryConfig {
             format: 1,
             system_identifier: "7".into(),
-            pg_version: 150000,
+            pg_version: 15,
             wal_segment_size: 1 << 20,
             created_at: chrono::Utc::now(),
         };
