@@ -269,6 +269,18 @@ struct RestoreArgs {
     /// OID=DIR: restore a tablespace into DIR instead of its original location.
     #[arg(long, value_name = "OID=DIR")]
     tablespace_map: Vec<String>,
+    /// Timeline to recover along: latest (default), current (the backup's) or a number.
+    #[arg(long, value_name = "latest|current|N")]
+    target_timeline: Option<String>,
+    /// Stop just before the --time, --lsn or --xid target instead of just after it.
+    #[arg(long)]
+    target_exclusive: bool,
+    /// KEY=VALUE: another setting for postgresql.auto.conf (repeatable; wins over walvault's).
+    #[arg(long, value_name = "KEY=VALUE")]
+    recovery_option: Vec<String>,
+    /// Whether the restored server keeps archiving into the repository: preserve (default) or off.
+    #[arg(long, value_name = "preserve|off")]
+    archive_mode: Option<String>,
 }
 
 fn cores() -> usize {
@@ -300,6 +312,20 @@ impl RestoreArgs {
             primary_conninfo: self.primary_conninfo,
             jobs: self.jobs.unwrap_or(2 * cores()),
             tablespace_map,
+            target_timeline: match &self.target_timeline {
+                Some(t) => restore::TargetTimeline::parse(t)?,
+                None => restore::TargetTimeline::Latest,
+            },
+            target_exclusive: self.target_exclusive,
+            recovery_options: self
+                .recovery_option
+                .iter()
+                .map(|o| restore::parse_recovery_option(o))
+                .collect::<Result<_, _>>()?,
+            archive_mode: match &self.archive_mode {
+                Some(m) => restore::ArchiveMode::parse(m)?,
+                None => restore::ArchiveMode::Preserve,
+            },
         })
     }
 }
@@ -360,6 +386,9 @@ fn main() -> ExitCode {
         | Command::FetchAhead { .. } => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    // Only fetch answers "not in the archive" quietly: PostgreSQL asks for
+    // files that do not exist yet. Every other command says what it missed.
+    let quiet_not_found = matches!(cli.command, Command::Fetch { .. });
     let result = runtime
         .enable_all()
         .build()
@@ -368,7 +397,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.kind == ErrorKind::NotFound && !e.stops_recovery() {
+            if quiet_not_found && e.kind == ErrorKind::NotFound && !e.stops_recovery() {
                 // PostgreSQL asks for files that do not exist yet: not an error.
                 tracing::debug!("{e}");
             } else {

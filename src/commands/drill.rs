@@ -320,6 +320,11 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
             primary_conninfo: None,
             jobs: opts.jobs,
             tablespace_map: vec![],
+            target_timeline: crate::commands::restore::TargetTimeline::Latest,
+            target_exclusive: false,
+            recovery_options: vec![],
+            // The scratch server's own settings turn archiving off.
+            archive_mode: crate::commands::restore::ArchiveMode::Off,
         },
     )
     .await?;

@@ -27,6 +27,94 @@ pub struct RestoreOptions {
     pub jobs: usize,
     /// `OID=DIR`: restore a tablespace somewhere else.
     pub tablespace_map: Vec<(u32, PathBuf)>,
+    /// Which timeline recovery follows (PostgreSQL's default: latest).
+    pub target_timeline: TargetTimeline,
+    /// Stop just before the target instead of just after it.
+    pub target_exclusive: bool,
+    /// Further `KEY = VALUE` lines for postgresql.auto.conf; they win over
+    /// what walvault would write for the same key.
+    pub recovery_options: Vec<(String, String)>,
+    pub archive_mode: ArchiveMode,
+}
+
+/// `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetTimeline {
+    /// The newest timeline in the archive (PostgreSQL's default).
+    Latest,
+    /// The backup's own timeline.
+    Current,
+    Id(u32),
+}
+
+impl TargetTimeline {
+    pub fn parse(s: &str) -> Result<TargetTimeline> {
+        match s {
+            "latest" => Ok(TargetTimeline::Latest),
+            "current" => Ok(TargetTimeline::Current),
+            n => match n.parse::<u32>() {
+                Ok(id) if id >= 1 => Ok(TargetTimeline::Id(id)),
+                _ => Err(Error::usage(format!(
+                    "--target-timeline '{n}' must be latest, current or a timeline number (1 or more)"
+                ))),
+            },
+        }
+    }
+
+    fn setting(self) -> String {
+        match self {
+            TargetTimeline::Latest => "latest".into(),
+            TargetTimeline::Current => "current".into(),
+            TargetTimeline::Id(n) => n.to_string(),
+        }
+    }
+}
+
+/// Whether the restored server goes on archiving into the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveMode {
+    /// Keep the backed-up server's archive settings: once promoted, the copy
+    /// archives its new timeline into the repository (and restores to latest
+    /// then follow that timeline).
+    Preserve,
+    /// `archive_mode = off` in postgresql.auto.conf: the copy archives nothing.
+    Off,
+}
+
+impl ArchiveMode {
+    pub fn parse(s: &str) -> Result<ArchiveMode> {
+        match s {
+            "preserve" => Ok(ArchiveMode::Preserve),
+            "off" => Ok(ArchiveMode::Off),
+            _ => Err(Error::usage(format!(
+                "--archive-mode '{s}' must be preserve or off"
+            ))),
+        }
+    }
+}
+
+/// A `--recovery-option KEY=VALUE`: a PostgreSQL setting name (letters,
+/// digits, `_` and `.`, not starting with a digit) and any value.
+pub fn parse_recovery_option(s: &str) -> Result<(String, String)> {
+    let bad = || {
+        Error::usage(format!(
+            "--recovery-option '{}' is not KEY=VALUE with KEY a PostgreSQL setting name",
+            s.escape_debug()
+        ))
+    };
+    let (key, value) = s.split_once('=').ok_or_else(bad)?;
+    let key = key.trim();
+    let well_formed = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !well_formed || value.contains(['\n', '\r', '\0']) {
+        return Err(bad());
+    }
+    Ok((key.to_ascii_lowercase(), value.to_string()))
 }
 
 /// What a restore did.
@@ -70,6 +158,21 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
             "--standby follows the primary; it takes no recovery target",
         ));
     }
+    if opts.target_exclusive
+        && !matches!(
+            opts.target,
+            RecoveryTarget::Time(_) | RecoveryTarget::Lsn(_) | RecoveryTarget::Xid(_)
+        )
+    {
+        return Err(Error::usage(
+            "--target-exclusive needs a --time, --lsn or --xid target",
+        ));
+    }
+    if opts.standby && opts.target_timeline != TargetTimeline::Latest {
+        return Err(Error::usage(
+            "--standby follows the primary's timeline; it takes no --target-timeline",
+        ));
+    }
     if let Some(a) = &opts.target_action
         && !["promote", "pause", "shutdown"].contains(&a.as_str())
     {
@@ -82,12 +185,32 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     let backups = catalog::load_readable(&repo).await?;
     // Where complete WAL starts; an unreadable record only means "unknown".
     let retention = crate::retention::load(&repo).await.ok().flatten();
+    let backups = match opts.target_timeline {
+        TargetTimeline::Id(n) => {
+            let ancestry = target::ancestry_of(&repo, n).await?;
+            target::on_lineage(&backups, n, &ancestry)
+        }
+        _ => backups,
+    };
+    if backups.is_empty() {
+        return Err(Error::not_found(format!(
+            "no backup lies on the history of timeline {}; 'walvault status' shows the timelines",
+            opts.target_timeline.setting()
+        )));
+    }
     let manifest = opts
         .target
         .choose(&backups, opts.backup.as_deref(), retention.as_ref())?
         .clone();
     manifest.check_paths()?;
-    target::warn_about_latest(&repo, &manifest).await;
+    if opts.target_timeline == TargetTimeline::Latest
+        && !opts
+            .recovery_options
+            .iter()
+            .any(|(k, _)| k == "recovery_target_timeline")
+    {
+        target::warn_about_latest(&repo, &manifest).await;
+    }
     if let Some(bad) = manifest
         .files
         .iter()
@@ -475,18 +598,38 @@ fn write_recovery_settings(
     // restored one, whose target would still apply); ours are appended.
     // Unused targets are left out, not set to '': PostgreSQL counts an
     // emptied target assigned after a set one as a second target.
-    let mut settings: Vec<(&str, String)> = vec![
-        ("restore_command", restore_command),
-        ("recovery_target_timeline", "latest".into()),
+    let mut settings: Vec<(String, String)> = vec![
+        ("restore_command".into(), restore_command),
+        (
+            "recovery_target_timeline".into(),
+            opts.target_timeline.setting(),
+        ),
     ];
-    settings.extend(opts.target.settings());
+    settings.extend(
+        opts.target
+            .settings()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    if opts.target_exclusive {
+        settings.push(("recovery_target_inclusive".into(), "false".into()));
+    }
     if opts.target != RecoveryTarget::Latest {
         let action = opts.target_action.as_deref().unwrap_or("promote");
-        settings.push(("recovery_target_action", action.into()));
+        settings.push(("recovery_target_action".into(), action.into()));
     }
     if let Some(c) = &opts.primary_conninfo {
-        settings.push(("primary_conninfo", c.clone()));
+        settings.push(("primary_conninfo".into(), c.clone()));
     }
+    if opts.archive_mode == ArchiveMode::Off {
+        settings.push(("archive_mode".into(), "off".into()));
+    }
+    // The operator's own options win: one line per key, theirs last.
+    for (k, v) in &opts.recovery_options {
+        settings.retain(|(key, _)| key != k);
+        settings.push((k.clone(), v.clone()));
+    }
+    let ours: Vec<String> = settings.iter().map(|(k, _)| k.clone()).collect();
     let managed = |key: &str| {
         RECOVERY_TARGET_KEYS.contains(&key)
             || [
@@ -497,6 +640,7 @@ fn write_recovery_settings(
                 "primary_conninfo",
             ]
             .contains(&key)
+            || ours.iter().any(|k| k == key)
     };
     let auto = pgdata.join("postgresql.auto.conf");
     let previous = read_regular_file(&auto)?;
@@ -544,6 +688,49 @@ fn read_regular_file(path: &Path) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn recovery_option_values() {
+        use super::*;
+        assert_eq!(
+            parse_recovery_option("work_mem=7MB").unwrap(),
+            ("work_mem".into(), "7MB".into())
+        );
+        assert_eq!(
+            parse_recovery_option("Primary_Slot_Name = a=b").unwrap(),
+            ("primary_slot_name".into(), " a=b".into())
+        );
+        assert_eq!(
+            parse_recovery_option("auto_explain.log_min_duration=0")
+                .unwrap()
+                .0,
+            "auto_explain.log_min_duration"
+        );
+        for bad in [
+            "",
+            "=1",
+            "no_equals",
+            "bad key=1",
+            "1x=2",
+            "k=a\nrestore_command=x",
+            "k;=1",
+        ] {
+            assert!(parse_recovery_option(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            TargetTimeline::parse("latest").unwrap(),
+            TargetTimeline::Latest
+        );
+        assert_eq!(
+            TargetTimeline::parse("current").unwrap(),
+            TargetTimeline::Current
+        );
+        assert_eq!(TargetTimeline::parse("3").unwrap(), TargetTimeline::Id(3));
+        for bad in ["0", "-1", "x", ""] {
+            assert!(TargetTimeline::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ArchiveMode::parse("off").is_ok() && ArchiveMode::parse("on").is_err());
+    }
+
     #[test]
     fn a_planted_link_at_the_temporary_name_is_not_followed() {
         let dir = tempfile::tempdir().unwrap();

@@ -211,6 +211,50 @@ pub fn latest_timeline_warning(
     ))
 }
 
+/// Timeline `n`'s ancestors as its history file in the repository lists
+/// them (none for timeline 1).
+pub async fn ancestry_of(
+    repo: &crate::repository::Repository,
+    n: u32,
+) -> Result<crate::archive::Ancestry> {
+    use crate::wal::WalFileName;
+    if n <= 1 {
+        return Ok(vec![]);
+    }
+    let key = crate::repository::wal_key(&WalFileName::TimelineHistory(n));
+    let Some(bytes) = repo.get(&key).await? else {
+        return Err(Error::not_found(format!(
+            "timeline {n} has no history file ({n:08X}.history) in the repository; \
+             'walvault status' shows the timelines"
+        )));
+    };
+    let (_, text) = crate::object::decode_limited(&bytes, 16 << 20)
+        .map_err(|e| Error::corrupt(format!("the history file of timeline {n} is damaged: {e}")))?;
+    Ok(crate::archive::parse_history(&String::from_utf8_lossy(
+        &text,
+    )))
+}
+
+/// The backups recovery can start from to follow timeline `n`: those on `n`
+/// itself, and those on an ancestor that were consistent before `n`'s
+/// history left that ancestor.
+pub fn on_lineage(
+    backups: &[Manifest],
+    n: u32,
+    ancestry: &crate::archive::Ancestry,
+) -> Vec<Manifest> {
+    backups
+        .iter()
+        .filter(|b| {
+            b.timeline == n
+                || ancestry
+                    .iter()
+                    .any(|(parent, left_at)| *parent == b.timeline && b.stop_lsn.0 <= *left_at)
+        })
+        .cloned()
+        .collect()
+}
+
 /// A value in postgresql.conf syntax: single-quoted, quotes doubled.
 pub fn conf_quote(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
@@ -268,6 +312,26 @@ mod tests {
             files: vec![],
             stats: Default::default(),
         }
+    }
+
+    #[test]
+    fn backups_on_a_timelines_lineage() {
+        // Timeline 3 left 2 at 0x500, which had left 1 at 0x300.
+        let ancestry = vec![(2, 0x500), (1, 0x300)];
+        let all = vec![
+            backup(1, 0x100, 0x200), // before the branch: on the lineage
+            backup(1, 0x380, 0x400), // timeline 1 after 2 left it: not
+            backup(2, 0x400, 0x480), // timeline 2 before 3 left it
+            backup(2, 0x600, 0x700), // timeline 2 after: not
+            backup(3, 0x800, 0x900),
+            backup(4, 0x800, 0x900), // another branch: not
+        ];
+        let kept: Vec<(u32, u64)> = on_lineage(&all, 3, &ancestry)
+            .iter()
+            .map(|b| (b.timeline, b.start_lsn.0))
+            .collect();
+        assert_eq!(kept, vec![(1, 0x100), (2, 0x400), (3, 0x800)]);
+        assert_eq!(on_lineage(&all, 1, &vec![]).len(), 2);
     }
 
     #[test]
