@@ -202,8 +202,8 @@ fn drill_fails_when_replay_stops_short_of_the_archive() {
     let rows = report["check_sql_result"].as_str().unwrap();
     assert!(["25000", "30000", "35000"].contains(&rows), "{report}");
 
-    // A segment missing in the middle: PostgreSQL takes it for the end of the
-    // archive and promotes without the rest; the drill must fail.
+    // A segment missing in the middle: fetch stops recovery there (it would
+    // otherwise promote without the rest); the drill fails, naming the gap.
     let missing = wal_object(&s.root().join("repo"), &segments[1]);
     let saved = std::fs::read(&missing).unwrap();
     std::fs::remove_file(&missing).unwrap();
@@ -212,7 +212,9 @@ fn drill_fails_when_replay_stops_short_of_the_archive() {
     assert_eq!(report["ok"], false, "{report}");
     let error = report["error"].as_str().unwrap();
     assert!(
-        error.contains("short of the archive's end") && error.contains(&segments[6]),
+        error.contains("recovery stopped before the end of the archive")
+            && error.contains("gap")
+            && error.contains(&segments[1]),
         "{error}"
     );
     std::fs::write(&missing, &saved).unwrap();
@@ -225,8 +227,13 @@ fn drill_fails_when_replay_stops_short_of_the_archive() {
     bytes[at] ^= 0x55;
     std::fs::write(&damaged, &bytes).unwrap();
     let (out, report) = drill_as_postgres(&s, &parent);
-    assert!(!out.status.success(), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(4), "{}", describe(&out));
     assert_eq!(report["ok"], false, "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("damaged") && error.contains(&segments[2]),
+        "{error}"
+    );
     assert_eq!(
         std::fs::read_dir(&parent).unwrap().count(),
         0,

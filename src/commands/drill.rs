@@ -197,6 +197,41 @@ struct Scratch {
     started: bool,
 }
 
+/// Why the restored server stopped during recovery, when walvault's fetch
+/// stopped it: fetch exits 200 + its status for a WAL file that exists but
+/// cannot be delivered (damaged, a gap, the store unreachable), and says why
+/// in one line, which lands in the server's log. The drill fails with that
+/// line and fetch's own status.
+fn recovery_stop_reason(log_tail: &str) -> Option<Error> {
+    let line = log_tail
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("walvault: error:").map(|(_, why)| why.trim()))?;
+    // PostgreSQL's own line: 'could not restore file "…" from archive: child
+    // process exited with exit code 204'.
+    let status = log_tail.lines().rev().find_map(|l| {
+        if !l.contains("could not restore file") {
+            return None;
+        }
+        let (_, after) = l.split_once("exit code ")?;
+        after
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse::<u16>()
+            .ok()
+    });
+    let kind = match status.map(|s| s.saturating_sub(200)) {
+        Some(2) => crate::error::ErrorKind::Usage,
+        Some(3) => crate::error::ErrorKind::Conflict,
+        Some(4) => crate::error::ErrorKind::Corrupt,
+        _ => crate::error::ErrorKind::Io,
+    };
+    Some(Error::new(
+        kind,
+        format!("recovery stopped before the end of the archive: {line}"),
+    ))
+}
+
 impl Scratch {
     fn log(&self) -> PathBuf {
         self.dir.join("server.log")
@@ -378,11 +413,14 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .context(|| "cannot run pg_ctl".into())?;
     scratch.started = true;
     if !out.status.success() {
-        report.server_log_tail = Some(scratch.log_tail());
-        return Err(Error::io(format!(
-            "the restored server did not start: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        let tail = scratch.log_tail();
+        report.server_log_tail = Some(tail.clone());
+        return Err(recovery_stop_reason(&tail).unwrap_or_else(|| {
+            Error::io(format!(
+                "the restored server did not start: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }));
     }
 
     let mut config = tokio_postgres::Config::new();
@@ -398,10 +436,17 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     tokio::spawn(connection);
     let deadline = Instant::now() + opts.timeout;
     loop {
-        let row = client
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| Error::io(format!("restored server: {e}")))?;
+        let row = match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+            Ok(row) => row,
+            Err(e) => {
+                // Most often the server stopped itself: fetch stops archive
+                // recovery on purpose when a WAL file cannot be delivered.
+                let tail = scratch.log_tail();
+                report.server_log_tail = Some(tail.clone());
+                return Err(recovery_stop_reason(&tail)
+                    .unwrap_or_else(|| Error::io(format!("restored server: {e}"))));
+            }
+        };
         if !row.get::<_, bool>(0) {
             break;
         }
