@@ -326,6 +326,7 @@ impl RestoreArgs {
                 Some(m) => restore::ArchiveMode::parse(m)?,
                 None => restore::ArchiveMode::Preserve,
             },
+            tablespaces_under: None,
         })
     }
 }

@@ -349,3 +349,47 @@ fn chunk_past_pack_end(s: &Setup, packs: &Path) {
         "{err}"
     );
 }
+
+/// A backup with a tablespace outside the data directory's parent drills:
+/// the tablespace goes inside the drill's scratch directory, never back to
+/// where the backed-up server kept it.
+#[test]
+fn a_backup_with_a_tablespace_drills_inside_its_scratch_directory() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let elsewhere = tempfile::Builder::new()
+        .prefix("walvault-ts-")
+        .tempdir()
+        .unwrap();
+    let ts = elsewhere.path().join("ts");
+    std::fs::create_dir(&ts).unwrap();
+    give_to_postgres(elsewhere.path());
+    s.primary.sql(&format!(
+        "CREATE TABLESPACE extra LOCATION '{}'",
+        ts.display()
+    ));
+    s.primary
+        .sql("CREATE TABLE t (batch int, id int) TABLESPACE extra");
+    s.primary
+        .sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 5000) g");
+    s.backup();
+    let last = s.primary.switch_wal();
+    s.primary.wait_archived(&last);
+    let before: Vec<_> = std::fs::read_dir(&ts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+
+    let parent = shared_temp_folder();
+    let (out, report) = drill_as_postgres(&s, parent.path());
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(report["check_sql_result"], "5000", "{report}");
+    let after: Vec<_> = std::fs::read_dir(&ts)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        before, after,
+        "the drill wrote into the original tablespace"
+    );
+    assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+}

@@ -360,6 +360,9 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
             recovery_options: vec![],
             // The scratch server's own settings turn archiving off.
             archive_mode: crate::commands::restore::ArchiveMode::Off,
+            // Tablespaces live in the scratch directory too: never where
+            // the backed-up server kept them.
+            tablespaces_under: Some(scratch.dir.clone()),
         },
     )
     .await?;

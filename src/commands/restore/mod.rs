@@ -35,6 +35,10 @@ pub struct RestoreOptions {
     /// what walvault would write for the same key.
     pub recovery_options: Vec<(String, String)>,
     pub archive_mode: ArchiveMode,
+    /// Where every tablespace `tablespace_map` does not name goes, one
+    /// directory per OID (drill: inside its scratch directory); `None`: back
+    /// where it was, if that lies beside the data directory.
+    pub tablespaces_under: Option<PathBuf>,
 }
 
 /// `recovery_target_timeline`.
@@ -224,7 +228,15 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         )));
     }
     let pgdata = prepare_empty_dir(&opts.pgdata, "--pgdata")?;
-    let locations = tablespace_locations(&manifest, &pgdata, &opts.tablespace_map)?;
+    let mut map = opts.tablespace_map.clone();
+    if let Some(root) = &opts.tablespaces_under {
+        for t in &manifest.tablespaces {
+            if !map.iter().any(|(oid, _)| *oid == t.oid) {
+                map.push((t.oid, root.join(format!("tblspc-{}", t.oid))));
+            }
+        }
+    }
+    let locations = tablespace_locations(&manifest, &pgdata, &map)?;
     let dest_of = |path: &str| -> PathBuf { destination(&pgdata, &locations, path) };
 
     for dir in &manifest.directories {
