@@ -203,7 +203,8 @@ fn pushed_files_are_private_whatever_the_umask() {
         ("new", None, 0o600, 0o700),
         ("owner-only", Some(0o700), 0o600, 0o700),
         ("group", Some(0o750), 0o640, 0o750),
-        ("operator-mkdir", Some(0o755), 0o640, 0o750),
+        // A plain mkdir under umask 022 grants its group nothing on purpose.
+        ("operator-mkdir", Some(0o755), 0o600, 0o700),
     ];
     for (name, root_mode, file_mode, dir_mode) in cases {
         let root = parent.join(name);
@@ -258,9 +259,10 @@ fn backup_files_are_private_whatever_the_umask() {
         .unwrap();
     assert!(prune.status.success(), "prune: {}", describe(&prune));
 
-    // Nothing in it for other users; the group the root grants reads only.
+    // Nothing in it for other users, nor for the root's group: a 0755
+    // directory grants its group nothing on purpose.
     let root = Path::new(&s.repo.url);
-    let wrong = wrong_modes(root, 0o640, 0o750);
+    let wrong = wrong_modes(root, 0o600, 0o700);
     assert!(wrong.is_empty(), "{wrong:#?}");
     assert!(root.join("packs").is_dir() && root.join("backups").is_dir());
 

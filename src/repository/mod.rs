@@ -118,10 +118,16 @@ pub fn restrict_created_modes(url: &RepoUrl) {
     unsafe { libc::umask(mask) };
 }
 
-/// Whether the operator gave the repository's directory to a group.
+/// Whether the operator gave the repository's directory to a group: group
+/// access and none for others. A plain `mkdir` under umask 022 (0755) grants
+/// its group nothing on purpose, so it must not make the database readable
+/// by whatever group the directory happens to have.
 fn grants_group(root: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(root).is_ok_and(|m| m.permissions().mode() & 0o070 != 0)
+    std::fs::metadata(root).is_ok_and(|m| {
+        let mode = m.permissions().mode();
+        mode & 0o070 != 0 && mode & 0o007 == 0
+    })
 }
 
 /// What a create-only write found.
