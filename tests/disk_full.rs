@@ -1,0 +1,191 @@
+//! A full disk, on small tmpfs mounts (root only; skipped otherwise): a push
+//! into a full repository fails cleanly with a retryable status and leaves
+//! nothing half-written that a fetch would see; after space is freed the same
+//! push succeeds and the bytes come back. A prefetch spool that fills never
+//! fails a fetch.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const SEG: u32 = 1 << 20;
+const SYSID: u64 = 7_000_000_000_000_000_123;
+
+/// A tmpfs of `size` at a new directory; unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&at).unwrap();
+        run_capture(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0777")])
+                .arg("tmpfs")
+                .arg(&at),
+        );
+        Tmpfs(at)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A segment whose content zstd cannot shrink: the disk fills predictably.
+fn incompressible_segment(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let mut bytes = synthetic_segment(name, SYSID, SEG, 0);
+    let mut x = seed | 1;
+    for b in bytes[64..].iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn name(i: u32) -> String {
+    format!("00000001000000000000{i:04X}")
+}
+
+#[test]
+fn a_full_repository_fails_cleanly_and_resumes() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = scratch();
+    let bin = install_binary(dir.path());
+    let disk = Tmpfs::mount(dir.path().join("small"), "6m");
+    let repo = RepoTarget::local(&disk.0.join("repo"));
+    let push = |path: &Path, name: &str| {
+        repo.walvault(&bin)
+            .args(["push", "--push-ahead", "0"])
+            .arg(path)
+            .arg(name)
+            .output()
+            .unwrap()
+    };
+    let fetch = |name: &str, to: &Path| {
+        repo.walvault(&bin)
+            .args(["fetch", "--prefetch", "0", name])
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    // Push until the disk refuses one.
+    let mut pushed = vec![];
+    let mut refused = None;
+    for i in 1..=12u32 {
+        let n = name(i);
+        let path = incompressible_segment(dir.path(), &n, u64::from(i));
+        let out = push(&path, &n);
+        if out.status.success() {
+            pushed.push((n, path));
+            continue;
+        }
+        // Retryable for PostgreSQL's archiver, and said in one line.
+        assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("No space left") || stderr.contains("space"),
+            "{stderr}"
+        );
+        refused = Some((n, path));
+        break;
+    }
+    let (refused_name, refused_path) = refused.expect("the 6 MiB disk never filled");
+    assert!(!pushed.is_empty());
+
+    // Nothing half-written is visible: the refused segment is not in the
+    // archive, and every one pushed before comes back byte for byte.
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = fetch(&refused_name, &out_dir.join("x"));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(!out_dir.join("x").exists());
+    for (n, path) in &pushed {
+        let to = out_dir.join(n);
+        let out = fetch(n, &to);
+        assert!(out.status.success(), "{}", describe(&out));
+        assert_eq!(std::fs::read(&to).unwrap(), std::fs::read(path).unwrap());
+    }
+
+    // Space freed (the oldest segment moved off, as an operator would):
+    // PostgreSQL's retry of the same push now succeeds.
+    let victim = walkdir::WalkDir::new(disk.0.join("repo/wal"))
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            e.file_type().is_file() && e.file_name().to_string_lossy().starts_with(&pushed[0].0)
+        })
+        .unwrap();
+    std::fs::remove_file(victim.path()).unwrap();
+    let out = push(&refused_path, &refused_name);
+    assert!(
+        out.status.success(),
+        "after freeing space: {}",
+        describe(&out)
+    );
+    let to = out_dir.join(&refused_name);
+    let out = fetch(&refused_name, &to);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(
+        std::fs::read(&to).unwrap(),
+        std::fs::read(&refused_path).unwrap()
+    );
+}
+
+#[test]
+fn a_full_prefetch_spool_never_fails_a_fetch() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = scratch();
+    let bin = install_binary(dir.path());
+    let repo = RepoTarget::local(&dir.path().join("repo"));
+    let mut segments = vec![];
+    for i in 1..=8u32 {
+        let n = name(i);
+        let path = incompressible_segment(dir.path(), &n, u64::from(i));
+        let out = repo
+            .walvault(&bin)
+            .args(["push", "--push-ahead", "0"])
+            .arg(&path)
+            .arg(&n)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        segments.push((n, path));
+    }
+    // Room for about one and a half prefetched segments.
+    let spool = Tmpfs::mount(dir.path().join("spool"), "1536k");
+    let pg_wal = dir.path().join("pg_wal");
+    std::fs::create_dir(&pg_wal).unwrap();
+    for (n, path) in &segments {
+        let to = pg_wal.join("RECOVERYXLOG");
+        let out = repo
+            .walvault(&bin)
+            .args(["fetch", "--prefetch", "6", "--spool"])
+            .arg(&spool.0)
+            .arg(n)
+            .arg(&to)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{n}: {}", describe(&out));
+        assert_eq!(
+            std::fs::read(&to).unwrap(),
+            std::fs::read(path).unwrap(),
+            "{n}"
+        );
+    }
+    wait_for_spool_workers(&spool.0);
+}
