@@ -1,6 +1,7 @@
 //! A hostile repository: every parser of what a repository (or a caller)
 //! hands walvault gets damaged, truncated, extended and random input, and
-//! must answer with an error or the right value: never a panic, never a
+//! (walvault.json, retention.json and history files included) must answer
+//! with an error or the right value: never a panic, never a
 //! buffer sized by a claim past the declared limit.
 //!
 //! `make test` runs a few hundred cases per parser; `WALVAULT_FUZZ_CASES`
@@ -183,6 +184,22 @@ proptest! {
         if let Ok(m) = walvault::manifest::Manifest::from_json(&bytes, "a test") {
             let _ = m.check_paths();
         }
+    }
+
+    /// walvault.json and retention.json from random JSON, and history files
+    /// from random text: parsed, validated and used without a panic.
+    #[test]
+    fn small_records(value in any_json(), text in "\\PC{0,200}", timeline: u32, segno: u64) {
+        let bytes = value.to_string().into_bytes();
+        if let Ok(c) = serde_json::from_slice::<walvault::repository::RepositoryConfig>(&bytes) {
+            let _ = c.validate();
+        }
+        if let Ok(r) = serde_json::from_slice::<walvault::retention::Retention>(&bytes) {
+            let _ = r.is_complete_from(timeline, segno);
+        }
+        let _ = walvault::archive::parse_history(&text);
+        let lines = format!("{timeline}\t{}/{:X}\tbefore 2000-01-01\n{text}", segno >> 32, segno as u32);
+        let _ = walvault::archive::parse_history(&lines);
     }
 
     /// Names, LSNs, durations, times and URLs from a caller or a listing.
