@@ -357,6 +357,76 @@ fn exit_statuses_follow_the_caller() {
     }
 }
 
+/// Pushes synthetic segments `ns` of timeline 1 (1 MiB) into a local
+/// repository at `repo` and dates every WAL object an hour back (no settling).
+fn push_segments_an_hour_ago(bin: &Path, dir: &Path, repo: &Path, ns: &[u32]) {
+    let segment = |n: u32| format!("0000000100000000{n:08X}");
+    for &n in ns {
+        let path = dir.join(segment(n));
+        std::fs::write(&path, synthetic_segment(&segment(n), 7, MIB, n as u8)).unwrap();
+        let out = std::process::Command::new(bin)
+            .args([
+                "--repo",
+                &repo.display().to_string(),
+                "push",
+                "--push-ahead",
+                "0",
+            ])
+            .arg(&path)
+            .arg(segment(n))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in files_under(&repo.join("wal")) {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+}
+
+/// PostgreSQL looks in pg_wal only after restore_command answered "not in
+/// the archive": a hole the operator filled there gets that answer, and the
+/// gap line says to do just that.
+#[test]
+fn a_hole_filled_in_pg_wal_is_left_to_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    let repo_url = repo.display().to_string();
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3, 4, 6]);
+    let data = dir.path().join("data");
+    let pg_wal = data.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).unwrap();
+    std::fs::write(data.join("recovery.signal"), b"").unwrap();
+    let missing = "000000010000000000000005";
+
+    let gap = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(gap.status.code(), Some(204), "{}", describe(&gap));
+    let stderr = String::from_utf8_lossy(&gap.stderr);
+    assert!(
+        stderr.contains(&format!("copy it into pg_wal as {missing}")),
+        "{stderr}"
+    );
+    // Not a regular file: still a gap.
+    std::fs::create_dir(pg_wal.join(missing)).unwrap();
+    let gap = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(gap.status.code(), Some(204), "{}", describe(&gap));
+    std::fs::remove_dir(pg_wal.join(missing)).unwrap();
+
+    let copy = synthetic_segment(missing, 7, MIB, 5);
+    std::fs::write(pg_wal.join(missing), &copy).unwrap();
+    let filled = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(filled.status.code(), Some(1), "{}", describe(&filled));
+    assert!(filled.stderr.is_empty(), "{}", describe(&filled));
+    assert!(!pg_wal.join("RECOVERYXLOG").exists());
+    assert_eq!(std::fs::read(pg_wal.join(missing)).unwrap(), copy);
+}
+
 /// A fetch killed by a signal leaves its temporary in pg_wal; the next
 /// fetch removes it, and only it.
 #[test]

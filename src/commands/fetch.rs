@@ -110,18 +110,27 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         && let Err(e) = &outcome
         && e.kind == crate::error::ErrorKind::NotFound
         && let Ok(WalFileName::Segment(segment)) = WalFileName::parse(&opts.name)
+        && !put_in_place(target_dir, &opts.name)
     {
         outcome = match Repository::open(url, false) {
             Ok(repo) => match gap_at(&repo, segment, GAP_SETTLE).await {
                 Ok(Gap::Settled) => fetch(url, opts).await,
                 Ok(Gap::None) => outcome,
-                Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later).await),
+                Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later, target_dir).await),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         };
     }
     caller.report(&opts.name, outcome)
+}
+
+/// Whether someone put a copy of the file named `name` (a validated WAL
+/// file name) in `dir`, where `%p` goes (pg_wal): PostgreSQL looks there only
+/// after restore_command answers "not in the archive", so a hole filled
+/// there must get that answer.
+fn put_in_place(dir: &Path, name: &str) -> bool {
+    std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file())
 }
 
 /// What the archive says about a segment fetch did not find.
@@ -333,7 +342,7 @@ async fn trimmed_on_purpose(repo: &Repository, missing: SegmentName) -> Result<b
     })
 }
 
-async fn gap_error(repo: &Repository, missing: SegmentName, later: Later) -> Error {
+async fn gap_error(repo: &Repository, missing: SegmentName, later: Later, dir: &Path) -> Error {
     let start = match repo.config().await {
         Ok(Some(c)) if c.wal_segment_size > 0 => format!(
             " (LSN {})",
@@ -343,11 +352,13 @@ async fn gap_error(repo: &Repository, missing: SegmentName, later: Later) -> Err
     };
     Error::corrupt(format!(
         "{missing} is not in {} but {}: the archived WAL has a gap; \
-         put the missing segment back if a copy exists (pg_wal of the old server, \
-         another repository), otherwise only a recovery to a target before the gap{start} \
+         if a copy of {missing} exists (pg_wal of the old server, another repository), \
+         copy it into {} as {missing} and start the server again, PostgreSQL reads it \
+         from there; otherwise only a recovery to a target before the gap{start} \
          can succeed",
         repo.url(),
-        later.describe()
+        later.describe(),
+        dir.display()
     ))
 }
 
@@ -1065,6 +1076,7 @@ mod tests {
                 child: 2,
                 at: 0x8000060,
             },
+            Path::new("pg_wal"),
         )
         .await;
         assert!(
