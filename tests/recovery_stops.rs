@@ -427,6 +427,92 @@ fn a_hole_filled_in_pg_wal_is_left_to_postgresql() {
     assert_eq!(std::fs::read(pg_wal.join(missing)).unwrap(), copy);
 }
 
+/// Failures before fetch runs (a bad option, no repository, a bad URL) stop
+/// archive recovery too, and elsewhere keep their status; a panic prints one
+/// line.
+#[test]
+fn failures_before_fetch_runs_stop_archive_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let name = "000000010000000000000005";
+    let run = |data: &Path, words: &[&str]| {
+        std::process::Command::new(&bin)
+            .current_dir(data)
+            .env_remove("WALVAULT_REPO")
+            .args(words)
+            .output()
+            .unwrap()
+    };
+    let failures: [&[&str]; 3] = [
+        &["fetch", name, "pg_wal/RECOVERYXLOG"],
+        &[
+            "--repo",
+            "/nowhere",
+            "fetch",
+            "--bogus",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ],
+        &[
+            "--repo",
+            "relative/repo",
+            "fetch",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ],
+    ];
+    for (signals, status) in [(&["recovery.signal"][..], 202), (&[][..], 2)] {
+        let data = dir.path().join(format!("data{status}"));
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        for s in signals {
+            std::fs::write(data.join(s), b"").unwrap();
+        }
+        for words in failures {
+            let out = run(&data, words);
+            assert_eq!(
+                out.status.code(),
+                Some(status),
+                "{words:?}: {}",
+                describe(&out)
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert_eq!(
+                stderr.contains("stopped on purpose"),
+                status > 125,
+                "{stderr}"
+            );
+        }
+    }
+
+    // A panic (the internal prefetch worker divides by its segment size):
+    // one line, and the status it always had.
+    let repo = dir.path().join("repo");
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3]);
+    let out = run(
+        dir.path(),
+        &[
+            "--repo",
+            &repo.display().to_string(),
+            "fetch-ahead",
+            "--spool",
+            &dir.path().join("spool").display().to_string(),
+            "--count",
+            "1",
+            "--segment-size",
+            "0",
+            "000000010000000000000003",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{}", describe(&out));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("walvault: error: internal error, a bug in walvault: "),
+        "{stderr}"
+    );
+}
+
 /// A fetch killed by a signal leaves its temporary in pg_wal; the next
 /// fetch removes it, and only it.
 #[test]

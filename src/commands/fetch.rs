@@ -77,7 +77,8 @@ impl Caller {
         match outcome {
             Err(e)
                 if self == Caller::ArchiveRecovery
-                    && e.kind != crate::error::ErrorKind::NotFound =>
+                    && e.kind != crate::error::ErrorKind::NotFound
+                    && !e.stops_recovery() =>
             {
                 Err(e.stopping_recovery(&format!(
                     "archive recovery stopped on purpose, not ended, so that the server does \
@@ -912,6 +913,11 @@ mod tests {
             assert!(stopped.message().starts_with(e.message()));
             assert!(stopped.message().contains("stopped on purpose"));
             assert!(!stopped.message().contains('\n'));
+            // Reported again (main reports whatever fetch returns): unchanged.
+            assert_eq!(
+                Caller::ArchiveRecovery.report(name, Err(stopped.clone())),
+                Err(stopped.clone())
+            );
             for caller in [Caller::Standby, Caller::Manual] {
                 let same = caller.report(name, Err(e.clone())).unwrap_err();
                 assert_eq!(same.exit_code(), kind.exit_code());
