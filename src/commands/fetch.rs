@@ -561,6 +561,12 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
             object::ObjectError::Internal(e) => Error::io(format!(
                 "fetching {name} failed: {e}; nothing was written to {shown}"
             )),
+            // Not damage: a format this walvault does not know yet.
+            e @ (object::ObjectError::UnsupportedVersion(_)
+            | object::ObjectError::UnsupportedCompression(_)) => Error::corrupt(format!(
+                "{name} in {url} ({key}) was written by a newer walvault: {e}; \
+                 nothing was written to {shown}"
+            )),
             e => Error::corrupt(format!(
                 "{name} in {url} ({key}) is damaged: {e}; nothing was written to {shown}. \
                  Run 'walvault verify' and restore the object from another copy"
@@ -931,6 +937,34 @@ mod tests {
             assert_eq!(missing.exit_code(), 1);
             assert_eq!(missing.kind, ErrorKind::NotFound);
             assert!(caller.report(name, Ok(())).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_object_of_a_newer_format_says_upgrade_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = WalFileName::parse("000000010000000000000003").unwrap();
+        let repo = repository_with(dir.path(), &[], Duration::ZERO);
+        let object = dir.path().join(wal_key(&name).as_ref());
+        std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+        let target = dir.path().join("RECOVERYXLOG");
+        // The format version, then the compression code, from a newer walvault.
+        for (offset, value) in [(12, 9u8), (14, 2u8)] {
+            let (_, mut stored) = object::encode(b"a segment", 3).unwrap();
+            stored[offset] = value;
+            std::fs::write(&object, stored).unwrap();
+            let e = fetch_from_repository(&repo, &name, &target)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+            assert!(e.message().contains("written by a newer walvault"), "{e}");
+            assert!(e.message().contains("upgrade walvault"), "{e}");
+            assert!(!e.message().contains("damaged"), "{e}");
+            assert!(!target.exists());
+            let stopped = Caller::ArchiveRecovery
+                .report(&name.to_string(), Err(e))
+                .unwrap_err();
+            assert_eq!(stopped.exit_code(), 204);
         }
     }
 
