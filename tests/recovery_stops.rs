@@ -513,6 +513,48 @@ fn failures_before_fetch_runs_stop_archive_recovery() {
     );
 }
 
+/// Prefetching serves recovery only: without a signal file (a person, a
+/// script, pg_rewind --restore-target-wal) fetch starts no worker.
+#[test]
+fn only_recovery_starts_a_prefetch_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3, 4, 5]);
+    for (signal, prefetches) in [(None, false), (Some("standby.signal"), true)] {
+        let data = dir.path().join(format!("data-{prefetches}"));
+        let pg_wal = data.join("pg_wal");
+        std::fs::create_dir_all(&pg_wal).unwrap();
+        if let Some(s) = signal {
+            std::fs::write(data.join(s), b"").unwrap();
+        }
+        let out = std::process::Command::new(&bin)
+            .current_dir(&data)
+            .args(["--repo", &repo.display().to_string(), "fetch"])
+            .args(["000000010000000000000003", "pg_wal/RECOVERYXLOG"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(pg_wal.join("RECOVERYXLOG").is_file());
+        // A worker is started before fetch exits; its copies follow.
+        let prefetched = pg_wal.join("walvault-spool").join("prefetch");
+        let copies = || match prefetched.exists() {
+            true => files_under(&prefetched),
+            false => vec![],
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while prefetches && Instant::now() < deadline && copies().len() < 2 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if prefetches {
+            assert_eq!(copies().len(), 2, "{signal:?}: {:?}", copies());
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(!pg_wal.join("walvault-spool").exists(), "{signal:?}");
+        }
+    }
+}
+
 /// A fetch killed by a signal leaves its temporary in pg_wal; the next
 /// fetch removes it, and only it.
 #[test]

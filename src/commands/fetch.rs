@@ -106,7 +106,7 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         _ => Path::new("."),
     };
     crate::commands::remove_abandoned_temporaries(target_dir);
-    let mut outcome = fetch(url, opts).await;
+    let mut outcome = fetch(url, opts, caller).await;
     if caller == Caller::ArchiveRecovery
         && let Err(e) = &outcome
         && e.kind == crate::error::ErrorKind::NotFound
@@ -115,7 +115,7 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
     {
         outcome = match Repository::open(url, false) {
             Ok(repo) => match gap_at(&repo, segment, GAP_SETTLE).await {
-                Ok(Gap::Settled) => fetch(url, opts).await,
+                Ok(Gap::Settled) => fetch(url, opts, caller).await,
                 Ok(Gap::None) => outcome,
                 Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later, target_dir).await),
                 Err(e) => Err(e),
@@ -363,10 +363,14 @@ async fn gap_error(repo: &Repository, missing: SegmentName, later: Later, dir: &
     ))
 }
 
-async fn fetch(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
+async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
+    // Only recovery reads on to the following segments; a person, a script
+    // or pg_rewind (--restore-target-wal, which leaves no signal file) asks
+    // for the few it needs, and a worker would download a window for nothing.
+    let recovering = caller != Caller::Manual;
     let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
-        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) => {
+        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) && recovering => {
             Some((segment, spool))
         }
         _ => None,
