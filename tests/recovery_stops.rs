@@ -193,6 +193,111 @@ fn a_missing_middle_segment_stops_recovery() {
     );
 }
 
+/// Finding 1 of the review: a primary dies with its archiver behind (two
+/// segments of timeline 1 never archived) and its streaming standby is
+/// promoted, archiving the `.partial` of timeline 1 and timeline 2. A
+/// restore of the older backup to latest asks for the first unarchived
+/// segment by timeline 1's name, with no later segment of timeline 1
+/// stored: it used to be "not in the archive", and the server promoted onto
+/// timeline 3 without any of timeline 2.
+#[test]
+fn a_failover_with_the_archiver_behind_stops_recovery() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let repo = s.root().join("repo");
+    let p = &s.primary;
+    p.sql("CREATE TABLE t (batch int, id int)");
+    p.sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    s.backup();
+    p.sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 1000) g");
+    p.wait_archived(&p.switch_wal());
+
+    // A streaming standby that archives once promoted (the backup's settings).
+    let conninfo = format!(
+        "host={} port={} user=postgres",
+        p.socket_dir.display(),
+        p.port
+    );
+    let out = s.restore("standby", &["--standby", "--primary-conninfo", &conninfo]);
+    assert!(out.status.success(), "restore: {}", describe(&out));
+    let dir = s.root().join("standby");
+    let mut standby = PgServer::existing(&dir, &dir.join("data"), s.repo.env.clone());
+    standby.start();
+    let replayed = |server: &PgServer, batch: u32| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.sql(&format!("SELECT count(*) FROM t WHERE batch = {batch}")) != "1000" {
+            assert!(Instant::now() < deadline, "batch {batch}: {}", server.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    replayed(&standby, 2);
+
+    // The archiver falls behind: two segments are never archived.
+    p.sql("ALTER SYSTEM SET archive_command = 'false'");
+    p.sql("SELECT pg_reload_conf()");
+    p.sql("INSERT INTO t SELECT 3, g FROM generate_series(1, 1000) g");
+    let unarchived = p.switch_wal();
+    p.sql("INSERT INTO t SELECT 4, g FROM generate_series(1, 1000) g");
+    p.switch_wal();
+    p.sql("INSERT INTO t SELECT 5, g FROM generate_series(1, 1000) g");
+    replayed(&standby, 5);
+    let out = as_postgres(pg_bindir().join("pg_ctl"))
+        .args(["-w", "-t", "60", "-m", "immediate", "-D"])
+        .arg(&p.data)
+        .arg("stop")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+
+    standby.sql("SELECT pg_promote()");
+    standby.wait_promoted();
+    standby.sql("INSERT INTO t SELECT 6, g FROM generate_series(1, 1000) g");
+    standby.wait_archived(&standby.switch_wal());
+    standby.stop();
+    let stored = files_under(&repo.join("wal"));
+    assert!(
+        stored.iter().any(|f| f.ends_with(".partial.zst"))
+            && stored.iter().any(|f| f.ends_with("00000002.history.zst"))
+            && !stored.iter().any(|f| f.contains(&unarchived)),
+        "{stored:?}"
+    );
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in &stored {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+
+    let (started, log, _guard) = restore_latest_and_start(&s, "after-failover");
+    assert!(
+        log.contains("shutting down due to startup process failure"),
+        "the restored server did not stop: {}\n{log}",
+        describe(&started)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("has a gap"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&unarchived) && line.contains("stopped on purpose"),
+        "{log}"
+    );
+    for promoted in [
+        "selected new timeline ID",
+        "archive recovery complete",
+        PROMOTED,
+    ] {
+        assert!(!log.contains(promoted), "{promoted}: {log}");
+    }
+    let on_timeline_3: Vec<String> = files_under(&repo.join("wal"))
+        .into_iter()
+        .filter(|f| f.contains("00000003"))
+        .collect();
+    assert!(on_timeline_3.is_empty(), "{on_timeline_3:?}");
+}
+
 /// Waits (bounded) until the primary has archived `segment`, failures on
 /// the way allowed (the store was down).
 fn wait_archived_after_outage(primary: &PgServer, segment: &str) {
