@@ -4,7 +4,8 @@
 //! archive_command/restore_command as fatal for the archiver or for recovery,
 //! so every status here stays within 1..=125, except where stopping is the
 //! point: a fetch that fails during archive recovery (see
-//! [`Error::stopping_recovery`]) exits [`STOPS_RECOVERY`] plus its status.
+//! [`Error::stopping_recovery`]) exits [`STOPS_RECOVERY`] plus its status,
+//! and such a fetch that panics (a bug) exits [`STOPS_RECOVERY`] itself.
 
 use std::fmt;
 

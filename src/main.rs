@@ -331,8 +331,76 @@ impl RestoreArgs {
     }
 }
 
+/// When this is `walvault fetch` run by archive recovery (see
+/// [`fetch::Caller`]), the file asked for (as far as the arguments tell):
+/// then every failure, even one before fetch runs (a bad option, no
+/// repository, a panic), must stop recovery rather than end it.
+fn recovery_fetch(args: &[std::ffi::OsString], dir: &std::path::Path) -> Option<String> {
+    let mut words = args.iter().skip(1).map(|a| a.to_string_lossy());
+    // The subcommand is the first word that is neither an option nor the
+    // value of --repo (the only global option that takes one).
+    let command = loop {
+        let word = words.next()?;
+        if word == "--repo" {
+            words.next();
+        } else if !word.starts_with('-') {
+            break word;
+        }
+    };
+    if command != "fetch" || fetch::Caller::in_dir(dir) != fetch::Caller::ArchiveRecovery {
+        return None;
+    }
+    Some(
+        words
+            .find(|w| walvault::wal::WalFileName::parse(w).is_ok())
+            .map_or_else(|| "the file asked for".to_string(), |w| w.into_owned()),
+    )
+}
+
+/// The one line a panic prints instead of Rust's several: a panic is a bug,
+/// and what walvault says lands in PostgreSQL's log line by line.
+fn internal_error_line(what: &str, location: Option<String>) -> String {
+    let at = location.map(|l| format!(" at {l}")).unwrap_or_default();
+    format!(
+        "internal error, a bug in walvault: {}{at}; please report it",
+        what.replace(['\n', '\r'], " ")
+    )
+}
+
+/// Panics print one line. In a fetch run by archive recovery a panic exits
+/// at once with [`walvault::error::STOPS_RECOVERY`]: Rust's 101 would read as
+/// "not in the archive" and end recovery without the rest of the WAL.
+fn install_panic_hook(recovery_fetch: Option<String>) {
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        let line = internal_error_line(
+            &what,
+            info.location()
+                .map(|l| format!("{}:{}", l.file(), l.line())),
+        );
+        match &recovery_fetch {
+            Some(name) => {
+                let e = fetch::Caller::ArchiveRecovery
+                    .report(name, Err(Error::io(line)))
+                    .unwrap_err();
+                eprintln!("walvault: error: {e}");
+                std::process::exit(i32::from(walvault::error::STOPS_RECOVERY));
+            }
+            None => eprintln!("walvault: error: {line}"),
+        }
+    }));
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let recovery_fetch = recovery_fetch(&args, std::path::Path::new("."));
+    install_panic_hook(recovery_fetch.clone());
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             // One line, as everything walvault says lands in PostgreSQL's log.
@@ -344,11 +412,18 @@ fn main() -> ExitCode {
                 .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
                 .collect();
             let what = what.join(" ");
-            eprintln!(
-                "walvault: error: {} (see 'walvault --help')",
+            let e = Error::usage(format!(
+                "{} (see 'walvault --help')",
                 what.trim_start_matches("error: ")
-            );
-            return ExitCode::from(2);
+            ));
+            let e = match &recovery_fetch {
+                Some(name) => fetch::Caller::ArchiveRecovery
+                    .report(name, Err(e))
+                    .unwrap_err(),
+                None => e,
+            };
+            eprintln!("walvault: error: {e}");
+            return ExitCode::from(e.exit_code());
         }
         Err(e) => {
             let _ = e.print();
@@ -395,6 +470,11 @@ fn main() -> ExitCode {
         .build()
         .map_err(|e| Error::io(format!("cannot start the async runtime: {e}")))
         .and_then(|rt| rt.block_on(run(cli)));
+    // Failures before fetch ran (no repository, a bad URL) too.
+    let result = match &recovery_fetch {
+        Some(name) => fetch::Caller::ArchiveRecovery.report(name, result),
+        None => result,
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -557,5 +637,69 @@ async fn run(cli: Cli) -> Result<(), Error> {
             .await
         }
         Command::Restore(args) => restore::run(&url, &args.into_options()?).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(words: &[&str]) -> Vec<std::ffi::OsString> {
+        words.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn a_fetch_is_told_from_its_arguments_and_the_signal_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let name = "000000010000000000000005";
+        let fetch = args(&[
+            "walvault",
+            "--repo",
+            "fetch",
+            "fetch",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ]);
+        assert_eq!(recovery_fetch(&fetch, d), None);
+        std::fs::write(d.join("recovery.signal"), b"").unwrap();
+        assert_eq!(recovery_fetch(&fetch, d).as_deref(), Some(name));
+        for words in [
+            &[
+                "walvault",
+                "-v",
+                "--repo=/r",
+                "fetch",
+                "--prefetch",
+                "0",
+                name,
+                "x",
+            ][..],
+            &["walvault", "fetch", "--bogus", name, "x"],
+        ] {
+            assert_eq!(recovery_fetch(&args(words), d).as_deref(), Some(name));
+        }
+        assert_eq!(
+            recovery_fetch(&args(&["walvault", "fetch"]), d).as_deref(),
+            Some("the file asked for")
+        );
+        for words in [
+            &["walvault", "--repo", "fetch", "push", name, "x"][..],
+            &["walvault", "status"],
+            &["walvault"],
+        ] {
+            assert_eq!(recovery_fetch(&args(words), d), None);
+        }
+        std::fs::write(d.join("standby.signal"), b"").unwrap();
+        assert_eq!(recovery_fetch(&fetch, d), None);
+    }
+
+    #[test]
+    fn a_panic_is_one_line() {
+        let line = internal_error_line("index out of\nbounds", Some("src/x.rs:3".into()));
+        assert_eq!(
+            line,
+            "internal error, a bug in walvault: index out of bounds at src/x.rs:3; please report it"
+        );
     }
 }

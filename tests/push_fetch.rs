@@ -660,8 +660,11 @@ fn prefetch_serves_verified_local_copies() {
     let wal = f.dir.path().join("standby/pg_wal");
     std::fs::create_dir_all(&wal).unwrap();
     let dest = wal.join("RECOVERYXLOG");
+    // Called by a standby (prefetching serves recovery only).
+    std::fs::write(wal.parent().unwrap().join("standby.signal"), b"").unwrap();
     let fetch = |name: &str| {
         repo.walvault(&f.bin)
+            .current_dir(wal.parent().unwrap())
             .args(["fetch", "--prefetch", "4", name])
             .arg(&dest)
             .output()

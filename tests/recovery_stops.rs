@@ -193,6 +193,111 @@ fn a_missing_middle_segment_stops_recovery() {
     );
 }
 
+/// Finding 1 of the review: a primary dies with its archiver behind (two
+/// segments of timeline 1 never archived) and its streaming standby is
+/// promoted, archiving the `.partial` of timeline 1 and timeline 2. A
+/// restore of the older backup to latest asks for the first unarchived
+/// segment by timeline 1's name, with no later segment of timeline 1
+/// stored: it used to be "not in the archive", and the server promoted onto
+/// timeline 3 without any of timeline 2.
+#[test]
+fn a_failover_with_the_archiver_behind_stops_recovery() {
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let repo = s.root().join("repo");
+    let p = &s.primary;
+    p.sql("CREATE TABLE t (batch int, id int)");
+    p.sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    s.backup();
+    p.sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 1000) g");
+    p.wait_archived(&p.switch_wal());
+
+    // A streaming standby that archives once promoted (the backup's settings).
+    let conninfo = format!(
+        "host={} port={} user=postgres",
+        p.socket_dir.display(),
+        p.port
+    );
+    let out = s.restore("standby", &["--standby", "--primary-conninfo", &conninfo]);
+    assert!(out.status.success(), "restore: {}", describe(&out));
+    let dir = s.root().join("standby");
+    let mut standby = PgServer::existing(&dir, &dir.join("data"), s.repo.env.clone());
+    standby.start();
+    let replayed = |server: &PgServer, batch: u32| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while server.sql(&format!("SELECT count(*) FROM t WHERE batch = {batch}")) != "1000" {
+            assert!(Instant::now() < deadline, "batch {batch}: {}", server.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    replayed(&standby, 2);
+
+    // The archiver falls behind: two segments are never archived.
+    p.sql("ALTER SYSTEM SET archive_command = 'false'");
+    p.sql("SELECT pg_reload_conf()");
+    p.sql("INSERT INTO t SELECT 3, g FROM generate_series(1, 1000) g");
+    let unarchived = p.switch_wal();
+    p.sql("INSERT INTO t SELECT 4, g FROM generate_series(1, 1000) g");
+    p.switch_wal();
+    p.sql("INSERT INTO t SELECT 5, g FROM generate_series(1, 1000) g");
+    replayed(&standby, 5);
+    let out = as_postgres(pg_bindir().join("pg_ctl"))
+        .args(["-w", "-t", "60", "-m", "immediate", "-D"])
+        .arg(&p.data)
+        .arg("stop")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+
+    standby.sql("SELECT pg_promote()");
+    standby.wait_promoted();
+    standby.sql("INSERT INTO t SELECT 6, g FROM generate_series(1, 1000) g");
+    standby.wait_archived(&standby.switch_wal());
+    standby.stop();
+    let stored = files_under(&repo.join("wal"));
+    assert!(
+        stored.iter().any(|f| f.ends_with(".partial.zst"))
+            && stored.iter().any(|f| f.ends_with("00000002.history.zst"))
+            && !stored.iter().any(|f| f.contains(&unarchived)),
+        "{stored:?}"
+    );
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in &stored {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+
+    let (started, log, _guard) = restore_latest_and_start(&s, "after-failover");
+    assert!(
+        log.contains("shutting down due to startup process failure"),
+        "the restored server did not stop: {}\n{log}",
+        describe(&started)
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("has a gap"))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&unarchived) && line.contains("stopped on purpose"),
+        "{log}"
+    );
+    for promoted in [
+        "selected new timeline ID",
+        "archive recovery complete",
+        PROMOTED,
+    ] {
+        assert!(!log.contains(promoted), "{promoted}: {log}");
+    }
+    let on_timeline_3: Vec<String> = files_under(&repo.join("wal"))
+        .into_iter()
+        .filter(|f| f.contains("00000003"))
+        .collect();
+    assert!(on_timeline_3.is_empty(), "{on_timeline_3:?}");
+}
+
 /// Waits (bounded) until the primary has archived `segment`, failures on
 /// the way allowed (the store was down).
 fn wait_archived_after_outage(primary: &PgServer, segment: &str) {
@@ -353,6 +458,204 @@ fn exit_statuses_follow_the_caller() {
                 stderr.contains(&segment(5)) && stderr.contains(&segment(6)),
                 "{stderr}"
             );
+        }
+    }
+}
+
+/// Pushes synthetic segments `ns` of timeline 1 (1 MiB) into a local
+/// repository at `repo` and dates every WAL object an hour back (no settling).
+fn push_segments_an_hour_ago(bin: &Path, dir: &Path, repo: &Path, ns: &[u32]) {
+    let segment = |n: u32| format!("0000000100000000{n:08X}");
+    for &n in ns {
+        let path = dir.join(segment(n));
+        std::fs::write(&path, synthetic_segment(&segment(n), 7, MIB, n as u8)).unwrap();
+        let out = std::process::Command::new(bin)
+            .args([
+                "--repo",
+                &repo.display().to_string(),
+                "push",
+                "--push-ahead",
+                "0",
+            ])
+            .arg(&path)
+            .arg(segment(n))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+    for f in files_under(&repo.join("wal")) {
+        std::fs::File::options()
+            .write(true)
+            .open(repo.join("wal").join(f))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
+    }
+}
+
+/// PostgreSQL looks in pg_wal only after restore_command answered "not in
+/// the archive": a hole the operator filled there gets that answer, and the
+/// gap line says to do just that.
+#[test]
+fn a_hole_filled_in_pg_wal_is_left_to_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    let repo_url = repo.display().to_string();
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3, 4, 6]);
+    let data = dir.path().join("data");
+    let pg_wal = data.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).unwrap();
+    std::fs::write(data.join("recovery.signal"), b"").unwrap();
+    let missing = "000000010000000000000005";
+
+    let gap = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(gap.status.code(), Some(204), "{}", describe(&gap));
+    let stderr = String::from_utf8_lossy(&gap.stderr);
+    assert!(
+        stderr.contains(&format!("copy it into pg_wal as {missing}")),
+        "{stderr}"
+    );
+    // Not a regular file: still a gap.
+    std::fs::create_dir(pg_wal.join(missing)).unwrap();
+    let gap = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(gap.status.code(), Some(204), "{}", describe(&gap));
+    std::fs::remove_dir(pg_wal.join(missing)).unwrap();
+
+    let copy = synthetic_segment(missing, 7, MIB, 5);
+    std::fs::write(pg_wal.join(missing), &copy).unwrap();
+    let filled = fetch_in(&bin, &repo_url, &data, missing);
+    assert_eq!(filled.status.code(), Some(1), "{}", describe(&filled));
+    assert!(filled.stderr.is_empty(), "{}", describe(&filled));
+    assert!(!pg_wal.join("RECOVERYXLOG").exists());
+    assert_eq!(std::fs::read(pg_wal.join(missing)).unwrap(), copy);
+}
+
+/// Failures before fetch runs (a bad option, no repository, a bad URL) stop
+/// archive recovery too, and elsewhere keep their status; a panic prints one
+/// line.
+#[test]
+fn failures_before_fetch_runs_stop_archive_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let name = "000000010000000000000005";
+    let run = |data: &Path, words: &[&str]| {
+        std::process::Command::new(&bin)
+            .current_dir(data)
+            .env_remove("WALVAULT_REPO")
+            .args(words)
+            .output()
+            .unwrap()
+    };
+    let failures: [&[&str]; 3] = [
+        &["fetch", name, "pg_wal/RECOVERYXLOG"],
+        &[
+            "--repo",
+            "/nowhere",
+            "fetch",
+            "--bogus",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ],
+        &[
+            "--repo",
+            "relative/repo",
+            "fetch",
+            name,
+            "pg_wal/RECOVERYXLOG",
+        ],
+    ];
+    for (signals, status) in [(&["recovery.signal"][..], 202), (&[][..], 2)] {
+        let data = dir.path().join(format!("data{status}"));
+        std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+        for s in signals {
+            std::fs::write(data.join(s), b"").unwrap();
+        }
+        for words in failures {
+            let out = run(&data, words);
+            assert_eq!(
+                out.status.code(),
+                Some(status),
+                "{words:?}: {}",
+                describe(&out)
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert_eq!(
+                stderr.contains("stopped on purpose"),
+                status > 125,
+                "{stderr}"
+            );
+        }
+    }
+
+    // A panic (the internal prefetch worker divides by its segment size):
+    // one line, and the status it always had.
+    let repo = dir.path().join("repo");
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3]);
+    let out = run(
+        dir.path(),
+        &[
+            "--repo",
+            &repo.display().to_string(),
+            "fetch-ahead",
+            "--spool",
+            &dir.path().join("spool").display().to_string(),
+            "--count",
+            "1",
+            "--segment-size",
+            "0",
+            "000000010000000000000003",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(101), "{}", describe(&out));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("walvault: error: internal error, a bug in walvault: "),
+        "{stderr}"
+    );
+}
+
+/// Prefetching serves recovery only: without a signal file (a person, a
+/// script, pg_rewind --restore-target-wal) fetch starts no worker.
+#[test]
+fn only_recovery_starts_a_prefetch_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = install_binary(dir.path());
+    let repo = dir.path().join("repo");
+    push_segments_an_hour_ago(&bin, dir.path(), &repo, &[3, 4, 5]);
+    for (signal, prefetches) in [(None, false), (Some("standby.signal"), true)] {
+        let data = dir.path().join(format!("data-{prefetches}"));
+        let pg_wal = data.join("pg_wal");
+        std::fs::create_dir_all(&pg_wal).unwrap();
+        if let Some(s) = signal {
+            std::fs::write(data.join(s), b"").unwrap();
+        }
+        let out = std::process::Command::new(&bin)
+            .current_dir(&data)
+            .args(["--repo", &repo.display().to_string(), "fetch"])
+            .args(["000000010000000000000003", "pg_wal/RECOVERYXLOG"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        assert!(pg_wal.join("RECOVERYXLOG").is_file());
+        // A worker is started before fetch exits; its copies follow.
+        let prefetched = pg_wal.join("walvault-spool").join("prefetch");
+        let copies = || match prefetched.exists() {
+            true => files_under(&prefetched),
+            false => vec![],
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while prefetches && Instant::now() < deadline && copies().len() < 2 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if prefetches {
+            assert_eq!(copies().len(), 2, "{signal:?}: {:?}", copies());
+        } else {
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(!pg_wal.join("walvault-spool").exists(), "{signal:?}");
         }
     }
 }

@@ -88,7 +88,11 @@ impl Fixture {
 
     /// `fetch` as recovery calls it, into `wal/RECOVERYXLOG`.
     fn fetch(&self, repo: &RepoTarget, wal: &Path, name: &str, extra: &[&str]) -> Output {
+        // By a standby: prefetching serves recovery only.
+        let data = wal.parent().unwrap();
+        std::fs::write(data.join("standby.signal"), b"").unwrap();
         repo.walvault(&self.bin)
+            .current_dir(data)
             .args(["fetch", "--prefetch", "4"])
             .args(extra)
             .arg(name)

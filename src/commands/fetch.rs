@@ -77,7 +77,8 @@ impl Caller {
         match outcome {
             Err(e)
                 if self == Caller::ArchiveRecovery
-                    && e.kind != crate::error::ErrorKind::NotFound =>
+                    && e.kind != crate::error::ErrorKind::NotFound
+                    && !e.stops_recovery() =>
             {
                 Err(e.stopping_recovery(&format!(
                     "archive recovery stopped on purpose, not ended, so that the server does \
@@ -105,23 +106,32 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         _ => Path::new("."),
     };
     crate::commands::remove_abandoned_temporaries(target_dir);
-    let mut outcome = fetch(url, opts).await;
+    let mut outcome = fetch(url, opts, caller).await;
     if caller == Caller::ArchiveRecovery
         && let Err(e) = &outcome
         && e.kind == crate::error::ErrorKind::NotFound
         && let Ok(WalFileName::Segment(segment)) = WalFileName::parse(&opts.name)
+        && !put_in_place(target_dir, &opts.name)
     {
         outcome = match Repository::open(url, false) {
             Ok(repo) => match gap_at(&repo, segment, GAP_SETTLE).await {
-                Ok(Gap::Settled) => fetch(url, opts).await,
+                Ok(Gap::Settled) => fetch(url, opts, caller).await,
                 Ok(Gap::None) => outcome,
-                Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later).await),
+                Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later, target_dir).await),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         };
     }
     caller.report(&opts.name, outcome)
+}
+
+/// Whether someone put a copy of the file named `name` (a validated WAL
+/// file name) in `dir`, where `%p` goes (pg_wal): PostgreSQL looks there only
+/// after restore_command answers "not in the archive", so a hole filled
+/// there must get that answer.
+fn put_in_place(dir: &Path, name: &str) -> bool {
+    std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file())
 }
 
 /// What the archive says about a segment fetch did not find.
@@ -132,15 +142,48 @@ enum Gap {
     None,
     /// It arrived while we waited.
     Settled,
-    /// Missing between stored segments: this later one is the next present.
-    Before(SegmentName),
+    /// Missing while WAL of its timeline went on after it.
+    Before(Later),
 }
 
-/// Whether `missing` is a hole in its timeline's stored segments, stored
-/// ones on both sides: a listing of its log folder, and of the next (or
-/// previous) folder only when no later (or earlier) segment is in it. Nothing
-/// earlier means the timeline starts later, which recovery asks about too.
-/// A hole next to segments stored just now is given `settle` to fill.
+/// What proves that WAL of a missing segment's timeline went on after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Later {
+    /// The next stored segment of the same timeline.
+    Segment(SegmentName),
+    /// The timeline's last, partial segment (archived at a promotion).
+    Partial(SegmentName),
+    /// Timeline `child`'s history says it left the missing segment's
+    /// timeline at `at`, past the missing segment: its WAL up to `at` is
+    /// part of `child`'s history.
+    Branch { child: u32, at: u64 },
+}
+
+impl Later {
+    fn describe(&self) -> String {
+        match self {
+            Later::Segment(s) => format!("{s} after it is"),
+            Later::Partial(s) => format!("{s}.partial after it is"),
+            Later::Branch { child, at } => format!(
+                "{child:08X}.history says timeline {child} branched from it later, at {}",
+                crate::wal::format_lsn(*at)
+            ),
+        }
+    }
+}
+
+/// Most timelines above the missing segment's whose history files are read.
+const MAX_CHILD_TIMELINES: u32 = 1000;
+
+/// Whether `missing` is a hole in its timeline's WAL: missing while WAL of
+/// its timeline went on after it (a later stored segment, a later
+/// `.partial`, or a newer timeline's history saying it branched off past
+/// it), with WAL of the timeline before it (a stored segment, or its own
+/// history saying it began earlier). Segments are listed from its log
+/// folder, and from the next (or previous) folder only when no later (or
+/// earlier) one is in it. Nothing earlier means the timeline starts later,
+/// which recovery asks about too. A hole next to segments stored just now is
+/// given `settle` to fill.
 async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Result<Gap> {
     let stored = |log: u32| {
         let prefix = format!(
@@ -155,8 +198,10 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
                     .into_iter()
                     .filter_map(
                         |meta| match crate::repository::wal_name_of_key(&meta.location) {
-                            Some(WalFileName::Segment(s)) if s.timeline == missing.timeline => {
-                                Some((s, meta.last_modified))
+                            Some(n @ (WalFileName::Segment(s) | WalFileName::Partial(s)))
+                                if s.timeline == missing.timeline =>
+                            {
+                                Some((n, s, meta.last_modified))
                             }
                             _ => None,
                         },
@@ -166,22 +211,52 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
         }
     };
     let mut here = stored(missing.log).await?;
-    if !here.iter().any(|(s, _)| *s > missing) && missing.log < u32::MAX {
+    if !here.iter().any(|(_, s, _)| *s > missing) && missing.log < u32::MAX {
         here.extend(stored(missing.log + 1).await?);
     }
-    if !here.iter().any(|(s, _)| *s < missing) && missing.log > 0 {
+    let earlier = |here: &[(WalFileName, SegmentName, _)]| {
+        here.iter()
+            .any(|(n, s, _)| matches!(n, WalFileName::Segment(_)) && *s < missing)
+    };
+    if !earlier(&here) && missing.log > 0 {
         here.extend(stored(missing.log - 1).await?);
     }
-    let Some((next, stored_at)) = here
-        .iter()
-        .filter(|(s, _)| *s > missing)
-        .min_by_key(|(s, _)| *s)
-        .copied()
-    else {
+    let first_after = |partial: bool| {
+        here.iter()
+            .filter(|(n, s, _)| matches!(n, WalFileName::Partial(_)) == partial && *s > missing)
+            .min_by_key(|(_, s, _)| *s)
+            .map(|(_, s, t)| (*s, Some(*t)))
+    };
+    let segment_size = match repo.config().await? {
+        Some(c) if c.wal_segment_size > 0 => Some(c.wal_segment_size),
+        _ => None,
+    };
+    let later = match first_after(false) {
+        Some((s, t)) => Some((Later::Segment(s), t)),
+        None => match first_after(true) {
+            Some((s, t)) => Some((Later::Partial(s), t)),
+            None => match segment_size {
+                Some(size) => branch_after(repo, missing, size)
+                    .await?
+                    .map(|(child, at)| (Later::Branch { child, at }, None)),
+                None => None,
+            },
+        },
+    };
+    let Some((later, stored_at)) = later else {
         return Ok(Gap::None);
     };
-    if !here.iter().any(|(s, _)| *s < missing) {
-        return Ok(Gap::None);
+    if !earlier(&here) {
+        // The timeline starts later, unless its history says otherwise.
+        let begins_by = match segment_size {
+            Some(size) => timeline_begins_at(repo, missing.timeline)
+                .await?
+                .is_some_and(|begin| begin / u64::from(size) <= missing.segno(size)),
+            None => false,
+        };
+        if !begins_by {
+            return Ok(Gap::None);
+        }
     }
     if trimmed_on_purpose(repo, missing).await? {
         return Ok(Gap::None);
@@ -189,13 +264,67 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
     let key = wal_key(&WalFileName::Segment(missing));
     let settles_at = Instant::now() + settle;
     let age = |t: chrono::DateTime<chrono::Utc>| (chrono::Utc::now() - t).to_std().ok();
-    while age(stored_at).is_none_or(|a| a < settle) && Instant::now() < settles_at {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if repo.open_object(&key).await?.is_some() {
-            return Ok(Gap::Settled);
+    // A history file proves WAL that was written, not a push in flight.
+    if let Some(stored_at) = stored_at {
+        while age(stored_at).is_none_or(|a| a < settle) && Instant::now() < settles_at {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if repo.open_object(&key).await?.is_some() {
+                return Ok(Gap::Settled);
+            }
         }
     }
-    Ok(Gap::Before(next))
+    Ok(Gap::Before(later))
+}
+
+/// A timeline's history as stored in the repository; `None` when it has no
+/// history file or it cannot be read (then it proves nothing).
+async fn stored_ancestry(
+    repo: &Repository,
+    timeline: u32,
+) -> Result<Option<crate::archive::Ancestry>> {
+    let key = wal_key(&WalFileName::TimelineHistory(timeline));
+    let Some(bytes) = repo.get(&key).await? else {
+        return Ok(None);
+    };
+    Ok(object::decode_limited(&bytes, 16 << 20)
+        .ok()
+        .map(|(_, text)| crate::archive::parse_history(&String::from_utf8_lossy(&text))))
+}
+
+/// The first timeline above `missing`'s whose history says it left
+/// `missing`'s timeline at or after the end of `missing`, and where. Reads
+/// history files upwards until one is absent, as PostgreSQL looks for the
+/// latest timeline.
+async fn branch_after(
+    repo: &Repository,
+    missing: SegmentName,
+    segment_size: u32,
+) -> Result<Option<(u32, u64)>> {
+    let end = missing.start_lsn(segment_size) + u64::from(segment_size);
+    for child in (missing.timeline.saturating_add(1)..).take(MAX_CHILD_TIMELINES as usize) {
+        let Some(ancestry) = stored_ancestry(repo, child).await? else {
+            return Ok(None);
+        };
+        if let Some(&(_, at)) = ancestry
+            .iter()
+            .find(|(parent, at)| *parent == missing.timeline && *at >= end)
+        {
+            return Ok(Some((child, at)));
+        }
+    }
+    Ok(None)
+}
+
+/// Where `timeline` began (where it left its parent), by its history file.
+async fn timeline_begins_at(repo: &Repository, timeline: u32) -> Result<Option<u64>> {
+    if timeline <= 1 {
+        return Ok(None);
+    }
+    Ok(stored_ancestry(repo, timeline).await?.and_then(|a| {
+        a.iter()
+            .max_by_key(|(parent, _)| *parent)
+            .map(|(_, at)| *at)
+    }))
 }
 
 /// Whether `missing` lies where `prune --keep-wal-within` deletes WAL on
@@ -214,7 +343,7 @@ async fn trimmed_on_purpose(repo: &Repository, missing: SegmentName) -> Result<b
     })
 }
 
-async fn gap_error(repo: &Repository, missing: SegmentName, next: SegmentName) -> Error {
+async fn gap_error(repo: &Repository, missing: SegmentName, later: Later, dir: &Path) -> Error {
     let start = match repo.config().await {
         Ok(Some(c)) if c.wal_segment_size > 0 => format!(
             " (LSN {})",
@@ -223,18 +352,25 @@ async fn gap_error(repo: &Repository, missing: SegmentName, next: SegmentName) -
         _ => String::new(),
     };
     Error::corrupt(format!(
-        "{missing} is not in {} but {next} after it is: the archived WAL has a gap; \
-         put the missing segment back if a copy exists (pg_wal of the old server, \
-         another repository), otherwise only a recovery to a target before the gap{start} \
+        "{missing} is not in {} but {}: the archived WAL has a gap; \
+         if a copy of {missing} exists (pg_wal of the old server, another repository), \
+         copy it into {} as {missing} and start the server again, PostgreSQL reads it \
+         from there; otherwise only a recovery to a target before the gap{start} \
          can succeed",
-        repo.url()
+        repo.url(),
+        later.describe(),
+        dir.display()
     ))
 }
 
-async fn fetch(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
+async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
+    // Only recovery reads on to the following segments; a person, a script
+    // or pg_rewind (--restore-target-wal, which leaves no signal file) asks
+    // for the few it needs, and a worker would download a window for nothing.
+    let recovering = caller != Caller::Manual;
     let ahead = match (name, Spool::locate(opts.spool.as_deref(), &opts.path)) {
-        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) => {
+        (WalFileName::Segment(segment), Some(spool)) if opts.prefetch != Some(0) && recovering => {
             Some((segment, spool))
         }
         _ => None,
@@ -428,6 +564,12 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
             )),
             object::ObjectError::Internal(e) => Error::io(format!(
                 "fetching {name} failed: {e}; nothing was written to {shown}"
+            )),
+            // Not damage: a format this walvault does not know yet.
+            e @ (object::ObjectError::UnsupportedVersion(_)
+            | object::ObjectError::UnsupportedCompression(_)) => Error::corrupt(format!(
+                "{name} in {url} ({key}) was written by a newer walvault: {e}; \
+                 nothing was written to {shown}"
             )),
             e => Error::corrupt(format!(
                 "{name} in {url} ({key}) is damaged: {e}; nothing was written to {shown}. \
@@ -781,6 +923,11 @@ mod tests {
             assert!(stopped.message().starts_with(e.message()));
             assert!(stopped.message().contains("stopped on purpose"));
             assert!(!stopped.message().contains('\n'));
+            // Reported again (main reports whatever fetch returns): unchanged.
+            assert_eq!(
+                Caller::ArchiveRecovery.report(name, Err(stopped.clone())),
+                Err(stopped.clone())
+            );
             for caller in [Caller::Standby, Caller::Manual] {
                 let same = caller.report(name, Err(e.clone())).unwrap_err();
                 assert_eq!(same.exit_code(), kind.exit_code());
@@ -794,6 +941,34 @@ mod tests {
             assert_eq!(missing.exit_code(), 1);
             assert_eq!(missing.kind, ErrorKind::NotFound);
             assert!(caller.report(name, Ok(())).is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_object_of_a_newer_format_says_upgrade_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = WalFileName::parse("000000010000000000000003").unwrap();
+        let repo = repository_with(dir.path(), &[], Duration::ZERO);
+        let object = dir.path().join(wal_key(&name).as_ref());
+        std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+        let target = dir.path().join("RECOVERYXLOG");
+        // The format version, then the compression code, from a newer walvault.
+        for (offset, value) in [(12, 9u8), (14, 2u8)] {
+            let (_, mut stored) = object::encode(b"a segment", 3).unwrap();
+            stored[offset] = value;
+            std::fs::write(&object, stored).unwrap();
+            let e = fetch_from_repository(&repo, &name, &target)
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+            assert!(e.message().contains("written by a newer walvault"), "{e}");
+            assert!(e.message().contains("upgrade walvault"), "{e}");
+            assert!(!e.message().contains("damaged"), "{e}");
+            assert!(!target.exists());
+            let stopped = Caller::ArchiveRecovery
+                .report(&name.to_string(), Err(e))
+                .unwrap_err();
+            assert_eq!(stopped.exit_code(), 204);
         }
     }
 
@@ -840,12 +1015,12 @@ mod tests {
         let gap = |s: &str| gap_at(&repo, segment(s), settle);
         assert_eq!(
             gap("000000010000000000000005").await.unwrap(),
-            Gap::Before(segment("000000010000000000000006"))
+            Gap::Before(Later::Segment(segment("000000010000000000000006")))
         );
         // Across log folders: the end of log 0 has nothing, log 1 has.
         assert_eq!(
             gap("0000000100000000000000FF").await.unwrap(),
-            Gap::Before(segment("000000010000000100000000"))
+            Gap::Before(Later::Segment(segment("000000010000000100000000")))
         );
         // The end of the archive: nothing of timeline 1 after it.
         assert_eq!(gap("000000010000000100000001").await.unwrap(), Gap::None);
@@ -854,6 +1029,168 @@ mod tests {
         assert_eq!(gap("000000020000000000000005").await.unwrap(), Gap::None);
         // Before anything stored.
         assert_eq!(gap("000000010000000000000002").await.unwrap(), Gap::None);
+    }
+
+    /// walvault.json with 16 MiB segments, as push writes it.
+    fn write_config(dir: &Path) {
+        let config = crate::repository::RepositoryConfig {
+            format: 1,
+            system_identifier: "7".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        std::fs::write(
+            dir.join("walvault.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// `TTTTTTTT.history` as PostgreSQL writes it, stored as push stores it.
+    fn write_history(dir: &Path, timeline: u32, text: &str) {
+        let key = wal_key(&WalFileName::TimelineHistory(timeline));
+        let (_, stored) = object::encode(text.as_bytes(), 3).unwrap();
+        std::fs::create_dir_all(dir.join(key.as_ref()).parent().unwrap()).unwrap();
+        std::fs::write(dir.join(key.as_ref()), stored).unwrap();
+    }
+
+    /// A primary died with its archiver behind: timeline 1 is stored up to
+    /// 05, 06 and 07 never were; the promoted standby archived `08.partial`
+    /// of timeline 1 and timeline 2 from 08 on (it left timeline 1 in 08).
+    /// `partial` and `history` choose which of that evidence is stored.
+    fn failover(dir: &Path, partial: bool, history: bool) -> Repository {
+        write_config(dir);
+        if history {
+            write_history(dir, 2, "1\t0/8000060\tno recovery target specified\n");
+        }
+        let mut names = vec![
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000020000000000000008",
+            "000000020000000000000009",
+        ];
+        if partial {
+            names.push("000000010000000000000008.partial");
+        }
+        repository_with(dir, &names, Duration::from_secs(3600))
+    }
+
+    #[tokio::test]
+    async fn wal_that_a_promoted_standby_branched_from_later_makes_a_gap() {
+        let settle = Duration::from_secs(5);
+        // Recovery to latest asks for timeline 1's name below 08 (timeline
+        // 2 begins in 08): ending recovery there would promote without any
+        // of timeline 2.
+        for (partial, history) in [(true, true), (true, false), (false, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = failover(dir.path(), partial, history);
+            let expected = if partial {
+                Later::Partial(segment("000000010000000000000008"))
+            } else {
+                Later::Branch {
+                    child: 2,
+                    at: 0x8000060,
+                }
+            };
+            for missing in ["000000010000000000000006", "000000010000000000000007"] {
+                assert_eq!(
+                    gap_at(&repo, segment(missing), settle).await.unwrap(),
+                    Gap::Before(expected),
+                    "{missing} with partial {partial}, history {history}"
+                );
+            }
+            // Past timeline 1's end, and past the end of timeline 2: the
+            // end of the archive.
+            for end in ["00000001000000000000000A", "00000002000000000000000A"] {
+                assert_eq!(
+                    gap_at(&repo, segment(end), settle).await.unwrap(),
+                    Gap::None
+                );
+            }
+        }
+        // The message names the evidence.
+        let dir = tempfile::tempdir().unwrap();
+        let repo = failover(dir.path(), false, true);
+        let e = gap_error(
+            &repo,
+            segment("000000010000000000000006"),
+            Later::Branch {
+                child: 2,
+                at: 0x8000060,
+            },
+            Path::new("pg_wal"),
+        )
+        .await;
+        assert!(
+            e.message()
+                .contains("00000002.history says timeline 2 branched from it later, at 0/8000060"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_end_of_a_timeline_at_its_switch_segment_is_no_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_config(d);
+        write_history(d, 2, "1\t0/8000060\tno recovery target specified\n");
+        // Timeline 1 complete up to 07; its 08 exists only as .partial
+        // (timeline 2 took over inside 08).
+        let repo = repository_with(
+            d,
+            &[
+                "000000010000000000000006",
+                "000000010000000000000007",
+                "000000010000000000000008.partial",
+                "000000020000000000000008",
+                "000000020000000000000009",
+            ],
+            Duration::from_secs(3600),
+        );
+        let settle = Duration::from_secs(5);
+        let gap = |s: &'static str| gap_at(&repo, segment(s), settle);
+        // PostgreSQL asks for 08 by timeline 2's name first; asked by
+        // timeline 1's (recovery along timeline 1), 08 is its end.
+        assert_eq!(gap("000000010000000000000008").await.unwrap(), Gap::None);
+        // Before timeline 2 began, and after its end.
+        assert_eq!(gap("000000020000000000000007").await.unwrap(), Gap::None);
+        assert_eq!(gap("00000002000000000000000A").await.unwrap(), Gap::None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_first_segment_of_a_timeline_is_a_gap_when_its_history_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write_config(d);
+        // Timeline 2 began in 08, but its 08 is missing.
+        let repo = repository_with(
+            d,
+            &[
+                "000000010000000000000007",
+                "000000010000000000000008.partial",
+                "000000020000000000000009",
+                "00000002000000000000000A",
+            ],
+            Duration::from_secs(3600),
+        );
+        let settle = Duration::from_secs(5);
+        let missing = segment("000000020000000000000008");
+        // Without a history nothing says timeline 2 starts before 09.
+        assert_eq!(gap_at(&repo, missing, settle).await.unwrap(), Gap::None);
+        write_history(d, 2, "1\t0/8000060\tno recovery target specified\n");
+        assert_eq!(
+            gap_at(&repo, missing, settle).await.unwrap(),
+            Gap::Before(Later::Segment(segment("000000020000000000000009")))
+        );
+        // Before the branch point it still starts later.
+        assert_eq!(
+            gap_at(&repo, segment("000000020000000000000007"), settle)
+                .await
+                .unwrap(),
+            Gap::None
+        );
     }
 
     #[tokio::test]
@@ -875,7 +1212,7 @@ mod tests {
         // Without a record of the trimming, a hole is a hole.
         assert_eq!(
             gap("000000010000000000000004").await.unwrap(),
-            Gap::Before(segment("00000001000000000000000A"))
+            Gap::Before(Later::Segment(segment("00000001000000000000000A")))
         );
         let config = crate::repository::RepositoryConfig {
             format: 1,
@@ -900,7 +1237,7 @@ mod tests {
         // Inside the complete window it still is.
         assert_eq!(
             gap("00000001000000000000000B").await.unwrap(),
-            Gap::Before(segment("00000001000000000000000C"))
+            Gap::Before(Later::Segment(segment("00000001000000000000000C")))
         );
     }
 
@@ -948,7 +1285,10 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(gap, Gap::Before(segment("000000010000000000000007")));
+        assert_eq!(
+            gap,
+            Gap::Before(Later::Segment(segment("000000010000000000000007")))
+        );
         assert!(since.elapsed() >= Duration::from_secs(1));
     }
 }
