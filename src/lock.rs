@@ -26,7 +26,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::path::Path as Key;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const LOCK_KEY: &str = "locks/repository.lock.json";
 pub const MARKER_PREFIX: &str = "locks/backup-";
@@ -39,6 +39,15 @@ const TAKEOVER_PREFIX: &str = "locks/takeover-";
 pub const LEASE: Duration = Duration::from_secs(120);
 /// How often a holder renews its lease while it works.
 pub const RENEW_EVERY: Duration = Duration::from_secs(15);
+/// A holder stops doing anything destructive once this much of its lease is
+/// left, counted on its own monotonic clock from the start of its last
+/// successful renewal: what it plans to delete may be in use by whoever takes
+/// over once the lease runs out, and a paused process or a hung store call
+/// must not let it act on a plan made before.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// Those who judge a holder gone wait this much past its recorded expiry:
+/// the expiry is on the holder's clock, the judgement on the judge's.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// Takeover claims and orphaned renewals older than this are cleaned up.
 const RECORDS_KEPT: Duration = Duration::from_secs(3600);
 
@@ -190,10 +199,12 @@ async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateT
     Ok(Some(renewed.map_or(first, |r| r.max(first))))
 }
 
-/// Whether `holder` may be treated as gone.
+/// Whether `holder` may be treated as gone: its lease (as last renewed) ran
+/// out, plus an allowance for our clock being ahead of the holder's.
 async fn is_stale(repo: &Repository, holder: &Holder) -> Result<bool> {
+    let skew = chrono::Duration::from_std(CLOCK_SKEW).expect("fits");
     Ok(match lease_expiry(repo, holder).await? {
-        Some(expires) => Utc::now() > expires,
+        Some(expires) => Utc::now() > expires + skew,
         None => holder.is_stale_by_process(OTHER_HOST_STALE),
     })
 }
@@ -204,16 +215,60 @@ pub struct Lease<'a> {
     key: Key,
     holder: Holder,
     renew_every: Duration,
+    /// Longest a renewal (check and write) may take before it counts as failed.
+    renew_timeout: Duration,
+    /// Lease length and safety margin (constants; shorter in unit tests).
+    term: Duration,
+    margin: Duration,
+    /// Past this instant (monotonic clock) we refuse destructive work.
+    act_until: std::sync::Mutex<Instant>,
 }
 
 impl<'a> Lease<'a> {
-    fn new(repo: &'a Repository, key: Key, holder: Holder) -> Lease<'a> {
+    /// `taken_at`: a moment before the holder (and its first lease) was written.
+    fn new(repo: &'a Repository, key: Key, holder: Holder, taken_at: Instant) -> Lease<'a> {
         Lease {
             repo,
             key,
             holder,
             renew_every: RENEW_EVERY,
+            renew_timeout: RENEW_EVERY,
+            term: LEASE,
+            margin: LEASE_MARGIN,
+            act_until: std::sync::Mutex::new(taken_at + LEASE.saturating_sub(LEASE_MARGIN)),
         }
+    }
+
+    fn act_until(&self) -> Instant {
+        *self.act_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn renewed(&self, attempt_started: Instant) {
+        let until = attempt_started + self.term.saturating_sub(self.margin);
+        let mut act_until = self.act_until.lock().unwrap_or_else(|e| e.into_inner());
+        *act_until = (*act_until).max(until);
+    }
+
+    /// As if the process had stalled past its local deadline.
+    #[cfg(test)]
+    pub fn expire_now(&self) {
+        *self.act_until.lock().unwrap() = Instant::now();
+    }
+
+    /// Call right before every destructive step (a delete, publishing a
+    /// manifest): refuses once the lease is too close to its end to be sure
+    /// nobody else acts on the repository, so a stalled holder never acts on
+    /// a stale plan. Synchronous on purpose: no await between it and the step.
+    pub fn check(&self, action: &str) -> Result<()> {
+        if Instant::now() < self.act_until() {
+            return Ok(());
+        }
+        Err(Error::conflict(format!(
+            "{}: refusing to {action}: the lease on {} in {} was not renewed in time, so another              walvault may take over; stopping, run it again",
+            self.holder.purpose,
+            self.key,
+            self.repo.url()
+        )))
     }
 
     /// Whether `key` still holds our holder (nobody judged us gone).
@@ -244,11 +299,27 @@ impl<'a> Lease<'a> {
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let renewing = async {
-            let mut renewed_at = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(self.renew_every).await;
-                let outcome = match self.still_ours().await {
-                    Ok(true) => self.renew().await,
+                let attempt_started = Instant::now();
+                // A store call may hang for minutes (retries): bounded, so a
+                // slow renewal counts as a failed one.
+                let attempt = tokio::time::timeout(self.renew_timeout, async {
+                    match self.still_ours().await {
+                        Ok(true) => self.renew().await.map(|()| true),
+                        Ok(false) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::io(format!(
+                        "no answer within {} s",
+                        self.renew_timeout.as_secs_f32()
+                    )))
+                });
+                let outcome = match attempt {
+                    Ok(true) => Ok(()),
                     Ok(false) => {
                         return Error::conflict(format!(
                             "{what}: another walvault judged this one gone and removed {} from {} \
@@ -262,16 +333,15 @@ impl<'a> Lease<'a> {
                     Err(e) => Err(e),
                 };
                 match outcome {
-                    Ok(()) => renewed_at = tokio::time::Instant::now(),
-                    Err(e) if renewed_at.elapsed() < LEASE => {
+                    Ok(()) => self.renewed(attempt_started),
+                    Err(e) if Instant::now() < self.act_until() => {
                         tracing::warn!("cannot renew the lease on {}: {e}; retrying", self.key)
                     }
                     Err(e) => {
                         return Error::io(format!(
-                            "{what}: cannot renew the lease on {} for {} s, so others may take it \
+                            "{what}: cannot renew the lease on {} in time, so others may take it \
                              over ({e}); stopping, run it again",
-                            self.key,
-                            LEASE.as_secs()
+                            self.key
                         ));
                     }
                 }
@@ -312,13 +382,15 @@ impl<'a> RepoLock<'a> {
 
     async fn attempt(repo: &'a Repository, purpose: &str) -> Result<Attempt<'a>> {
         let key = Key::from(LOCK_KEY);
+        // Before the holder's clock starts: our local deadline never trails it.
+        let taken_at = Instant::now();
         let holder = Holder::current(purpose);
         let json = Bytes::from(serde_json::to_vec_pretty(&holder).expect("holder serializes"));
         let mut took_over = false;
         for _ in 0..3 {
             if repo.put_new(&key, json.clone()).await? == Created::New {
                 let lock = RepoLock {
-                    lease: Lease::new(repo, key.clone(), holder),
+                    lease: Lease::new(repo, key.clone(), holder, taken_at),
                 };
                 if took_over {
                     // Another process may have judged the same stale lock and
@@ -359,7 +431,9 @@ impl<'a> RepoLock<'a> {
                 // The claimant died before finishing; its claim counts no more.
             }
             match repo.get(&key).await? {
-                Some(now) if now == judged => {
+                // Re-read the renewal right before removing: it may have
+                // come in while we claimed.
+                Some(now) if now == judged && is_stale(repo, &other).await? => {
                     tracing::warn!(
                         "removing a stale repository lock held by {}",
                         other.describe()
@@ -367,7 +441,7 @@ impl<'a> RepoLock<'a> {
                     repo.delete(&key).await?;
                     let _ = repo.delete(&lease_key(&other.token)).await;
                 }
-                // Released, or replaced by a live holder: not ours to remove.
+                // Released, replaced or renewed: not ours to remove.
                 _ => {}
             }
             took_over = true;
@@ -420,6 +494,11 @@ impl<'a> RepoLock<'a> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// The lock's lease, to [`Lease::check`] before each destructive step.
+    pub fn lease(&self) -> &Lease<'a> {
+        &self.lease
     }
 
     /// Runs `work` holding the lock, renewing its lease meanwhile.
@@ -497,11 +576,12 @@ pub fn marker_key(backup_id: &str) -> Key {
 /// Registers a backup in progress (under the lock). The backup keeps the
 /// returned lease renewed while it runs ([`Lease::keep_while`]).
 pub async fn write_marker<'a>(repo: &'a Repository, backup_id: &str) -> Result<Lease<'a>> {
+    let taken_at = Instant::now();
     let holder = Holder::current(&format!("backup {backup_id}"));
     let json = serde_json::to_vec_pretty(&holder).expect("serializes");
     let key = marker_key(backup_id);
     match repo.put_new(&key, Bytes::from(json)).await? {
-        Created::New => Ok(Lease::new(repo, key, holder)),
+        Created::New => Ok(Lease::new(repo, key, holder, taken_at)),
         Created::AlreadyExists => Err(Error::conflict(format!(
             "another backup {backup_id} is starting in {} this very second; try again",
             repo.url()
@@ -532,7 +612,8 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder
                 "{} never finished; its uploaded content is garbage now",
                 holder.describe()
             );
-            if !dry_run {
+            // Re-read the renewal right before removing the marker.
+            if !dry_run && is_stale(repo, &holder).await? {
                 repo.delete(&meta.location).await?;
                 let _ = repo.delete(&lease_key(&holder.token)).await;
             }
@@ -596,7 +677,7 @@ mod tests {
         let repo = repo(d.path());
         // A prune killed on an ephemeral host, gone with it: its lease ran
         // out a second ago (the old rule would wait two days for another host).
-        let mut killed = foreign("prune", -1);
+        let mut killed = foreign("prune", -(CLOCK_SKEW.as_secs() as i64) - 1);
         killed.host = "ephemeral-pod-7f9c".into();
         plant(&repo, LOCK_KEY, &killed).await;
         let lock = RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
@@ -605,6 +686,78 @@ mod tests {
         assert!(lock.lease.still_ours().await.unwrap());
         lock.release().await.unwrap();
         assert_eq!(stored(&repo, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_just_past_its_expiry_is_not_taken_over_within_the_clock_skew() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Expired five seconds ago by our clock, which may run ahead of the
+        // holder's: not yet ours to judge.
+        let planted = plant(&repo, LOCK_KEY, &foreign("prune", -5)).await;
+        let err = RepoLock::acquire(&repo, "prune").await.err().unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    /// A lease as a unit test wants it: short, and renewed only if asked.
+    fn short(mut lease: Lease<'_>, term_ms: u64, renew_every_ms: u64) -> Lease<'_> {
+        lease.term = Duration::from_millis(term_ms);
+        lease.margin = Duration::from_millis(term_ms / 2);
+        lease.renew_every = Duration::from_millis(renew_every_ms);
+        *lease.act_until.lock().unwrap() = Instant::now() + lease.term - lease.margin;
+        lease
+    }
+
+    #[tokio::test]
+    async fn a_holder_past_its_local_deadline_refuses_destructive_work() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Its renewal is far off (a paused process, a hung store call).
+        let marker = short(
+            write_marker(&repo, "0000000000000003").await.unwrap(),
+            200,
+            60_000,
+        );
+        marker.check("publish backup 3").unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let err = marker.check("publish backup 3").err().unwrap();
+        assert_eq!(err.kind, crate::error::ErrorKind::Conflict);
+        assert!(
+            err.message().contains("refusing to publish backup 3"),
+            "{err}"
+        );
+        // A successful renewal moves the deadline on.
+        let renewing = short(marker, 200, 20);
+        let r = renewing
+            .keep_while("backup", async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                renewing.check("publish backup 3")
+            })
+            .await;
+        r.unwrap();
+    }
+
+    #[tokio::test]
+    async fn renewals_that_do_not_answer_in_time_end_the_work_at_the_local_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let mut lock = RepoLock::acquire(&repo, "prune").await.unwrap();
+        lock.lease = short(lock.lease, 300, 20);
+        // Every renewal "hangs": none answers within its time limit.
+        lock.lease.renew_timeout = Duration::ZERO;
+        let started = Instant::now();
+        let err = lock
+            .hold(async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("cannot renew the lease"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        lock.release().await.unwrap();
     }
 
     #[tokio::test]
@@ -640,7 +793,7 @@ mod tests {
         // The first lease ran out, but the holder renewed it since.
         let holder = foreign("prune", -30);
         let planted = plant(&repo, LOCK_KEY, &holder).await;
-        Lease::new(&repo, Key::from(LOCK_KEY), holder)
+        Lease::new(&repo, Key::from(LOCK_KEY), holder, Instant::now())
             .renew()
             .await
             .unwrap();
@@ -652,7 +805,12 @@ mod tests {
     async fn a_takeover_claimed_by_another_walvault_is_left_to_it() {
         let d = tempfile::tempdir().unwrap();
         let repo = repo(d.path());
-        let planted = plant(&repo, LOCK_KEY, &foreign("prune", -1)).await;
+        let planted = plant(
+            &repo,
+            LOCK_KEY,
+            &foreign("prune", -(CLOCK_SKEW.as_secs() as i64) - 1),
+        )
+        .await;
         // Another walvault has just claimed this very lock.
         let claimer = Holder::current("prune elsewhere");
         repo.put_new(
@@ -693,7 +851,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let repo = repo(d.path());
         let running = foreign("backup 1", 60);
-        let dead = foreign("backup 2", -1);
+        let dead = foreign("backup 2", -(CLOCK_SKEW.as_secs() as i64) - 1);
         plant(&repo, "locks/backup-1.json", &running).await;
         plant(&repo, "locks/backup-2.json", &dead).await;
         let live = live_backups(&repo, false).await.unwrap();

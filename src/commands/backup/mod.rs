@@ -247,7 +247,9 @@ async fn take(
     // the backup is done and must not be thrown away.
     let lock =
         RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT, true).await?;
-    let published = lock.hold(publish(repo, &manifest, marker)).await;
+    let published = lock
+        .hold(publish(repo, &manifest, marker, lock.lease()))
+        .await;
     lock.release().await?;
     published?;
     Ok(manifest)
@@ -318,8 +320,14 @@ async fn wait_for_wal_in_repository(
 
 /// Stores the manifest, but only if nothing this backup relies on was taken
 /// away: its marker must still be its own (so no prune judged it dead) and
-/// every pack the manifest points into must exist.
-async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_>) -> Result<()> {
+/// every pack the manifest points into must exist. Both leases (the marker's
+/// and the lock's) must be well within their terms as the manifest is stored.
+async fn publish(
+    repo: &Repository,
+    manifest: &Manifest,
+    marker: &lock::Lease<'_>,
+    lock: &lock::Lease<'_>,
+) -> Result<()> {
     let id = &manifest.id;
     if !marker.still_ours().await? {
         return Err(Error::conflict(format!(
@@ -354,6 +362,9 @@ async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_
             repo.url()
         )));
     }
+    let action = format!("publish backup {id}");
+    marker.check(&action)?;
+    lock.check(&action)?;
     catalog::store(repo, manifest).await
 }
 
