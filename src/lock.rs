@@ -20,6 +20,7 @@
 //! if those bytes are still what the lock holds.
 
 use crate::error::{Error, Result};
+use crate::manifest::Lsn;
 use crate::object::Sha256Digest;
 use crate::repository::{Created, Repository};
 use bytes::Bytes;
@@ -71,6 +72,25 @@ pub struct Holder {
 struct Renewal {
     token: String,
     lease_expires: DateTime<Utc>,
+    /// A backup's: where its WAL starts, once PostgreSQL said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wal_start: Option<WalStart>,
+}
+
+/// Where a backup in progress replays from: prune must keep the WAL from
+/// here on, on this timeline, or the backup publishes unrestorable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalStart {
+    pub timeline: u32,
+    pub lsn: Lsn,
+}
+
+/// A backup in progress that is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveBackup {
+    pub holder: Holder,
+    /// `None` before pg_backup_start returned (or from older versions).
+    pub wal_start: Option<WalStart>,
 }
 
 pub fn hostname() -> String {
@@ -178,16 +198,12 @@ async fn read_holder(repo: &Repository, key: &Key) -> Result<Option<Holder>> {
     Ok(read_holder_bytes(repo, key).await?.map(|(h, _)| h))
 }
 
-/// When the holder's lease ends: the later of its first lease and its last
-/// renewal. `None` for a holder of the old format.
-async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateTime<Utc>>> {
-    let Some(first) = holder.lease_expires else {
-        return Ok(None);
-    };
+/// The holder's last renewal, if it wrote one.
+async fn renewal(repo: &Repository, holder: &Holder) -> Result<Option<Renewal>> {
     let key = lease_key(&holder.token);
-    let renewed = match repo.get(&key).await? {
+    Ok(match repo.get(&key).await? {
         Some(bytes) => match serde_json::from_slice::<Renewal>(&bytes) {
-            Ok(r) if r.token == holder.token => Some(r.lease_expires),
+            Ok(r) if r.token == holder.token => Some(r),
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!("{key} in {} is unreadable ({e}); ignoring it", repo.url());
@@ -195,7 +211,16 @@ async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateT
             }
         },
         None => None,
+    })
+}
+
+/// When the holder's lease ends: the later of its first lease and its last
+/// renewal. `None` for a holder of the old format.
+async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateTime<Utc>>> {
+    let Some(first) = holder.lease_expires else {
+        return Ok(None);
     };
+    let renewed = renewal(repo, holder).await?.map(|r| r.lease_expires);
     Ok(Some(renewed.map_or(first, |r| r.max(first))))
 }
 
@@ -222,6 +247,8 @@ pub struct Lease<'a> {
     margin: Duration,
     /// Past this instant (monotonic clock) we refuse destructive work.
     act_until: std::sync::Mutex<Instant>,
+    /// A backup's WAL start, carried in every renewal once known.
+    wal_start: std::sync::Mutex<Option<WalStart>>,
 }
 
 impl<'a> Lease<'a> {
@@ -236,6 +263,7 @@ impl<'a> Lease<'a> {
             term: LEASE,
             margin: LEASE_MARGIN,
             act_until: std::sync::Mutex::new(taken_at + LEASE.saturating_sub(LEASE_MARGIN)),
+            wal_start: std::sync::Mutex::new(None),
         }
     }
 
@@ -278,10 +306,22 @@ impl<'a> Lease<'a> {
             .is_some_and(|h| h.token == self.holder.token))
     }
 
+    /// Records (and renews at once with) where this backup's WAL starts, so
+    /// a prune from now on keeps that WAL.
+    pub async fn record_wal_start(&self, timeline: u32, lsn: Lsn) -> Result<()> {
+        *self.wal_start.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(WalStart { timeline, lsn });
+        let attempt_started = Instant::now();
+        self.renew().await?;
+        self.renewed(attempt_started);
+        Ok(())
+    }
+
     async fn renew(&self) -> Result<()> {
         let renewal = Renewal {
             token: self.holder.token.clone(),
             lease_expires: lease_end(Utc::now()),
+            wal_start: *self.wal_start.lock().unwrap_or_else(|e| e.into_inner()),
         };
         let json = serde_json::to_vec_pretty(&renewal).expect("renewal serializes");
         // Only we write this key, so replacing it cannot undo anyone else's write.
@@ -598,7 +638,7 @@ pub async fn remove_marker(marker: Lease<'_>) -> Result<()> {
 
 /// Backups in progress that are still alive; stale markers are reported and,
 /// unless `dry_run`, removed.
-pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder>> {
+pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBackup>> {
     let mut live = vec![];
     for meta in repo.list("locks").await? {
         if !meta.location.as_ref().starts_with(MARKER_PREFIX) {
@@ -618,7 +658,8 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder
                 let _ = repo.delete(&lease_key(&holder.token)).await;
             }
         } else {
-            live.push(holder);
+            let wal_start = renewal(repo, &holder).await?.and_then(|r| r.wal_start);
+            live.push(LiveBackup { holder, wal_start });
         }
     }
     Ok(live)
@@ -855,9 +896,34 @@ mod tests {
         plant(&repo, "locks/backup-1.json", &running).await;
         plant(&repo, "locks/backup-2.json", &dead).await;
         let live = live_backups(&repo, false).await.unwrap();
-        assert_eq!(live, vec![running]);
+        assert_eq!(
+            live,
+            vec![LiveBackup {
+                holder: running,
+                wal_start: None
+            }]
+        );
         assert!(stored(&repo, "locks/backup-1.json").await.is_some());
         assert!(stored(&repo, "locks/backup-2.json").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_backup_in_progress_says_where_its_wal_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let marker = write_marker(&repo, "0000000000000004").await.unwrap();
+        let live = live_backups(&repo, true).await.unwrap();
+        assert_eq!(live[0].wal_start, None);
+        marker.record_wal_start(2, Lsn(0x0600_0028)).await.unwrap();
+        let live = live_backups(&repo, true).await.unwrap();
+        assert_eq!(
+            live[0].wal_start,
+            Some(WalStart {
+                timeline: 2,
+                lsn: Lsn(0x0600_0028)
+            })
+        );
+        remove_marker(marker).await.unwrap();
     }
 
     #[tokio::test]

@@ -128,6 +128,9 @@ async fn take(
         .await?
         .parse()?;
     tracing::info!("backup {id} started at LSN {start_lsn}");
+    // From now on a prune keeps this backup's WAL, not just its packs.
+    let start_timeline = server.checkpoint_timeline().await?;
+    marker.record_wal_start(start_timeline, start_lsn).await?;
 
     let listing = walk::list(pgdata)?;
     let total: u64 = listing.files.iter().map(|f| f.size).sum();
@@ -269,37 +272,9 @@ async fn wait_for_wal_in_repository(
     deadline: tokio::time::Instant,
     timeout: std::time::Duration,
 ) -> Result<()> {
-    use crate::repository::wal_name_of_key;
-    use crate::wal::{SegmentName, WalFileName};
-    let size = u64::from(segment_size);
-    let first = start.0 / size;
-    // The stop LSN ends the backup: the last segment needed holds the byte before it.
-    let last = (stop.0.saturating_sub(1) / size).max(first);
-    let mut missing: Vec<SegmentName> = (first..=last)
-        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
-        .collect();
     loop {
-        let folders: std::collections::BTreeSet<String> = missing
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}/{:08X}{:08X}",
-                    crate::repository::WAL_DIR,
-                    s.timeline,
-                    s.log
-                )
-            })
-            .collect();
-        let mut present = std::collections::HashSet::new();
-        for folder in folders {
-            for meta in repo.list(&folder).await? {
-                if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
-                    present.insert(s);
-                }
-            }
-        }
-        missing.retain(|s| !present.contains(s));
-        let Some(first_missing) = missing.first() else {
+        let Some(first_missing) = missing_wal(repo, timeline, (start, stop), segment_size).await?
+        else {
             return Ok(());
         };
         if tokio::time::Instant::now() >= deadline {
@@ -316,6 +291,46 @@ async fn wait_for_wal_in_repository(
         tracing::debug!("waiting for WAL segment {first_missing} to reach the repository");
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
+}
+
+/// The first WAL segment from `start` to `stop` on `timeline` that is not in
+/// the repository, if any.
+async fn missing_wal(
+    repo: &Repository,
+    timeline: u32,
+    (start, stop): (Lsn, Lsn),
+    segment_size: u32,
+) -> Result<Option<crate::wal::SegmentName>> {
+    use crate::repository::wal_name_of_key;
+    use crate::wal::{SegmentName, WalFileName};
+    let size = u64::from(segment_size.max(1));
+    let first = start.0 / size;
+    // The stop LSN ends the backup: the last segment needed holds the byte before it.
+    let last = (stop.0.saturating_sub(1) / size).max(first);
+    let mut missing: Vec<SegmentName> = (first..=last)
+        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
+        .collect();
+    let folders: std::collections::BTreeSet<String> = missing
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{:08X}{:08X}",
+                crate::repository::WAL_DIR,
+                s.timeline,
+                s.log
+            )
+        })
+        .collect();
+    let mut present = std::collections::HashSet::new();
+    for folder in folders {
+        for meta in repo.list(&folder).await? {
+            if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
+                present.insert(s);
+            }
+        }
+    }
+    missing.retain(|s| !present.contains(s));
+    Ok(missing.into_iter().next())
 }
 
 /// Stores the manifest, but only if nothing this backup relies on was taken
@@ -359,6 +374,21 @@ async fn publish(
              backup {id} is not published: run the backup again",
             chunk.pack,
             file.path,
+            repo.url()
+        )));
+    }
+    // A prune that ran while we waited must not have taken our WAL.
+    if let Some(gone) = missing_wal(
+        repo,
+        manifest.timeline,
+        (manifest.start_lsn, manifest.stop_lsn),
+        manifest.wal_segment_size,
+    )
+    .await?
+    {
+        return Err(Error::conflict(format!(
+            "WAL segment {gone} that backup {id} needs is gone from {} (deleted while the \
+             backup ran?); backup {id} is not published: run the backup again",
             repo.url()
         )));
     }
@@ -420,5 +450,59 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn a_backup_whose_wal_was_deleted_while_it_ran_is_not_published() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&RepoUrl::Local(d.path().to_path_buf()), true).unwrap();
+        let seg = 1u32 << 20;
+        let now = chrono::Utc::now();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            id: backup_id(now),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: seg,
+            timeline: 2,
+            start_lsn: Lsn(6 * u64::from(seg) + 40),
+            stop_lsn: Lsn(7 * u64::from(seg) + 100),
+            start_time: now,
+            stop_time: now,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![],
+            stats: BackupStats::default(),
+        };
+        let marker = lock::write_marker(&repo, &manifest.id).await.unwrap();
+        // Segment 6 is there, 7 was deleted by a prune while the backup ran.
+        let six = crate::wal::WalFileName::parse("000000020000000000000006").unwrap();
+        repo.put_replace(
+            &crate::repository::wal_key(&six),
+            Bytes::from_static(b"wal"),
+        )
+        .await
+        .unwrap();
+        let lock = RepoLock::acquire(&repo, "backup finish").await.unwrap();
+        let err = publish(&repo, &manifest, &marker, lock.lease())
+            .await
+            .err()
+            .unwrap();
+        lock.release().await.unwrap();
+        assert!(
+            err.message()
+                .contains("WAL segment 000000020000000000000007 that backup"),
+            "{err}"
+        );
+        assert!(catalog::ids(&repo).await.unwrap().is_empty());
+        lock::remove_marker(marker).await.unwrap();
     }
 }

@@ -147,7 +147,9 @@ async fn prune(
     // WAL: with no backup at all, nothing can say what is needed: keep it all.
     if !kept.is_empty() {
         let archive = WalArchive::load(repo, segment_size).await?;
-        let needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
+        let mut needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
+        let running: Vec<lock::WalStart> = in_progress.iter().filter_map(|b| b.wal_start).collect();
+        needs.extend(plan::in_progress_needs(&running, segment_size));
         for need in &needs {
             tracing::debug!("keeping WAL {}", plan::describe_need(need, segment_size));
         }
@@ -179,7 +181,7 @@ async fn prune(
 
     // Packs: only when no backup is in progress (it may use any of them).
     if let Some(b) = in_progress.first() {
-        doomed.packs_kept_because = Some(format!("{} is in progress", b.describe()));
+        doomed.packs_kept_because = Some(format!("{} is in progress", b.holder.describe()));
     } else {
         let referenced: HashSet<&str> = kept
             .iter()
@@ -265,7 +267,7 @@ async fn still_unused_packs(
     candidates: &[(Key, u64)],
 ) -> Result<Vec<(Key, u64)>> {
     if let Some(b) = lock::live_backups(repo, true).await?.first() {
-        tracing::info!("keeping every pack: {} is in progress", b.describe());
+        tracing::info!("keeping every pack: {} is in progress", b.holder.describe());
         return Ok(vec![]);
     }
     let manifests = catalog::load_all(repo).await?;

@@ -2,6 +2,7 @@
 //! backups the policy keeps, and which WAL those backups still need.
 
 use crate::archive::WalArchive;
+use crate::lock::WalStart;
 use crate::manifest::Manifest;
 use crate::retention::TimelineRetention;
 use crate::wal::SegmentName;
@@ -111,15 +112,34 @@ pub fn wal_needs(
     needs
 }
 
-/// Where each timeline's WAL is complete from, for retention.json: the start
-/// of the open-ended need on it.
-pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
-    needs
+/// The WAL of backups in progress: each replays from its start on its own
+/// timeline, and its stop is not known yet, so all of it from there on stays.
+/// (Its packs are kept by its marker; without this its WAL would not be: a
+/// first backup on a new timeline has no kept backup there to anchor it.)
+pub fn in_progress_needs(running: &[WalStart], segment_size: u32) -> Vec<WalNeed> {
+    running
         .iter()
-        .filter(|n| n.to.is_none())
-        .map(|n| TimelineRetention {
-            timeline: n.timeline,
-            complete_from_segno: n.from,
+        .map(|r| WalNeed {
+            timeline: r.timeline,
+            from: segno(r.lsn.0, segment_size),
+            to: None,
+        })
+        .collect()
+}
+
+/// Where each timeline's WAL is complete from, for retention.json: the start
+/// of the earliest open-ended need on it.
+pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
+    let mut from: BTreeMap<u32, u64> = BTreeMap::new();
+    for n in needs.iter().filter(|n| n.to.is_none()) {
+        from.entry(n.timeline)
+            .and_modify(|f| *f = (*f).min(n.from))
+            .or_insert(n.from);
+    }
+    from.into_iter()
+        .map(|(timeline, complete_from_segno)| TimelineRetention {
+            timeline,
+            complete_from_segno,
         })
         .collect()
 }
@@ -342,6 +362,42 @@ mod tests {
                 TimelineRetention {
                     timeline: 1,
                     complete_from_segno: 20
+                },
+                TimelineRetention {
+                    timeline: 2,
+                    complete_from_segno: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_wal_of_a_backup_in_progress_on_a_new_timeline_is_kept() {
+        let now = Utc::now();
+        let (b, archive) = two_timelines(now);
+        // Only the timeline-1 backups are kept; the PITR copy on timeline 2
+        // is taking its first backup, started at segment 6.
+        let kept: Vec<&Manifest> = b[1..3].iter().collect();
+        let mut needs = wal_needs(&kept, &Policy::default(), now, 1 << 24);
+        assert!(!is_needed(&archive, &needs, 2, 6), "the test needs a gap");
+        needs.extend(in_progress_needs(
+            &[WalStart {
+                timeline: 2,
+                lsn: Lsn((6 << 24) + 40),
+            }],
+            1 << 24,
+        ));
+        for segno in [6, 7, 9] {
+            assert!(is_needed(&archive, &needs, 2, segno), "2/{segno}");
+        }
+        assert!(!is_needed(&archive, &needs, 2, 5));
+        assert!(!is_needed(&archive, &needs, 1, 9));
+        assert_eq!(
+            complete_from(&needs),
+            [
+                TimelineRetention {
+                    timeline: 1,
+                    complete_from_segno: 10
                 },
                 TimelineRetention {
                     timeline: 2,
