@@ -11,7 +11,9 @@
 //! when its lease ends and, while it works, renews it in an object of its own
 //! (`locks/lease-<hash of its token>.json`, which nobody else writes). Another
 //! walvault may judge a holder gone only once its lease has run out with no
-//! renewal seen. Locks and markers written by older versions (no lease) are
+//! renewal seen, and only after watching the renewal object stay unchanged on
+//! its own clock: expiries are written by the holder's clock, judged by
+//! another's. Locks and markers written by older versions (no lease) are
 //! judged by the old rule: a dead pid on this host, or two days from another.
 //!
 //! Taking over a stale lock is conditional: the taker first creates a
@@ -234,6 +236,37 @@ async fn is_stale(repo: &Repository, holder: &Holder) -> Result<bool> {
     })
 }
 
+/// How long a judge watches a holder's renewal record, on its own monotonic
+/// clock, before acting on a lease that looks expired: a live holder renews
+/// every RENEW_EVERY, so a change seen means alive, whatever the clocks say.
+#[cfg(not(test))]
+const WATCH: Duration = Duration::from_secs(2 * RENEW_EVERY.as_secs() + 5);
+#[cfg(test)]
+const WATCH: Duration = Duration::from_millis(300);
+
+/// Whether `holder`, judged stale, is really gone: for a holder with a lease,
+/// its renewal record must not change while we watch it (a holder whose
+/// clock runs behind ours writes expiries that look past to us, yet renews),
+/// and it must still look stale after. Holders of the old format are judged
+/// by the old rule alone.
+async fn confirm_gone(repo: &Repository, holder: &Holder) -> Result<bool> {
+    if holder.lease_expires.is_none() {
+        return is_stale(repo, holder).await;
+    }
+    let key = lease_key(&holder.token);
+    let before = repo.get(&key).await?;
+    tokio::time::sleep(WATCH).await;
+    if repo.get(&key).await? != before {
+        tracing::info!(
+            "{} keeps renewing its lease though its expiry has passed by this host's clock; \
+             check that the hosts' clocks agree",
+            holder.describe()
+        );
+        return Ok(false);
+    }
+    is_stale(repo, holder).await
+}
+
 /// A lease we hold on `key` (the repository lock or a backup's marker).
 pub struct Lease<'a> {
     repo: &'a Repository,
@@ -449,7 +482,7 @@ impl<'a> RepoLock<'a> {
             let Some((other, judged)) = read_holder_bytes(repo, &key).await? else {
                 continue;
             };
-            if !is_stale(repo, &other).await? {
+            if !is_stale(repo, &other).await? || !confirm_gone(repo, &other).await? {
                 return Ok(Attempt::Held(other));
             }
             // Claim the right to remove exactly what we judged stale: of
@@ -647,13 +680,12 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBa
         let Some(holder) = read_holder(repo, &meta.location).await? else {
             continue;
         };
-        if is_stale(repo, &holder).await? {
+        if is_stale(repo, &holder).await? && (dry_run || confirm_gone(repo, &holder).await?) {
             tracing::warn!(
                 "{} never finished; its uploaded content is garbage now",
                 holder.describe()
             );
-            // Re-read the renewal right before removing the marker.
-            if !dry_run && is_stale(repo, &holder).await? {
+            if !dry_run {
                 repo.delete(&meta.location).await?;
                 let _ = repo.delete(&lease_key(&holder.token)).await;
             }
@@ -737,6 +769,33 @@ mod tests {
         // holder's: not yet ours to judge.
         let planted = plant(&repo, LOCK_KEY, &foreign("prune", -5)).await;
         let err = RepoLock::acquire(&repo, "prune").await.err().unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_clock_runs_behind_but_renews_is_not_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Its clock is ten minutes behind ours: every expiry it writes looks
+        // long past here, yet it renews as it should.
+        let holder = foreign("prune", -600);
+        let planted = plant(&repo, LOCK_KEY, &holder).await;
+        let renewing = async {
+            for _ in 0..20 {
+                let r = Renewal {
+                    token: holder.token.clone(),
+                    lease_expires: Utc::now() - chrono::Duration::seconds(600),
+                    wal_start: None,
+                };
+                repo.put_replace(&lease_key(&holder.token), serde_json::to_vec(&r).unwrap())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let (taken, ()) = tokio::join!(RepoLock::acquire(&repo, "prune"), renewing);
+        let err = taken.err().unwrap();
         assert!(err.message().contains("is locked by prune"), "{err}");
         assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
     }
