@@ -120,8 +120,9 @@ async fn take(
     marker: &lock::Lease<'_>,
 ) -> Result<Manifest> {
     let previous = catalog::load_readable(repo).await?;
-    let index = Arc::new(BlobIndex::from_manifests(&previous));
-    drop(previous);
+    // Blocking work runs off this task: the marker's lease is renewed by the
+    // future this one is polled beside, and must not starve meanwhile.
+    let index = Arc::new(blocking(move || Ok(BlobIndex::from_manifests(&previous))).await?);
 
     let start_lsn: Lsn = server
         .backup_start(&format!("walvault {id}"))
@@ -132,7 +133,10 @@ async fn take(
     let start_timeline = server.checkpoint_timeline().await?;
     marker.record_wal_start(start_timeline, start_lsn).await?;
 
-    let listing = walk::list(pgdata)?;
+    let listing = {
+        let pgdata = pgdata.to_path_buf();
+        blocking(move || walk::list(&pgdata)).await?
+    };
     let total: u64 = listing.files.iter().map(|f| f.size).sum();
     let progress = progress_bar(total);
 
@@ -256,6 +260,15 @@ async fn take(
     lock.release().await?;
     published?;
     Ok(manifest)
+}
+
+/// Runs blocking work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::io(format!("backup worker failed: {e}")))?
 }
 
 /// Waits (until `deadline`) for every WAL segment from the backup's start to
