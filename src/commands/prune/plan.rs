@@ -61,6 +61,12 @@ fn segno(lsn: u64, segment_size: u32) -> u64 {
     lsn / u64::from(segment_size.max(1))
 }
 
+/// The last segment a backup needs: the one holding the byte before its stop
+/// LSN (a stop on a segment boundary needs nothing of the next segment).
+fn last_segno(b: &Manifest, segment_size: u32) -> u64 {
+    segno(b.stop_lsn.0.saturating_sub(1), segment_size).max(segno(b.start_lsn.0, segment_size))
+}
+
 /// The WAL the kept backups need, reasoned per timeline: a backup replays its
 /// own timeline (and whatever branches from it later), so LSNs are only ever
 /// compared between backups of one timeline. On each timeline: all WAL from
@@ -105,7 +111,7 @@ pub fn wal_needs(
             needs.push(WalNeed {
                 timeline,
                 from: segno(b.start_lsn.0, segment_size),
-                to: Some(segno(b.stop_lsn.0, segment_size)),
+                to: Some(last_segno(b, segment_size)),
             });
         }
     }
@@ -185,7 +191,8 @@ mod tests {
             wal_segment_size: 1 << 24,
             timeline: 1,
             start_lsn: Lsn(start << 24),
-            stop_lsn: Lsn(stop << 24),
+            // Inside segment `stop`, as most stops are.
+            stop_lsn: Lsn((stop << 24) + 0x28),
             start_time: now - chrono::Duration::hours(hours_ago),
             stop_time: now - chrono::Duration::hours(hours_ago) + chrono::Duration::minutes(5),
             backup_label: String::new(),
@@ -296,6 +303,28 @@ mod tests {
         assert!(is_needed(&archive, &needs, 1, 10));
         // Timeline 2 with no history file: kept, we cannot tell where it came from.
         assert!(is_needed(&archive, &needs, 2, 12));
+    }
+
+    #[test]
+    fn a_stop_on_a_segment_boundary_needs_no_segment_after_it() {
+        let now = Utc::now();
+        let mut a = backup("a", 72, 2, 3, now);
+        a.stop_lsn = Lsn(3 << 24);
+        let b = [a, backup("b", 48, 10, 11, now)];
+        let kept: Vec<&Manifest> = b.iter().collect();
+        let window = Policy {
+            keep_wal_within: Some(Duration::from_secs(30 * 3600)),
+            ..Default::default()
+        };
+        let needs = wal_needs(&kept, &window, now, 1 << 24);
+        assert_eq!(
+            needs[1],
+            WalNeed {
+                timeline: 1,
+                from: 2,
+                to: Some(2)
+            }
+        );
     }
 
     fn on_timeline(mut m: Manifest, timeline: u32) -> Manifest {
