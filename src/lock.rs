@@ -11,7 +11,9 @@
 //! when its lease ends and, while it works, renews it in an object of its own
 //! (`locks/lease-<hash of its token>.json`, which nobody else writes). Another
 //! walvault may judge a holder gone only once its lease has run out with no
-//! renewal seen. Locks and markers written by older versions (no lease) are
+//! renewal seen, and only after watching the renewal object stay unchanged on
+//! its own clock: expiries are written by the holder's clock, judged by
+//! another's. Locks and markers written by older versions (no lease) are
 //! judged by the old rule: a dead pid on this host, or two days from another.
 //!
 //! Taking over a stale lock is conditional: the taker first creates a
@@ -20,13 +22,14 @@
 //! if those bytes are still what the lock holds.
 
 use crate::error::{Error, Result};
+use crate::manifest::Lsn;
 use crate::object::Sha256Digest;
 use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::path::Path as Key;
 use serde::{Deserialize, Serialize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const LOCK_KEY: &str = "locks/repository.lock.json";
 pub const MARKER_PREFIX: &str = "locks/backup-";
@@ -39,6 +42,15 @@ const TAKEOVER_PREFIX: &str = "locks/takeover-";
 pub const LEASE: Duration = Duration::from_secs(120);
 /// How often a holder renews its lease while it works.
 pub const RENEW_EVERY: Duration = Duration::from_secs(15);
+/// A holder stops doing anything destructive once this much of its lease is
+/// left, counted on its own monotonic clock from the start of its last
+/// successful renewal: what it plans to delete may be in use by whoever takes
+/// over once the lease runs out, and a paused process or a hung store call
+/// must not let it act on a plan made before.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(60);
+/// Those who judge a holder gone wait this much past its recorded expiry:
+/// the expiry is on the holder's clock, the judgement on the judge's.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
 /// Takeover claims and orphaned renewals older than this are cleaned up.
 const RECORDS_KEPT: Duration = Duration::from_secs(3600);
 
@@ -62,6 +74,25 @@ pub struct Holder {
 struct Renewal {
     token: String,
     lease_expires: DateTime<Utc>,
+    /// A backup's: where its WAL starts, once PostgreSQL said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wal_start: Option<WalStart>,
+}
+
+/// Where a backup in progress replays from: prune must keep the WAL from
+/// here on, on this timeline, or the backup publishes unrestorable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalStart {
+    pub timeline: u32,
+    pub lsn: Lsn,
+}
+
+/// A backup in progress that is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveBackup {
+    pub holder: Holder,
+    /// `None` before pg_backup_start returned (or from older versions).
+    pub wal_start: Option<WalStart>,
 }
 
 pub fn hostname() -> String {
@@ -169,16 +200,12 @@ async fn read_holder(repo: &Repository, key: &Key) -> Result<Option<Holder>> {
     Ok(read_holder_bytes(repo, key).await?.map(|(h, _)| h))
 }
 
-/// When the holder's lease ends: the later of its first lease and its last
-/// renewal. `None` for a holder of the old format.
-async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateTime<Utc>>> {
-    let Some(first) = holder.lease_expires else {
-        return Ok(None);
-    };
+/// The holder's last renewal, if it wrote one.
+async fn renewal(repo: &Repository, holder: &Holder) -> Result<Option<Renewal>> {
     let key = lease_key(&holder.token);
-    let renewed = match repo.get(&key).await? {
+    Ok(match repo.get(&key).await? {
         Some(bytes) => match serde_json::from_slice::<Renewal>(&bytes) {
-            Ok(r) if r.token == holder.token => Some(r.lease_expires),
+            Ok(r) if r.token == holder.token => Some(r),
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!("{key} in {} is unreadable ({e}); ignoring it", repo.url());
@@ -186,16 +213,58 @@ async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateT
             }
         },
         None => None,
+    })
+}
+
+/// When the holder's lease ends: the later of its first lease and its last
+/// renewal. `None` for a holder of the old format.
+async fn lease_expiry(repo: &Repository, holder: &Holder) -> Result<Option<DateTime<Utc>>> {
+    let Some(first) = holder.lease_expires else {
+        return Ok(None);
     };
+    let renewed = renewal(repo, holder).await?.map(|r| r.lease_expires);
     Ok(Some(renewed.map_or(first, |r| r.max(first))))
 }
 
-/// Whether `holder` may be treated as gone.
+/// Whether `holder` may be treated as gone: its lease (as last renewed) ran
+/// out, plus an allowance for our clock being ahead of the holder's.
 async fn is_stale(repo: &Repository, holder: &Holder) -> Result<bool> {
+    let skew = chrono::Duration::from_std(CLOCK_SKEW).expect("fits");
     Ok(match lease_expiry(repo, holder).await? {
-        Some(expires) => Utc::now() > expires,
+        Some(expires) => Utc::now() > expires + skew,
         None => holder.is_stale_by_process(OTHER_HOST_STALE),
     })
+}
+
+/// How long a judge watches a holder's renewal record, on its own monotonic
+/// clock, before acting on a lease that looks expired: a live holder renews
+/// every RENEW_EVERY, so a change seen means alive, whatever the clocks say.
+#[cfg(not(test))]
+const WATCH: Duration = Duration::from_secs(2 * RENEW_EVERY.as_secs() + 5);
+#[cfg(test)]
+const WATCH: Duration = Duration::from_millis(300);
+
+/// Whether `holder`, judged stale, is really gone: for a holder with a lease,
+/// its renewal record must not change while we watch it (a holder whose
+/// clock runs behind ours writes expiries that look past to us, yet renews),
+/// and it must still look stale after. Holders of the old format are judged
+/// by the old rule alone.
+async fn confirm_gone(repo: &Repository, holder: &Holder) -> Result<bool> {
+    if holder.lease_expires.is_none() {
+        return is_stale(repo, holder).await;
+    }
+    let key = lease_key(&holder.token);
+    let before = repo.get(&key).await?;
+    tokio::time::sleep(WATCH).await;
+    if repo.get(&key).await? != before {
+        tracing::info!(
+            "{} keeps renewing its lease though its expiry has passed by this host's clock; \
+             check that the hosts' clocks agree",
+            holder.describe()
+        );
+        return Ok(false);
+    }
+    is_stale(repo, holder).await
 }
 
 /// A lease we hold on `key` (the repository lock or a backup's marker).
@@ -204,16 +273,63 @@ pub struct Lease<'a> {
     key: Key,
     holder: Holder,
     renew_every: Duration,
+    /// Longest a renewal (check and write) may take before it counts as failed.
+    renew_timeout: Duration,
+    /// Lease length and safety margin (constants; shorter in unit tests).
+    term: Duration,
+    margin: Duration,
+    /// Past this instant (monotonic clock) we refuse destructive work.
+    act_until: std::sync::Mutex<Instant>,
+    /// A backup's WAL start, carried in every renewal once known.
+    wal_start: std::sync::Mutex<Option<WalStart>>,
 }
 
 impl<'a> Lease<'a> {
-    fn new(repo: &'a Repository, key: Key, holder: Holder) -> Lease<'a> {
+    /// `taken_at`: a moment before the holder (and its first lease) was written.
+    fn new(repo: &'a Repository, key: Key, holder: Holder, taken_at: Instant) -> Lease<'a> {
         Lease {
             repo,
             key,
             holder,
             renew_every: RENEW_EVERY,
+            renew_timeout: RENEW_EVERY,
+            term: LEASE,
+            margin: LEASE_MARGIN,
+            act_until: std::sync::Mutex::new(taken_at + LEASE.saturating_sub(LEASE_MARGIN)),
+            wal_start: std::sync::Mutex::new(None),
         }
+    }
+
+    fn act_until(&self) -> Instant {
+        *self.act_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn renewed(&self, attempt_started: Instant) {
+        let until = attempt_started + self.term.saturating_sub(self.margin);
+        let mut act_until = self.act_until.lock().unwrap_or_else(|e| e.into_inner());
+        *act_until = (*act_until).max(until);
+    }
+
+    /// As if the process had stalled past its local deadline.
+    #[cfg(test)]
+    pub fn expire_now(&self) {
+        *self.act_until.lock().unwrap() = Instant::now();
+    }
+
+    /// Call right before every destructive step (a delete, publishing a
+    /// manifest): refuses once the lease is too close to its end to be sure
+    /// nobody else acts on the repository, so a stalled holder never acts on
+    /// a stale plan. Synchronous on purpose: no await between it and the step.
+    pub fn check(&self, action: &str) -> Result<()> {
+        if Instant::now() < self.act_until() {
+            return Ok(());
+        }
+        Err(Error::conflict(format!(
+            "{}: refusing to {action}: the lease on {} in {} was not renewed in time, so another              walvault may take over; stopping, run it again",
+            self.holder.purpose,
+            self.key,
+            self.repo.url()
+        )))
     }
 
     /// Whether `key` still holds our holder (nobody judged us gone).
@@ -223,10 +339,22 @@ impl<'a> Lease<'a> {
             .is_some_and(|h| h.token == self.holder.token))
     }
 
+    /// Records (and renews at once with) where this backup's WAL starts, so
+    /// a prune from now on keeps that WAL.
+    pub async fn record_wal_start(&self, timeline: u32, lsn: Lsn) -> Result<()> {
+        *self.wal_start.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(WalStart { timeline, lsn });
+        let attempt_started = Instant::now();
+        self.renew().await?;
+        self.renewed(attempt_started);
+        Ok(())
+    }
+
     async fn renew(&self) -> Result<()> {
         let renewal = Renewal {
             token: self.holder.token.clone(),
             lease_expires: lease_end(Utc::now()),
+            wal_start: *self.wal_start.lock().unwrap_or_else(|e| e.into_inner()),
         };
         let json = serde_json::to_vec_pretty(&renewal).expect("renewal serializes");
         // Only we write this key, so replacing it cannot undo anyone else's write.
@@ -244,11 +372,27 @@ impl<'a> Lease<'a> {
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let renewing = async {
-            let mut renewed_at = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(self.renew_every).await;
-                let outcome = match self.still_ours().await {
-                    Ok(true) => self.renew().await,
+                let attempt_started = Instant::now();
+                // A store call may hang for minutes (retries): bounded, so a
+                // slow renewal counts as a failed one.
+                let attempt = tokio::time::timeout(self.renew_timeout, async {
+                    match self.still_ours().await {
+                        Ok(true) => self.renew().await.map(|()| true),
+                        Ok(false) => Ok(false),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::io(format!(
+                        "no answer within {} s",
+                        self.renew_timeout.as_secs_f32()
+                    )))
+                });
+                let outcome = match attempt {
+                    Ok(true) => Ok(()),
                     Ok(false) => {
                         return Error::conflict(format!(
                             "{what}: another walvault judged this one gone and removed {} from {} \
@@ -262,16 +406,15 @@ impl<'a> Lease<'a> {
                     Err(e) => Err(e),
                 };
                 match outcome {
-                    Ok(()) => renewed_at = tokio::time::Instant::now(),
-                    Err(e) if renewed_at.elapsed() < LEASE => {
+                    Ok(()) => self.renewed(attempt_started),
+                    Err(e) if Instant::now() < self.act_until() => {
                         tracing::warn!("cannot renew the lease on {}: {e}; retrying", self.key)
                     }
                     Err(e) => {
                         return Error::io(format!(
-                            "{what}: cannot renew the lease on {} for {} s, so others may take it \
+                            "{what}: cannot renew the lease on {} in time, so others may take it \
                              over ({e}); stopping, run it again",
-                            self.key,
-                            LEASE.as_secs()
+                            self.key
                         ));
                     }
                 }
@@ -312,13 +455,15 @@ impl<'a> RepoLock<'a> {
 
     async fn attempt(repo: &'a Repository, purpose: &str) -> Result<Attempt<'a>> {
         let key = Key::from(LOCK_KEY);
+        // Before the holder's clock starts: our local deadline never trails it.
+        let taken_at = Instant::now();
         let holder = Holder::current(purpose);
         let json = Bytes::from(serde_json::to_vec_pretty(&holder).expect("holder serializes"));
         let mut took_over = false;
         for _ in 0..3 {
             if repo.put_new(&key, json.clone()).await? == Created::New {
                 let lock = RepoLock {
-                    lease: Lease::new(repo, key.clone(), holder),
+                    lease: Lease::new(repo, key.clone(), holder, taken_at),
                 };
                 if took_over {
                     // Another process may have judged the same stale lock and
@@ -337,7 +482,7 @@ impl<'a> RepoLock<'a> {
             let Some((other, judged)) = read_holder_bytes(repo, &key).await? else {
                 continue;
             };
-            if !is_stale(repo, &other).await? {
+            if !is_stale(repo, &other).await? || !confirm_gone(repo, &other).await? {
                 return Ok(Attempt::Held(other));
             }
             // Claim the right to remove exactly what we judged stale: of
@@ -359,7 +504,9 @@ impl<'a> RepoLock<'a> {
                 // The claimant died before finishing; its claim counts no more.
             }
             match repo.get(&key).await? {
-                Some(now) if now == judged => {
+                // Re-read the renewal right before removing: it may have
+                // come in while we claimed.
+                Some(now) if now == judged && is_stale(repo, &other).await? => {
                     tracing::warn!(
                         "removing a stale repository lock held by {}",
                         other.describe()
@@ -367,7 +514,7 @@ impl<'a> RepoLock<'a> {
                     repo.delete(&key).await?;
                     let _ = repo.delete(&lease_key(&other.token)).await;
                 }
-                // Released, or replaced by a live holder: not ours to remove.
+                // Released, replaced or renewed: not ours to remove.
                 _ => {}
             }
             took_over = true;
@@ -420,6 +567,11 @@ impl<'a> RepoLock<'a> {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// The lock's lease, to [`Lease::check`] before each destructive step.
+    pub fn lease(&self) -> &Lease<'a> {
+        &self.lease
     }
 
     /// Runs `work` holding the lock, renewing its lease meanwhile.
@@ -497,11 +649,12 @@ pub fn marker_key(backup_id: &str) -> Key {
 /// Registers a backup in progress (under the lock). The backup keeps the
 /// returned lease renewed while it runs ([`Lease::keep_while`]).
 pub async fn write_marker<'a>(repo: &'a Repository, backup_id: &str) -> Result<Lease<'a>> {
+    let taken_at = Instant::now();
     let holder = Holder::current(&format!("backup {backup_id}"));
     let json = serde_json::to_vec_pretty(&holder).expect("serializes");
     let key = marker_key(backup_id);
     match repo.put_new(&key, Bytes::from(json)).await? {
-        Created::New => Ok(Lease::new(repo, key, holder)),
+        Created::New => Ok(Lease::new(repo, key, holder, taken_at)),
         Created::AlreadyExists => Err(Error::conflict(format!(
             "another backup {backup_id} is starting in {} this very second; try again",
             repo.url()
@@ -518,7 +671,7 @@ pub async fn remove_marker(marker: Lease<'_>) -> Result<()> {
 
 /// Backups in progress that are still alive; stale markers are reported and,
 /// unless `dry_run`, removed.
-pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder>> {
+pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBackup>> {
     let mut live = vec![];
     for meta in repo.list("locks").await? {
         if !meta.location.as_ref().starts_with(MARKER_PREFIX) {
@@ -527,7 +680,7 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder
         let Some(holder) = read_holder(repo, &meta.location).await? else {
             continue;
         };
-        if is_stale(repo, &holder).await? {
+        if is_stale(repo, &holder).await? && (dry_run || confirm_gone(repo, &holder).await?) {
             tracing::warn!(
                 "{} never finished; its uploaded content is garbage now",
                 holder.describe()
@@ -537,7 +690,8 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<Holder
                 let _ = repo.delete(&lease_key(&holder.token)).await;
             }
         } else {
-            live.push(holder);
+            let wal_start = renewal(repo, &holder).await?.and_then(|r| r.wal_start);
+            live.push(LiveBackup { holder, wal_start });
         }
     }
     Ok(live)
@@ -596,7 +750,7 @@ mod tests {
         let repo = repo(d.path());
         // A prune killed on an ephemeral host, gone with it: its lease ran
         // out a second ago (the old rule would wait two days for another host).
-        let mut killed = foreign("prune", -1);
+        let mut killed = foreign("prune", -(CLOCK_SKEW.as_secs() as i64) - 1);
         killed.host = "ephemeral-pod-7f9c".into();
         plant(&repo, LOCK_KEY, &killed).await;
         let lock = RepoLock::acquire_within(&repo, "backup x finish", Duration::ZERO, true)
@@ -605,6 +759,105 @@ mod tests {
         assert!(lock.lease.still_ours().await.unwrap());
         lock.release().await.unwrap();
         assert_eq!(stored(&repo, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_lease_just_past_its_expiry_is_not_taken_over_within_the_clock_skew() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Expired five seconds ago by our clock, which may run ahead of the
+        // holder's: not yet ours to judge.
+        let planted = plant(&repo, LOCK_KEY, &foreign("prune", -5)).await;
+        let err = RepoLock::acquire(&repo, "prune").await.err().unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_clock_runs_behind_but_renews_is_not_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Its clock is ten minutes behind ours: every expiry it writes looks
+        // long past here, yet it renews as it should.
+        let holder = foreign("prune", -600);
+        let planted = plant(&repo, LOCK_KEY, &holder).await;
+        let renewing = async {
+            for _ in 0..20 {
+                let r = Renewal {
+                    token: holder.token.clone(),
+                    lease_expires: Utc::now() - chrono::Duration::seconds(600),
+                    wal_start: None,
+                };
+                repo.put_replace(&lease_key(&holder.token), serde_json::to_vec(&r).unwrap())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let (taken, ()) = tokio::join!(RepoLock::acquire(&repo, "prune"), renewing);
+        let err = taken.err().unwrap();
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+    }
+
+    /// A lease as a unit test wants it: short, and renewed only if asked.
+    fn short(mut lease: Lease<'_>, term_ms: u64, renew_every_ms: u64) -> Lease<'_> {
+        lease.term = Duration::from_millis(term_ms);
+        lease.margin = Duration::from_millis(term_ms / 2);
+        lease.renew_every = Duration::from_millis(renew_every_ms);
+        *lease.act_until.lock().unwrap() = Instant::now() + lease.term - lease.margin;
+        lease
+    }
+
+    #[tokio::test]
+    async fn a_holder_past_its_local_deadline_refuses_destructive_work() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        // Its renewal is far off (a paused process, a hung store call).
+        let marker = short(
+            write_marker(&repo, "0000000000000003").await.unwrap(),
+            200,
+            60_000,
+        );
+        marker.check("publish backup 3").unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let err = marker.check("publish backup 3").err().unwrap();
+        assert_eq!(err.kind, crate::error::ErrorKind::Conflict);
+        assert!(
+            err.message().contains("refusing to publish backup 3"),
+            "{err}"
+        );
+        // A successful renewal moves the deadline on.
+        let renewing = short(marker, 200, 20);
+        let r = renewing
+            .keep_while("backup", async {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                renewing.check("publish backup 3")
+            })
+            .await;
+        r.unwrap();
+    }
+
+    #[tokio::test]
+    async fn renewals_that_do_not_answer_in_time_end_the_work_at_the_local_deadline() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let mut lock = RepoLock::acquire(&repo, "prune").await.unwrap();
+        lock.lease = short(lock.lease, 300, 20);
+        // Every renewal "hangs": none answers within its time limit.
+        lock.lease.renew_timeout = Duration::ZERO;
+        let started = Instant::now();
+        let err = lock
+            .hold(async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("cannot renew the lease"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        lock.release().await.unwrap();
     }
 
     #[tokio::test]
@@ -640,7 +893,7 @@ mod tests {
         // The first lease ran out, but the holder renewed it since.
         let holder = foreign("prune", -30);
         let planted = plant(&repo, LOCK_KEY, &holder).await;
-        Lease::new(&repo, Key::from(LOCK_KEY), holder)
+        Lease::new(&repo, Key::from(LOCK_KEY), holder, Instant::now())
             .renew()
             .await
             .unwrap();
@@ -652,7 +905,12 @@ mod tests {
     async fn a_takeover_claimed_by_another_walvault_is_left_to_it() {
         let d = tempfile::tempdir().unwrap();
         let repo = repo(d.path());
-        let planted = plant(&repo, LOCK_KEY, &foreign("prune", -1)).await;
+        let planted = plant(
+            &repo,
+            LOCK_KEY,
+            &foreign("prune", -(CLOCK_SKEW.as_secs() as i64) - 1),
+        )
+        .await;
         // Another walvault has just claimed this very lock.
         let claimer = Holder::current("prune elsewhere");
         repo.put_new(
@@ -693,13 +951,38 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let repo = repo(d.path());
         let running = foreign("backup 1", 60);
-        let dead = foreign("backup 2", -1);
+        let dead = foreign("backup 2", -(CLOCK_SKEW.as_secs() as i64) - 1);
         plant(&repo, "locks/backup-1.json", &running).await;
         plant(&repo, "locks/backup-2.json", &dead).await;
         let live = live_backups(&repo, false).await.unwrap();
-        assert_eq!(live, vec![running]);
+        assert_eq!(
+            live,
+            vec![LiveBackup {
+                holder: running,
+                wal_start: None
+            }]
+        );
         assert!(stored(&repo, "locks/backup-1.json").await.is_some());
         assert!(stored(&repo, "locks/backup-2.json").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_backup_in_progress_says_where_its_wal_starts() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let marker = write_marker(&repo, "0000000000000004").await.unwrap();
+        let live = live_backups(&repo, true).await.unwrap();
+        assert_eq!(live[0].wal_start, None);
+        marker.record_wal_start(2, Lsn(0x0600_0028)).await.unwrap();
+        let live = live_backups(&repo, true).await.unwrap();
+        assert_eq!(
+            live[0].wal_start,
+            Some(WalStart {
+                timeline: 2,
+                lsn: Lsn(0x0600_0028)
+            })
+        );
+        remove_marker(marker).await.unwrap();
     }
 
     #[tokio::test]

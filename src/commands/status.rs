@@ -102,8 +102,9 @@ pub fn recoverable_windows(archive: &WalArchive, backups: &[Manifest]) -> Vec<Wi
         let Some(segs) = archive.segments.get(&b.timeline) else {
             continue;
         };
-        let stop = b.stop_lsn.0 / size;
         let mut segno = b.start_lsn.0 / size;
+        // The last segment a backup needs holds the byte before its stop LSN.
+        let stop = (b.stop_lsn.0.saturating_sub(1) / size).max(segno);
         let mut last = None;
         while let Some(f) = segs.get(&segno) {
             last = Some(f);
@@ -383,6 +384,50 @@ fn print_graph(s: &Status, backups: &[Manifest]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backup_stopping_on_a_segment_boundary_has_a_window() {
+        let mut archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        let name = "000000010000000000000002";
+        archive.segments.entry(1).or_default().insert(
+            2,
+            crate::archive::ArchivedFile {
+                name: crate::wal::WalFileName::parse(name).unwrap(),
+                meta: object_store::ObjectMeta {
+                    location: name.into(),
+                    last_modified: Utc::now(),
+                    size: 0,
+                    e_tag: None,
+                    version: None,
+                },
+            },
+        );
+        let now = Utc::now();
+        let backup = Manifest {
+            format: 1,
+            id: "20261127T153444Z".into(),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: 1 << 24,
+            timeline: 1,
+            start_lsn: crate::manifest::Lsn((2 << 24) + 40),
+            stop_lsn: crate::manifest::Lsn(3 << 24),
+            start_time: now,
+            stop_time: now,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![],
+            stats: Default::default(),
+        };
+        let windows = recoverable_windows(&archive, &[backup]);
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].end_segno, 2);
+    }
 
     #[test]
     fn a_branch_beside_a_living_parent_is_shown() {

@@ -355,8 +355,7 @@ fn continuity(
     };
     for m in manifests {
         let start = m.start_lsn.0 / size;
-        let stop = m.stop_lsn.0 / size;
-        if stop < start {
+        if m.stop_lsn < m.start_lsn {
             problems.insert(Problem {
                 object: manifest_key(&m.id).to_string(),
                 problem: format!(
@@ -366,6 +365,9 @@ fn continuity(
             });
             continue;
         }
+        // The stop LSN ends the backup: the last segment it needs holds the
+        // byte before it (a stop on a segment boundary needs nothing after).
+        let stop = (m.stop_lsn.0.saturating_sub(1) / size).max(start);
         check(
             m.timeline,
             start,
@@ -650,6 +652,34 @@ mod tests {
                 .contains("stops at 0/1 before it starts"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn a_stop_on_a_segment_boundary_needs_no_segment_after_it() {
+        let mut archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        let name = "000000010000000000000002";
+        archive.segments.entry(1).or_default().insert(
+            2,
+            crate::archive::ArchivedFile {
+                name: WalFileName::parse(name).unwrap(),
+                meta: object_store::ObjectMeta {
+                    location: name.into(),
+                    last_modified: chrono::Utc::now(),
+                    size: 0,
+                    e_tag: None,
+                    version: None,
+                },
+            },
+        );
+        // Starts in segment 2, stops exactly where segment 3 begins.
+        let m = manifest(vec![]);
+        assert_eq!(m.stop_lsn, Lsn(3 << 24));
+        let mut problems = BTreeSet::new();
+        continuity(&archive, &[m], None, true, &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]

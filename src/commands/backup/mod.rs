@@ -120,16 +120,23 @@ async fn take(
     marker: &lock::Lease<'_>,
 ) -> Result<Manifest> {
     let previous = catalog::load_readable(repo).await?;
-    let index = Arc::new(BlobIndex::from_manifests(&previous));
-    drop(previous);
+    // Blocking work runs off this task: the marker's lease is renewed by the
+    // future this one is polled beside, and must not starve meanwhile.
+    let index = Arc::new(blocking(move || Ok(BlobIndex::from_manifests(&previous))).await?);
 
     let start_lsn: Lsn = server
         .backup_start(&format!("walvault {id}"))
         .await?
         .parse()?;
     tracing::info!("backup {id} started at LSN {start_lsn}");
+    // From now on a prune keeps this backup's WAL, not just its packs.
+    let start_timeline = server.checkpoint_timeline().await?;
+    marker.record_wal_start(start_timeline, start_lsn).await?;
 
-    let listing = walk::list(pgdata)?;
+    let listing = {
+        let pgdata = pgdata.to_path_buf();
+        blocking(move || walk::list(&pgdata)).await?
+    };
     let total: u64 = listing.files.iter().map(|f| f.size).sum();
     let progress = progress_bar(total);
 
@@ -247,10 +254,21 @@ async fn take(
     // the backup is done and must not be thrown away.
     let lock =
         RepoLock::acquire_within(repo, &format!("backup {id} finish"), LOCK_WAIT, true).await?;
-    let published = lock.hold(publish(repo, &manifest, marker)).await;
+    let published = lock
+        .hold(publish(repo, &manifest, marker, lock.lease()))
+        .await;
     lock.release().await?;
     published?;
     Ok(manifest)
+}
+
+/// Runs blocking work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::io(format!("backup worker failed: {e}")))?
 }
 
 /// Waits (until `deadline`) for every WAL segment from the backup's start to
@@ -267,37 +285,9 @@ async fn wait_for_wal_in_repository(
     deadline: tokio::time::Instant,
     timeout: std::time::Duration,
 ) -> Result<()> {
-    use crate::repository::wal_name_of_key;
-    use crate::wal::{SegmentName, WalFileName};
-    let size = u64::from(segment_size);
-    let first = start.0 / size;
-    // The stop LSN ends the backup: the last segment needed holds the byte before it.
-    let last = (stop.0.saturating_sub(1) / size).max(first);
-    let mut missing: Vec<SegmentName> = (first..=last)
-        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
-        .collect();
     loop {
-        let folders: std::collections::BTreeSet<String> = missing
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}/{:08X}{:08X}",
-                    crate::repository::WAL_DIR,
-                    s.timeline,
-                    s.log
-                )
-            })
-            .collect();
-        let mut present = std::collections::HashSet::new();
-        for folder in folders {
-            for meta in repo.list(&folder).await? {
-                if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
-                    present.insert(s);
-                }
-            }
-        }
-        missing.retain(|s| !present.contains(s));
-        let Some(first_missing) = missing.first() else {
+        let Some(first_missing) = missing_wal(repo, timeline, (start, stop), segment_size).await?
+        else {
             return Ok(());
         };
         if tokio::time::Instant::now() >= deadline {
@@ -316,10 +306,56 @@ async fn wait_for_wal_in_repository(
     }
 }
 
+/// The first WAL segment from `start` to `stop` on `timeline` that is not in
+/// the repository, if any.
+async fn missing_wal(
+    repo: &Repository,
+    timeline: u32,
+    (start, stop): (Lsn, Lsn),
+    segment_size: u32,
+) -> Result<Option<crate::wal::SegmentName>> {
+    use crate::repository::wal_name_of_key;
+    use crate::wal::{SegmentName, WalFileName};
+    let size = u64::from(segment_size.max(1));
+    let first = start.0 / size;
+    // The stop LSN ends the backup: the last segment needed holds the byte before it.
+    let last = (stop.0.saturating_sub(1) / size).max(first);
+    let mut missing: Vec<SegmentName> = (first..=last)
+        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
+        .collect();
+    let folders: std::collections::BTreeSet<String> = missing
+        .iter()
+        .map(|s| {
+            format!(
+                "{}/{:08X}{:08X}",
+                crate::repository::WAL_DIR,
+                s.timeline,
+                s.log
+            )
+        })
+        .collect();
+    let mut present = std::collections::HashSet::new();
+    for folder in folders {
+        for meta in repo.list(&folder).await? {
+            if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
+                present.insert(s);
+            }
+        }
+    }
+    missing.retain(|s| !present.contains(s));
+    Ok(missing.into_iter().next())
+}
+
 /// Stores the manifest, but only if nothing this backup relies on was taken
 /// away: its marker must still be its own (so no prune judged it dead) and
-/// every pack the manifest points into must exist.
-async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_>) -> Result<()> {
+/// every pack the manifest points into must exist. Both leases (the marker's
+/// and the lock's) must be well within their terms as the manifest is stored.
+async fn publish(
+    repo: &Repository,
+    manifest: &Manifest,
+    marker: &lock::Lease<'_>,
+    lock: &lock::Lease<'_>,
+) -> Result<()> {
     let id = &manifest.id;
     if !marker.still_ours().await? {
         return Err(Error::conflict(format!(
@@ -354,6 +390,24 @@ async fn publish(repo: &Repository, manifest: &Manifest, marker: &lock::Lease<'_
             repo.url()
         )));
     }
+    // A prune that ran while we waited must not have taken our WAL.
+    if let Some(gone) = missing_wal(
+        repo,
+        manifest.timeline,
+        (manifest.start_lsn, manifest.stop_lsn),
+        manifest.wal_segment_size,
+    )
+    .await?
+    {
+        return Err(Error::conflict(format!(
+            "WAL segment {gone} that backup {id} needs is gone from {} (deleted while the \
+             backup ran?); backup {id} is not published: run the backup again",
+            repo.url()
+        )));
+    }
+    let action = format!("publish backup {id}");
+    marker.check(&action)?;
+    lock.check(&action)?;
     catalog::store(repo, manifest).await
 }
 
@@ -409,5 +463,59 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn a_backup_whose_wal_was_deleted_while_it_ran_is_not_published() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::open(&RepoUrl::Local(d.path().to_path_buf()), true).unwrap();
+        let seg = 1u32 << 20;
+        let now = chrono::Utc::now();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            id: backup_id(now),
+            pg_version: 150000,
+            system_identifier: "1".into(),
+            wal_segment_size: seg,
+            timeline: 2,
+            start_lsn: Lsn(6 * u64::from(seg) + 40),
+            stop_lsn: Lsn(7 * u64::from(seg) + 100),
+            start_time: now,
+            stop_time: now,
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![],
+            stats: BackupStats::default(),
+        };
+        let marker = lock::write_marker(&repo, &manifest.id).await.unwrap();
+        // Segment 6 is there, 7 was deleted by a prune while the backup ran.
+        let six = crate::wal::WalFileName::parse("000000020000000000000006").unwrap();
+        repo.put_replace(
+            &crate::repository::wal_key(&six),
+            Bytes::from_static(b"wal"),
+        )
+        .await
+        .unwrap();
+        let lock = RepoLock::acquire(&repo, "backup finish").await.unwrap();
+        let err = publish(&repo, &manifest, &marker, lock.lease())
+            .await
+            .err()
+            .unwrap();
+        lock.release().await.unwrap();
+        assert!(
+            err.message()
+                .contains("WAL segment 000000020000000000000007 that backup"),
+            "{err}"
+        );
+        assert!(catalog::ids(&repo).await.unwrap().is_empty());
+        lock::remove_marker(marker).await.unwrap();
     }
 }

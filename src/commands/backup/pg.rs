@@ -249,6 +249,19 @@ impl Server {
         Ok(row.get(0))
     }
 
+    /// The timeline of the checkpoint the backup started from (on a
+    /// standby, of the restartpoint): the one its WAL starts on.
+    pub async fn checkpoint_timeline(&self) -> Result<u32> {
+        let row = self
+            .client
+            .query_one("SELECT timeline_id::int8 FROM pg_control_checkpoint()", &[])
+            .await
+            .map_err(|e| sql_error("cannot read the checkpoint's timeline", e))?;
+        let timeline: i64 = row.get(0);
+        u32::try_from(timeline)
+            .map_err(|_| Error::io(format!("the server reports timeline {timeline}")))
+    }
+
     /// Ends the backup, waiting until the WAL it needs is archived.
     pub async fn backup_stop(&self) -> Result<BackupStop> {
         let sql = if self.info.version_num >= 150000 {

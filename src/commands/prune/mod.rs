@@ -9,7 +9,7 @@ use crate::archive::WalArchive;
 use crate::catalog;
 use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
-use crate::lock::{self, RepoLock};
+use crate::lock::{self, Lease, RepoLock};
 use crate::manifest::Manifest;
 use crate::repository::{Leftover, PACK_DIR, RepoUrl, Repository, is_pack_id, manifest_key};
 use object_store::path::Path as Key;
@@ -64,8 +64,16 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
     // The lock's lease is renewed while prune works, so a long prune is never
     // judged gone; losing it (a stopped process) stops prune.
     let result = match &lock {
-        Some(lock) => lock.hold(prune(&repo, config.wal_segment_size, opts)).await,
-        None => prune(&repo, config.wal_segment_size, opts).await,
+        Some(lock) => {
+            lock.hold(prune(
+                &repo,
+                config.wal_segment_size,
+                opts,
+                Some(lock.lease()),
+            ))
+            .await
+        }
+        None => prune(&repo, config.wal_segment_size, opts, None).await,
     };
     if let Some(lock) = lock {
         lock.release().await?;
@@ -102,7 +110,14 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
     Ok(())
 }
 
-async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Result<Doomed> {
+/// Every deletion first checks `lease` (the lock's), so a prune that stalled
+/// past its lease deletes nothing more: a backup may have taken the lock since.
+async fn prune(
+    repo: &Repository,
+    segment_size: u32,
+    opts: &PruneOptions,
+    lease: Option<&Lease<'_>>,
+) -> Result<Doomed> {
     let now = chrono::Utc::now();
     let in_progress = lock::live_backups(repo, opts.dry_run).await?;
     let backups = catalog::load_all(repo).await?;
@@ -132,7 +147,9 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
     // WAL: with no backup at all, nothing can say what is needed: keep it all.
     if !kept.is_empty() {
         let archive = WalArchive::load(repo, segment_size).await?;
-        let needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
+        let mut needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
+        let running: Vec<lock::WalStart> = in_progress.iter().filter_map(|b| b.wal_start).collect();
+        needs.extend(plan::in_progress_needs(&running, segment_size));
         for need in &needs {
             tracing::debug!("keeping WAL {}", plan::describe_need(need, segment_size));
         }
@@ -157,13 +174,14 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
         if !opts.dry_run
             && let Some(record) = crate::retention::Retention::new(plan::complete_from(&needs), now)
         {
+            check(lease, "record what WAL is kept")?;
             crate::retention::store(repo, &record).await?;
         }
     }
 
     // Packs: only when no backup is in progress (it may use any of them).
     if let Some(b) = in_progress.first() {
-        doomed.packs_kept_because = Some(format!("{} is in progress", b.describe()));
+        doomed.packs_kept_because = Some(format!("{} is in progress", b.holder.describe()));
     } else {
         let referenced: HashSet<&str> = kept
             .iter()
@@ -209,12 +227,26 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
     // Manifests first: once a backup is gone from the listing nothing uses
     // its WAL or packs, so a crash part-way leaves garbage, never a broken backup.
     for (id, key, _) in &doomed.backups {
+        check(lease, &format!("delete backup {id}"))?;
         repo.delete(key).await?;
         tracing::info!("deleted backup {id}");
     }
-    delete_all(repo, &doomed.wal).await?;
-    delete_all(repo, &doomed.packs).await?;
+    delete_all(repo, &doomed.wal, lease).await?;
+    // Time has passed since the plan: a backup may have started (and be using
+    // any pack) or been published since. Look again right before deleting.
+    if !doomed.packs.is_empty() {
+        let unused = still_unused_packs(repo, &doomed.packs).await?;
+        if unused.len() < doomed.packs.len() {
+            tracing::info!(
+                "keeping {} packs a backup started or published during this prune uses",
+                doomed.packs.len() - unused.len()
+            );
+        }
+        doomed.packs = unused;
+    }
+    delete_all(repo, &doomed.packs, lease).await?;
     for l in &doomed.leftovers {
+        check(lease, &format!("delete {}", l.path.display()))?;
         repo.delete_leftover(l)?;
         tracing::debug!(
             "deleted {} (left by an interrupted write)",
@@ -224,9 +256,45 @@ async fn prune(repo: &Repository, segment_size: u32, opts: &PruneOptions) -> Res
     Ok(doomed)
 }
 
-async fn delete_all(repo: &Repository, keys: &[(Key, u64)]) -> Result<()> {
+fn check(lease: Option<&Lease<'_>>, action: &str) -> Result<()> {
+    lease.map_or(Ok(()), |l| l.check(action))
+}
+
+/// The packs among `candidates` that no backup uses now: none in progress
+/// (it may use any pack), and no manifest references them.
+async fn still_unused_packs(
+    repo: &Repository,
+    candidates: &[(Key, u64)],
+) -> Result<Vec<(Key, u64)>> {
+    if let Some(b) = lock::live_backups(repo, true).await?.first() {
+        tracing::info!("keeping every pack: {} is in progress", b.holder.describe());
+        return Ok(vec![]);
+    }
+    let manifests = catalog::load_all(repo).await?;
+    let referenced: HashSet<&str> = manifests
+        .iter()
+        .flat_map(|m| m.files.iter().flat_map(|f| f.chunks.iter()))
+        .map(|c| c.pack.as_str())
+        .collect();
+    Ok(candidates
+        .iter()
+        .filter(|(k, _)| {
+            k.filename()
+                .and_then(|f| f.strip_suffix(".pack"))
+                .is_some_and(|id| !referenced.contains(id))
+        })
+        .cloned()
+        .collect())
+}
+
+async fn delete_all(
+    repo: &Repository,
+    keys: &[(Key, u64)],
+    lease: Option<&Lease<'_>>,
+) -> Result<()> {
     use futures::StreamExt;
     let mut deletions = futures::stream::iter(keys.iter().map(|(k, _)| async move {
+        check(lease, &format!("delete {k}"))?;
         repo.delete(k).await?;
         tracing::debug!("deleted {k}");
         Ok::<_, Error>(())
@@ -236,4 +304,56 @@ async fn delete_all(repo: &Repository, keys: &[(Key, u64)]) -> Result<()> {
         r?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn repo(dir: &std::path::Path) -> Repository {
+        Repository::open(&RepoUrl::Local(dir.to_path_buf()), true).unwrap()
+    }
+
+    async fn plant_packs(repo: &Repository, n: usize) -> Vec<(Key, u64)> {
+        let mut keys = vec![];
+        for i in 0..n {
+            let key = Key::from(format!("{PACK_DIR}/{i:064x}.pack"));
+            repo.put_replace(&key, Bytes::from_static(b"pack"))
+                .await
+                .unwrap();
+            keys.push((key, 4));
+        }
+        keys
+    }
+
+    #[tokio::test]
+    async fn a_prune_past_its_lease_deletes_nothing_more() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let packs = plant_packs(&repo, 20).await;
+        let lock = RepoLock::acquire(&repo, "prune").await.unwrap();
+        // prune planned, then stalled until others may take the lock over.
+        lock.lease().expire_now();
+        let err = delete_all(&repo, &packs, Some(lock.lease()))
+            .await
+            .err()
+            .unwrap();
+        assert!(err.message().contains("refusing to delete"), "{err}");
+        for (key, _) in &packs {
+            assert!(repo.get(key).await.unwrap().is_some(), "{key} deleted");
+        }
+        lock.release().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn packs_are_kept_when_a_backup_started_after_the_plan() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = repo(d.path());
+        let packs = plant_packs(&repo, 3).await;
+        assert_eq!(still_unused_packs(&repo, &packs).await.unwrap(), packs);
+        let marker = lock::write_marker(&repo, "0000000000000009").await.unwrap();
+        assert!(still_unused_packs(&repo, &packs).await.unwrap().is_empty());
+        lock::remove_marker(marker).await.unwrap();
+    }
 }

@@ -2,6 +2,7 @@
 //! backups the policy keeps, and which WAL those backups still need.
 
 use crate::archive::WalArchive;
+use crate::lock::WalStart;
 use crate::manifest::Manifest;
 use crate::retention::TimelineRetention;
 use crate::wal::SegmentName;
@@ -60,6 +61,12 @@ fn segno(lsn: u64, segment_size: u32) -> u64 {
     lsn / u64::from(segment_size.max(1))
 }
 
+/// The last segment a backup needs: the one holding the byte before its stop
+/// LSN (a stop on a segment boundary needs nothing of the next segment).
+fn last_segno(b: &Manifest, segment_size: u32) -> u64 {
+    segno(b.stop_lsn.0.saturating_sub(1), segment_size).max(segno(b.start_lsn.0, segment_size))
+}
+
 /// The WAL the kept backups need, reasoned per timeline: a backup replays its
 /// own timeline (and whatever branches from it later), so LSNs are only ever
 /// compared between backups of one timeline. On each timeline: all WAL from
@@ -104,22 +111,41 @@ pub fn wal_needs(
             needs.push(WalNeed {
                 timeline,
                 from: segno(b.start_lsn.0, segment_size),
-                to: Some(segno(b.stop_lsn.0, segment_size)),
+                to: Some(last_segno(b, segment_size)),
             });
         }
     }
     needs
 }
 
-/// Where each timeline's WAL is complete from, for retention.json: the start
-/// of the open-ended need on it.
-pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
-    needs
+/// The WAL of backups in progress: each replays from its start on its own
+/// timeline, and its stop is not known yet, so all of it from there on stays.
+/// (Its packs are kept by its marker; without this its WAL would not be: a
+/// first backup on a new timeline has no kept backup there to anchor it.)
+pub fn in_progress_needs(running: &[WalStart], segment_size: u32) -> Vec<WalNeed> {
+    running
         .iter()
-        .filter(|n| n.to.is_none())
-        .map(|n| TimelineRetention {
-            timeline: n.timeline,
-            complete_from_segno: n.from,
+        .map(|r| WalNeed {
+            timeline: r.timeline,
+            from: segno(r.lsn.0, segment_size),
+            to: None,
+        })
+        .collect()
+}
+
+/// Where each timeline's WAL is complete from, for retention.json: the start
+/// of the earliest open-ended need on it.
+pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
+    let mut from: BTreeMap<u32, u64> = BTreeMap::new();
+    for n in needs.iter().filter(|n| n.to.is_none()) {
+        from.entry(n.timeline)
+            .and_modify(|f| *f = (*f).min(n.from))
+            .or_insert(n.from);
+    }
+    from.into_iter()
+        .map(|(timeline, complete_from_segno)| TimelineRetention {
+            timeline,
+            complete_from_segno,
         })
         .collect()
 }
@@ -165,7 +191,8 @@ mod tests {
             wal_segment_size: 1 << 24,
             timeline: 1,
             start_lsn: Lsn(start << 24),
-            stop_lsn: Lsn(stop << 24),
+            // Inside segment `stop`, as most stops are.
+            stop_lsn: Lsn((stop << 24) + 0x28),
             start_time: now - chrono::Duration::hours(hours_ago),
             stop_time: now - chrono::Duration::hours(hours_ago) + chrono::Duration::minutes(5),
             backup_label: String::new(),
@@ -278,6 +305,28 @@ mod tests {
         assert!(is_needed(&archive, &needs, 2, 12));
     }
 
+    #[test]
+    fn a_stop_on_a_segment_boundary_needs_no_segment_after_it() {
+        let now = Utc::now();
+        let mut a = backup("a", 72, 2, 3, now);
+        a.stop_lsn = Lsn(3 << 24);
+        let b = [a, backup("b", 48, 10, 11, now)];
+        let kept: Vec<&Manifest> = b.iter().collect();
+        let window = Policy {
+            keep_wal_within: Some(Duration::from_secs(30 * 3600)),
+            ..Default::default()
+        };
+        let needs = wal_needs(&kept, &window, now, 1 << 24);
+        assert_eq!(
+            needs[1],
+            WalNeed {
+                timeline: 1,
+                from: 2,
+                to: Some(2)
+            }
+        );
+    }
+
     fn on_timeline(mut m: Manifest, timeline: u32) -> Manifest {
         m.timeline = timeline;
         m
@@ -342,6 +391,42 @@ mod tests {
                 TimelineRetention {
                     timeline: 1,
                     complete_from_segno: 20
+                },
+                TimelineRetention {
+                    timeline: 2,
+                    complete_from_segno: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn the_wal_of_a_backup_in_progress_on_a_new_timeline_is_kept() {
+        let now = Utc::now();
+        let (b, archive) = two_timelines(now);
+        // Only the timeline-1 backups are kept; the PITR copy on timeline 2
+        // is taking its first backup, started at segment 6.
+        let kept: Vec<&Manifest> = b[1..3].iter().collect();
+        let mut needs = wal_needs(&kept, &Policy::default(), now, 1 << 24);
+        assert!(!is_needed(&archive, &needs, 2, 6), "the test needs a gap");
+        needs.extend(in_progress_needs(
+            &[WalStart {
+                timeline: 2,
+                lsn: Lsn((6 << 24) + 40),
+            }],
+            1 << 24,
+        ));
+        for segno in [6, 7, 9] {
+            assert!(is_needed(&archive, &needs, 2, segno), "2/{segno}");
+        }
+        assert!(!is_needed(&archive, &needs, 2, 5));
+        assert!(!is_needed(&archive, &needs, 1, 9));
+        assert_eq!(
+            complete_from(&needs),
+            [
+                TimelineRetention {
+                    timeline: 1,
+                    complete_from_segno: 10
                 },
                 TimelineRetention {
                     timeline: 2,
