@@ -168,16 +168,21 @@ fn a_full_prefetch_spool_never_fails_a_fetch() {
     }
     // Room for about one and a half prefetched segments.
     let spool = Tmpfs::mount(dir.path().join("spool"), "1536k");
-    let pg_wal = dir.path().join("pg_wal");
-    std::fs::create_dir(&pg_wal).unwrap();
+    // Called as PostgreSQL calls it on a standby: from the data directory,
+    // where the signal file says recovery is under way (fetch prefetches
+    // only then).
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    std::fs::write(data.join("standby.signal"), b"").unwrap();
     for (n, path) in &segments {
-        let to = pg_wal.join("RECOVERYXLOG");
+        let to = data.join("pg_wal/RECOVERYXLOG");
         let out = repo
             .walvault(&bin)
+            .current_dir(&data)
             .args(["fetch", "--prefetch", "6", "--spool"])
             .arg(&spool.0)
             .arg(n)
-            .arg(&to)
+            .arg("pg_wal/RECOVERYXLOG")
             .output()
             .unwrap();
         assert!(out.status.success(), "{n}: {}", describe(&out));
@@ -188,4 +193,9 @@ fn a_full_prefetch_spool_never_fails_a_fetch() {
         );
     }
     wait_for_spool_workers(&spool.0);
+    // The worker did run, beside the full disk.
+    assert!(
+        spool.0.join("prefetch-worker.log").exists(),
+        "no prefetch worker ran"
+    );
 }

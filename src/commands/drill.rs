@@ -197,6 +197,21 @@ struct Scratch {
     started: bool,
 }
 
+/// The server log's tail once it says why recovery stopped, if it does
+/// within a few seconds: a connection can fail while the server is still
+/// writing its last lines.
+async fn stopped_server_log(scratch: &Scratch) -> String {
+    let mut tail = scratch.log_tail();
+    for _ in 0..30 {
+        if recovery_stop_reason(&tail).is_some() || tail.contains("database system is shut down") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tail = scratch.log_tail();
+    }
+    tail
+}
+
 /// Why the restored server stopped during recovery, when walvault's fetch
 /// stopped it: fetch exits 200 + its status for a WAL file that exists but
 /// cannot be delivered (damaged, a gap, the store unreachable), and says why
@@ -432,10 +447,18 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
         .port(5432)
         .user(&db_user)
         .dbname("postgres");
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| Error::io(format!("cannot connect to the restored server: {e}")))?;
+    let (client, connection) = match config.connect(tokio_postgres::NoTls).await {
+        Ok(c) => c,
+        Err(e) => {
+            // The server may have stopped itself between accepting
+            // connections and our connecting (see below).
+            let tail = stopped_server_log(&scratch).await;
+            report.server_log_tail = Some(tail.clone());
+            return Err(recovery_stop_reason(&tail).unwrap_or_else(|| {
+                Error::io(format!("cannot connect to the restored server: {e}"))
+            }));
+        }
+    };
     tokio::spawn(connection);
     let deadline = Instant::now() + opts.timeout;
     loop {
@@ -444,7 +467,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
             Err(e) => {
                 // Most often the server stopped itself: fetch stops archive
                 // recovery on purpose when a WAL file cannot be delivered.
-                let tail = scratch.log_tail();
+                let tail = stopped_server_log(&scratch).await;
                 report.server_log_tail = Some(tail.clone());
                 return Err(recovery_stop_reason(&tail)
                     .unwrap_or_else(|| Error::io(format!("restored server: {e}"))));
