@@ -21,6 +21,12 @@ pub struct Spool {
     dir: PathBuf,
 }
 
+/// How long a prefetch worker's reading of walvault.json speaks for the
+/// repository at its URL: a repository replaced at the same place within
+/// this time could have copies of the old one handed over (each still proven
+/// by its sha256 against the object it was fetched from).
+pub const REPOSITORY_RECORD_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The repository a spool entry speaks for: where it is (its URL, written
 /// in one normal form, and for S3 the endpoint) and which repository is
 /// there (the cluster and creation time in its walvault.json, so one
@@ -31,7 +37,21 @@ pub struct RepoBinding(String);
 
 impl RepoBinding {
     pub fn of(url: &RepoUrl, config: &RepositoryConfig) -> RepoBinding {
-        let place = match url {
+        let place = Self::place(url);
+        let text = format!(
+            "walvault spool binding 1\n{place}\n{}\n{}\n",
+            config.system_identifier,
+            config
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+        );
+        RepoBinding(Sha256Digest::of(text.as_bytes()).to_hex()[..32].to_string())
+    }
+
+    /// Where the repository is: its URL in one normal form, and for S3 the
+    /// endpoint.
+    fn place(url: &RepoUrl) -> String {
+        match url {
             RepoUrl::Local(path) => {
                 let normal: PathBuf = path.components().collect();
                 format!("file://{}", normal.display())
@@ -44,15 +64,7 @@ impl RepoBinding {
                     .unwrap_or_default();
                 format!("{url} at {}", endpoint.trim_end_matches('/'))
             }
-        };
-        let text = format!(
-            "walvault spool binding 1\n{place}\n{}\n{}\n",
-            config.system_identifier,
-            config
-                .created_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-        );
-        RepoBinding(Sha256Digest::of(text.as_bytes()).to_hex()[..32].to_string())
+        }
     }
 
     /// The binding of the repository as it is now; `None` when it has no
@@ -337,6 +349,47 @@ impl Spool {
             .filter(|s: &u32| s.is_power_of_two())
     }
 
+    /// Remembers which repository is at `url` (its walvault.json as the
+    /// prefetch worker just read it), so that a fetch handing over a copy
+    /// need not ask the store again: on a distant store that question costs
+    /// a round trip per segment, as much as the download it saves.
+    pub fn remember_repository(&self, url: &RepoUrl, config: &RepositoryConfig) {
+        let Ok(json) = serde_json::to_vec(config) else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(&self.dir);
+        let _ = crate::commands::write_bytes(
+            &self.repository_record(url),
+            &json,
+            Some(0o600),
+            crate::commands::Durability::Visible,
+        );
+    }
+
+    /// The binding of the repository at `url` as a prefetch worker read it
+    /// less than [`REPOSITORY_RECORD_AGE`] ago; `None` otherwise (then ask
+    /// the store).
+    pub fn remembered_binding(&self, url: &RepoUrl) -> Option<RepoBinding> {
+        let path = self.repository_record(url);
+        let age = std::fs::symlink_metadata(&path)
+            .ok()?
+            .modified()
+            .ok()?
+            .elapsed()
+            .ok()?;
+        if age > REPOSITORY_RECORD_AGE {
+            return None;
+        }
+        let config: RepositoryConfig = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
+        config.validate().ok()?;
+        Some(RepoBinding::of(url, &config))
+    }
+
+    fn repository_record(&self, url: &RepoUrl) -> PathBuf {
+        let place = Sha256Digest::of(RepoBinding::place(url).as_bytes()).to_hex();
+        self.dir.join(format!("repository-{}.json", &place[..32]))
+    }
+
     pub fn remember_segment_size(&self, size: u32) {
         let _ = std::fs::create_dir_all(&self.dir);
         let _ = crate::commands::write_file_atomically(
@@ -501,6 +554,38 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_remembered_repository_speaks_for_its_url_only_and_not_for_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::at(dir.path());
+        let config = RepositoryConfig {
+            format: 1,
+            system_identifier: "7000000000000000123".into(),
+            pg_version: 15,
+            wal_segment_size: 1 << 24,
+            created_at: chrono::Utc::now(),
+        };
+        let here = RepoUrl::parse("/srv/a").unwrap();
+        let there = RepoUrl::parse("/srv/b").unwrap();
+        assert_eq!(spool.remembered_binding(&here), None);
+        spool.remember_repository(&here, &config);
+        assert_eq!(
+            spool.remembered_binding(&here),
+            Some(RepoBinding::of(&here, &config))
+        );
+        assert_eq!(spool.remembered_binding(&there), None);
+        // Too old a reading is not taken: the store is asked again.
+        let record = spool.repository_record(&here);
+        let old = SystemTime::now() - REPOSITORY_RECORD_AGE - Duration::from_secs(1);
+        std::fs::File::options()
+            .write(true)
+            .open(&record)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(spool.remembered_binding(&here), None);
+    }
 
     #[test]
     fn a_binding_names_one_repository() {

@@ -438,10 +438,15 @@ async fn wait_for_worker(
         return vec![];
     }
     // Copies speak only for the repository they came from: the one at this
-    // URL now must be it (see `RepoBinding`).
-    let binding = match Repository::open(url, false) {
-        Ok(repo) => RepoBinding::read(&repo).await.ok().flatten(),
-        Err(_) => None,
+    // URL now must be it (see `RepoBinding`). The prefetch worker that made
+    // them read its walvault.json moments ago; only when that is not on
+    // record is the store asked.
+    let binding = match spool.remembered_binding(url) {
+        Some(b) => Some(b),
+        None => match Repository::open(url, false) {
+            Ok(repo) => RepoBinding::read(&repo).await.ok().flatten(),
+            Err(_) => None,
+        },
     };
     let Some(binding) = binding else {
         return vec![];
@@ -495,9 +500,11 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
     let started = Instant::now();
     let repo = Repository::open(url, false)?;
     // Copies are kept for this repository only (see `RepoBinding`).
-    let Some(binding) = RepoBinding::read(&repo).await? else {
+    let Some(config) = repo.config().await? else {
         return Ok(());
     };
+    let binding = RepoBinding::of(url, &config);
+    spool.remember_repository(url, &config);
     let window = successors(after, opts.segment_size, opts.count.min(PREFETCH_MAX * 4));
     let have: Vec<WalFileName> = spool
         .prefetched(&binding)
@@ -771,7 +778,7 @@ impl<R: std::io::Read> std::io::Read for HashingReader<R> {
 /// Downloads at once by the prefetch worker. Each streams its object into
 /// its spool file, holding only the frames being decoded; so the worker's
 /// memory is bounded by this, never by the window.
-const PREFETCH_PARALLEL: usize = 4;
+const PREFETCH_PARALLEL: usize = 12;
 
 /// Downloads, verifies and spools `wanted`, [`PREFETCH_PARALLEL`] at a
 /// time; returns how many were spooled. Best effort: a segment missing or
