@@ -367,7 +367,7 @@ fn kill_storm_filesystem() {
          | maintenance runs (verb exit: count) | {} |\n\
          | segments PostgreSQL was told are archived (shadow copies) | {} |\n\
          | of those, not fetched byte-identical | {} |\n\
-         | verify after the storm | exit {:?} |\n\
+         | verify after the storm | exit {} |\n\
          | backups restored to latest with exactly the primary's rows | {exact} of {} |\n\n\
          Verdict: **{}**\n",
         storm.as_secs_f64(),
@@ -386,7 +386,10 @@ fn kill_storm_filesystem() {
             .join(", "),
         shadowed.len(),
         lost.len(),
-        verify.status.code(),
+        verify
+            .status
+            .code()
+            .map_or("by a signal".to_string(), |c| c.to_string()),
         ids.len(),
         if verdict {
             "nothing lost"
