@@ -318,8 +318,10 @@ async fn missing_wal(
     use crate::wal::{SegmentName, WalFileName};
     let size = u64::from(segment_size.max(1));
     let first = start.0 / size;
-    // The stop LSN ends the backup: the last segment needed holds the byte before it.
-    let last = (stop.0.saturating_sub(1) / size).max(first);
+    // A stop LSN on a segment boundary (a standby's backup ending just after
+    // a WAL switch) still needs the segment starting there: recovery must
+    // read the record at the stop LSN before it can stop consistent.
+    let last = (stop.0 / size).max(first);
     let mut missing: Vec<SegmentName> = (first..=last)
         .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
         .collect();
