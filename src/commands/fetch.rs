@@ -599,43 +599,56 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
             let mut fill = |buf: &mut bytes::BytesMut| read_piece(&mut file, buf);
             decode_in_place(path, room(), &mut fill, limit, workers, &explain)?;
         }
-        ObjectReader::Stream { mut stream, .. } => {
-            // The body is read here while a blocking thread decodes it.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
+        ObjectReader::Stream { stream, .. } => {
             let target = path.to_path_buf();
             let initial = room();
-            let decode = tokio::task::spawn_blocking(move || {
-                let mut received = 0u64;
-                let mut fill = |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
-                    Some(Ok(piece)) => {
-                        buf.extend_from_slice(&piece);
-                        received += piece.len() as u64;
-                        Ok(piece.len().max(1)) // an empty piece is not the end
-                    }
-                    Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
-                        &e.to_string(),
-                    ))),
-                    // A connection cut short is the store's failure, not damage.
-                    None if received < size => Err(object::ObjectError::Read(format!(
-                        "the store sent {received} of its {size} bytes"
-                    ))),
-                    None => Ok(0),
-                };
-                decode_in_place(&target, initial, &mut fill, limit, workers, &explain)
-            });
-            let pump = async move {
-                while let Some(piece) = stream.next().await {
-                    if tx.send(piece).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let (decoded, ()) = tokio::join!(decode, pump);
-            decoded.map_err(|e| Error::io(format!("decoding {name} failed: {e}")))??;
+            decode_streamed(stream, size, move |fill| {
+                decode_in_place(&target, initial, fill, limit, workers, &explain)
+            })
+            .await
+            .map_err(|e| Error::io(format!("decoding {name} failed: {e}")))??;
         }
     }
     tracing::debug!("restored {name} to {}", path.display());
     Ok(())
+}
+
+/// Runs `decode` on a blocking thread with a fill over a streamed object's
+/// body, which is read here meanwhile; the channel bounds what waits in
+/// between. A body that ends short of `size` is the store's failure (a
+/// connection cut short), not damage.
+async fn decode_streamed<T: Send + 'static>(
+    mut stream: futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    size: u64,
+    decode: impl FnOnce(&mut object::Fill<'_>) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
+    let decoding = tokio::task::spawn_blocking(move || {
+        let mut received = 0u64;
+        decode(&mut |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
+            Some(Ok(piece)) => {
+                buf.extend_from_slice(&piece);
+                received += piece.len() as u64;
+                Ok(piece.len().max(1)) // an empty piece is not the end
+            }
+            Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
+                &e.to_string(),
+            ))),
+            None if received < size => Err(object::ObjectError::Read(format!(
+                "the store sent {received} of its {size} bytes"
+            ))),
+            None => Ok(0),
+        })
+    });
+    let pump = async move {
+        while let Some(piece) = stream.next().await {
+            if tx.send(piece).await.is_err() {
+                break;
+            }
+        }
+    };
+    let (decoded, ()) = tokio::join!(decoding, pump);
+    decoded
 }
 
 /// Decodes an object, as `fill` delivers it after `initial`, into a
@@ -859,37 +872,9 @@ async fn prefetch_one(
         })
         .await
         .map_err(task_failed)?,
-        ObjectReader::Stream { mut stream, .. } => {
-            // The body is read here while a blocking thread decodes it; the
-            // channel bounds what waits in between.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
-            let decode = tokio::task::spawn_blocking(move || {
-                let mut received = 0u64;
-                store(&mut |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
-                    Some(Ok(piece)) => {
-                        buf.extend_from_slice(&piece);
-                        received += piece.len() as u64;
-                        Ok(piece.len().max(1)) // an empty piece is not the end
-                    }
-                    Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
-                        &e.to_string(),
-                    ))),
-                    None if received < size => Err(object::ObjectError::Read(format!(
-                        "the store sent {received} of its {size} bytes"
-                    ))),
-                    None => Ok(0),
-                })
-            });
-            let pump = async move {
-                while let Some(piece) = stream.next().await {
-                    if tx.send(piece).await.is_err() {
-                        break;
-                    }
-                }
-            };
-            let (decoded, ()) = tokio::join!(decode, pump);
-            decoded.map_err(task_failed)?
-        }
+        ObjectReader::Stream { stream, .. } => decode_streamed(stream, size, store)
+            .await
+            .map_err(task_failed)?,
     }
 }
 
