@@ -15,18 +15,12 @@ macro_rules! say {
     }};
 }
 
-pub mod archive;
-pub mod catalog;
+pub mod ahead;
 pub mod commands;
-pub mod duration;
 pub mod error;
-pub mod lock;
+pub mod format;
+pub mod human;
 pub mod logging;
-pub mod manifest;
-pub mod object;
-pub mod pack;
+pub mod pg;
 pub mod repository;
-pub mod retention;
-pub mod spool;
-pub mod wal;
-pub mod walscan;
+pub mod sys;

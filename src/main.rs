@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use walvault::commands::restore::{RecoveryTarget, parse_time};
 use walvault::commands::{backup, check, drill, fetch, list, prune, push, restore, status, verify};
-use walvault::duration::parse_duration;
 use walvault::error::{Error, ErrorKind};
+use walvault::human::parse_duration;
 use walvault::repository::RepoUrl;
 
 #[derive(Parser)]
@@ -352,7 +352,7 @@ fn recovery_fetch(args: &[std::ffi::OsString], dir: &std::path::Path) -> Option<
     }
     Some(
         words
-            .find(|w| walvault::wal::WalFileName::parse(w).is_ok())
+            .find(|w| walvault::pg::wal::WalFileName::parse(w).is_ok())
             .map_or_else(|| "the file asked for".to_string(), |w| w.into_owned()),
     )
 }

@@ -87,7 +87,7 @@ fn archive_and_recover(repo_for: impl Fn(&Path) -> RepoTarget, wal_segsize_mb: u
     for name in names.iter().filter(|n| n.len() == 24) {
         let path = keep.join(name);
         let ours: Vec<String> =
-            walvault::walscan::transaction_times(&std::fs::read(&path).unwrap())
+            walvault::pg::walscan::transaction_times(&std::fs::read(&path).unwrap())
                 .iter()
                 .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string())
                 .collect();

@@ -182,7 +182,7 @@ fn malicious_manifest_is_refused_before_anything_is_written() {
     let key = s
         .root()
         .join(format!("repo/backups/{id}/manifest.json.zst"));
-    let (_, json) = walvault::object::decode(&std::fs::read(&key).unwrap()).unwrap();
+    let (_, json) = walvault::format::object::decode(&std::fs::read(&key).unwrap()).unwrap();
     for (n, evil) in [
         "../../escaped",
         "/tmp/walvault-escaped-absolute",
@@ -197,7 +197,8 @@ fn malicious_manifest_is_refused_before_anything_is_written() {
         m["id"] = serde_json::Value::from(forged_id.clone());
         let dir = s.root().join(format!("repo/backups/{forged_id}"));
         std::fs::create_dir_all(&dir).unwrap();
-        let (_, obj) = walvault::object::encode(&serde_json::to_vec(&m).unwrap(), 3).unwrap();
+        let (_, obj) =
+            walvault::format::object::encode(&serde_json::to_vec(&m).unwrap(), 3).unwrap();
         std::fs::write(dir.join("manifest.json.zst"), obj).unwrap();
         let target = s.root().join(format!("evil{n}"));
         give_to_postgres(s.root());

@@ -9,7 +9,7 @@
 
 use proptest::prelude::*;
 use std::path::Path;
-use walvault::object;
+use walvault::format::object;
 
 fn cases() -> u32 {
     std::env::var("WALVAULT_FUZZ_CASES")
@@ -157,19 +157,19 @@ proptest! {
         if let Some(cut) = cut {
             segment.truncate(cut.index(segment.len() + 1));
         }
-        if let Ok(header) = walvault::wal::SegmentHeader::parse(&segment) {
+        if let Ok(header) = walvault::pg::wal::SegmentHeader::parse(&segment) {
             let _ = header.pg_version();
         }
-        let times = walvault::walscan::transaction_times(&segment);
+        let times = walvault::pg::walscan::transaction_times(&segment);
         prop_assert!(times.len() < segment.len() / 24 + 1);
-        let _ = walvault::walscan::last_transaction_time(&segment);
+        let _ = walvault::pg::walscan::last_transaction_time(&segment);
     }
 
     /// Manifests: random JSON, and a real manifest with bytes damaged.
     #[test]
     fn manifests_from_any_json(value in any_json()) {
         let text = value.to_string();
-        if let Ok(m) = walvault::manifest::Manifest::from_json(text.as_bytes(), "a test") {
+        if let Ok(m) = walvault::format::manifest::Manifest::from_json(text.as_bytes(), "a test") {
             let _ = m.check_paths();
         }
     }
@@ -181,7 +181,7 @@ proptest! {
             let i = at.index(bytes.len());
             bytes[i] ^= *x;
         }
-        if let Ok(m) = walvault::manifest::Manifest::from_json(&bytes, "a test") {
+        if let Ok(m) = walvault::format::manifest::Manifest::from_json(&bytes, "a test") {
             let _ = m.check_paths();
         }
     }
@@ -194,33 +194,34 @@ proptest! {
         if let Ok(c) = serde_json::from_slice::<walvault::repository::RepositoryConfig>(&bytes) {
             let _ = c.validate();
         }
-        if let Ok(r) = serde_json::from_slice::<walvault::retention::Retention>(&bytes) {
+        if let Ok(r) = serde_json::from_slice::<walvault::repository::retention::Retention>(&bytes) {
             let _ = r.is_complete_from(timeline, segno);
         }
-        let _ = walvault::archive::parse_history(&text);
+        let _ = walvault::repository::archive::parse_history(&text);
         let lines = format!("{timeline}\t{}/{:X}\tbefore 2000-01-01\n{text}", segno >> 32, segno as u32);
-        let _ = walvault::archive::parse_history(&lines);
+        let _ = walvault::repository::archive::parse_history(&lines);
     }
 
     /// Names, LSNs, durations, times and URLs from a caller or a listing.
     #[test]
     fn text_inputs(s in "\\PC{0,48}") {
-        let _ = walvault::wal::WalFileName::parse(&s);
-        let _ = walvault::wal::parse_lsn(&s);
-        let _ = walvault::duration::parse_duration(&s);
+        let _ = walvault::pg::wal::WalFileName::parse(&s);
+        let _ = walvault::pg::lsn::parse_lsn(&s);
+        let _ = walvault::human::parse_duration(&s);
         let _ = walvault::commands::restore::parse_time(&s);
         let _ = walvault::repository::RepoUrl::parse(&s);
-        let _ = walvault::manifest::safe_relative_path(&s);
+        let _ = walvault::format::manifest::safe_relative_path(&s);
     }
 
     #[test]
     fn durations_of_any_size(n: u64, unit in "[smhdw]?") {
-        let _ = walvault::duration::parse_duration(&format!("{n}{unit}"));
+        let _ = walvault::human::parse_duration(&format!("{n}{unit}"));
     }
 }
 
 #[test]
 fn the_manifest_under_attack_is_a_real_one() {
-    let m = walvault::manifest::Manifest::from_json(manifest_json().as_bytes(), "a test").unwrap();
+    let m = walvault::format::manifest::Manifest::from_json(manifest_json().as_bytes(), "a test")
+        .unwrap();
     m.check_paths().unwrap();
 }

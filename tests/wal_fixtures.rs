@@ -4,7 +4,7 @@
 //! server started.
 
 use std::path::{Path, PathBuf};
-use walvault::wal::{SegmentHeader, SegmentName, WalFileName};
+use walvault::pg::wal::{SegmentHeader, SegmentName, WalFileName};
 
 struct Fixture {
     about: serde_json::Value,
@@ -62,7 +62,7 @@ fn every_version_has_a_fixture_and_its_header_reads() {
 fn walscan_finds_every_commit_and_abort_of_every_version() {
     for f in fixtures() {
         let major = f.about["major"].as_u64().unwrap();
-        let times = walvault::walscan::transaction_times(&f.segment);
+        let times = walvault::pg::walscan::transaction_times(&f.segment);
         assert_eq!(
             times.len() as u64,
             f.about["transactions"].as_u64().unwrap(),
@@ -77,7 +77,7 @@ fn walscan_finds_every_commit_and_abort_of_every_version() {
         }
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "PostgreSQL {major}");
         assert_eq!(
-            walvault::walscan::last_transaction_time(&f.segment),
+            walvault::pg::walscan::last_transaction_time(&f.segment),
             times.last().copied()
         );
     }

@@ -7,11 +7,12 @@
 //! checksum. The other checks explain why a round trip fails, or warn of
 //! what would fail later (no backup yet, a full disk, a skewed clock).
 
-use crate::catalog;
-use crate::commands::backup::connection_config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::repository::{RepoUrl, Repository, wal_key};
-use crate::wal::WalFileName;
+use crate::format::key::wal_key;
+use crate::pg::client::connection_config;
+use crate::pg::wal::WalFileName;
+use crate::repository::catalog;
+use crate::repository::{RepoUrl, Repository};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -129,7 +130,7 @@ async fn run_checks(url: &RepoUrl, opts: &CheckOptions, checks: &mut Checks) {
         }
     };
     let major = info.version_num / 10000;
-    let (oldest, newest) = crate::wal::SUPPORTED_VERSIONS;
+    let (oldest, newest) = crate::pg::wal::SUPPORTED_VERSIONS;
     checks.add(
         "server",
         if (oldest..=newest).contains(&major) {
@@ -362,9 +363,9 @@ fn judge_local_space(url: &RepoUrl, data_directory: Option<&str>, checks: &mut C
                 Verdict::Fail,
                 format!(
                     "{} free on {}: under {}",
-                    crate::commands::backup::human_bytes(free),
+                    crate::human::human_bytes(free),
                     path.display(),
-                    crate::commands::backup::human_bytes(MIN_FREE_BYTES)
+                    crate::human::human_bytes(MIN_FREE_BYTES)
                 ),
             ),
             Ok(free) => checks.add(
@@ -372,7 +373,7 @@ fn judge_local_space(url: &RepoUrl, data_directory: Option<&str>, checks: &mut C
                 Verdict::Ok,
                 format!(
                     "{} free on {}",
-                    crate::commands::backup::human_bytes(free),
+                    crate::human::human_bytes(free),
                     path.display()
                 ),
             ),
@@ -456,7 +457,7 @@ async fn round_trip(client: &Client, repo: &Repository, timeout: Duration, check
         }
     };
     let waited = started.elapsed();
-    match crate::object::decode(&stored) {
+    match crate::format::object::decode(&stored) {
         Ok((_, content)) => checks.add(
             "round trip",
             Verdict::Ok,
@@ -530,7 +531,7 @@ async fn judge_backups(repo: &Repository, checks: &mut Checks) {
                         "{} backup(s); the newest, {}, finished {} ago",
                         backups.len(),
                         newest.id,
-                        crate::duration::format_duration(age.to_std().unwrap_or_default())
+                        crate::human::format_duration(age.to_std().unwrap_or_default())
                     ),
                 );
             }

@@ -2,12 +2,13 @@
 //! scratch directory, start PostgreSQL on it, let it recover, query it, report,
 //! stop it and clean up.
 
-use crate::archive::WalArchive;
 use crate::commands::restore::target::conf_quote;
 use crate::commands::restore::{self, RecoveryTarget, RestoreOptions};
 use crate::error::{Context, Error, Result};
+use crate::pg::lsn::{format_lsn, parse_lsn};
+use crate::pg::wal::SegmentName;
+use crate::repository::archive::WalArchive;
 use crate::repository::{RepoUrl, Repository};
-use crate::wal::{SegmentName, format_lsn, parse_lsn};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -527,7 +528,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
     // How far the restore got, against the newest WAL in the archive.
     if let Some(newest) = archive.newest() {
         report.newest_archived_segment = Some(newest.name.to_string());
-        if let (Some(lsn), crate::wal::WalFileName::Segment(seg)) = (
+        if let (Some(lsn), crate::pg::wal::WalFileName::Segment(seg)) = (
             report.replayed_lsn.as_deref().and_then(parse_lsn),
             newest.name,
         ) {

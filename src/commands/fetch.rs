@@ -5,12 +5,13 @@
 //! the same timeline in parallel into the spool while recovery replays, so
 //! most calls are a local, verified rename.
 
-use crate::commands::{Durability, write_atomically_with};
+use crate::ahead::spool::{RepoBinding, Spool, WorkerKind};
 use crate::error::{Context, Error, Result};
-use crate::object::{self, Sha256Digest};
-use crate::repository::{ObjectReader, RepoUrl, Repository, wal_key};
-use crate::spool::{RepoBinding, Spool, WorkerKind};
-use crate::wal::{SegmentName, WalFileName};
+use crate::format::key::wal_key;
+use crate::format::object::{self, Sha256Digest};
+use crate::pg::wal::{SegmentName, WalFileName};
+use crate::repository::{ObjectReader, RepoUrl, Repository};
+use crate::sys::{Durability, write_atomically_with};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -105,7 +106,7 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    crate::commands::remove_abandoned_temporaries(target_dir);
+    crate::sys::remove_abandoned_temporaries(target_dir);
     let mut outcome = fetch(url, opts, caller).await;
     if caller == Caller::ArchiveRecovery
         && let Err(e) = &outcome
@@ -166,7 +167,7 @@ impl Later {
             Later::Partial(s) => format!("{s}.partial after it is"),
             Later::Branch { child, at } => format!(
                 "{child:08X}.history says timeline {child} branched from it later, at {}",
-                crate::wal::format_lsn(*at)
+                crate::pg::lsn::format_lsn(*at)
             ),
         }
     }
@@ -188,7 +189,7 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
     let stored = |log: u32| {
         let prefix = format!(
             "{}/{:08X}{log:08X}",
-            crate::repository::WAL_DIR,
+            crate::format::key::WAL_DIR,
             missing.timeline
         );
         async move {
@@ -197,7 +198,7 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
                 listed
                     .into_iter()
                     .filter_map(
-                        |meta| match crate::repository::wal_name_of_key(&meta.location) {
+                        |meta| match crate::format::key::wal_name_of_key(&meta.location) {
                             Some(n @ (WalFileName::Segment(s) | WalFileName::Partial(s)))
                                 if s.timeline == missing.timeline =>
                             {
@@ -281,14 +282,16 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
 async fn stored_ancestry(
     repo: &Repository,
     timeline: u32,
-) -> Result<Option<crate::archive::Ancestry>> {
+) -> Result<Option<crate::repository::archive::Ancestry>> {
     let key = wal_key(&WalFileName::TimelineHistory(timeline));
     let Some(bytes) = repo.get(&key).await? else {
         return Ok(None);
     };
     Ok(object::decode_limited(&bytes, 16 << 20)
         .ok()
-        .map(|(_, text)| crate::archive::parse_history(&String::from_utf8_lossy(&text))))
+        .map(|(_, text)| {
+            crate::repository::archive::parse_history(&String::from_utf8_lossy(&text))
+        }))
 }
 
 /// The first timeline above `missing`'s whose history says it left
@@ -332,7 +335,7 @@ async fn timeline_begins_at(repo: &Repository, timeline: u32) -> Result<Option<u
 /// restorable only to its consistency point, and recovery reading ahead past
 /// that point must find the end of the archive, as before.
 async fn trimmed_on_purpose(repo: &Repository, missing: SegmentName) -> Result<bool> {
-    let Some(retention) = crate::retention::load(repo).await? else {
+    let Some(retention) = crate::repository::retention::load(repo).await? else {
         return Ok(false);
     };
     Ok(match repo.config().await? {
@@ -347,7 +350,7 @@ async fn gap_error(repo: &Repository, missing: SegmentName, later: Later, dir: &
     let start = match repo.config().await {
         Ok(Some(c)) if c.wal_segment_size > 0 => format!(
             " (LSN {})",
-            crate::wal::format_lsn(missing.start_lsn(c.wal_segment_size))
+            crate::pg::lsn::format_lsn(missing.start_lsn(c.wal_segment_size))
         ),
         _ => String::new(),
     };
@@ -471,7 +474,7 @@ fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, 
         size.to_string().into(),
         WalFileName::Segment(after).to_string().into(),
     ];
-    crate::commands::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
+    crate::ahead::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
 }
 
 pub struct AheadOptions {
@@ -1218,13 +1221,15 @@ mod tests {
             serde_json::to_vec(&config).unwrap(),
         )
         .unwrap();
-        let retention = crate::retention::Retention {
+        let retention = crate::repository::retention::Retention {
             complete_from_timeline: 1,
             complete_from_segno: 10,
             updated_at: chrono::Utc::now(),
             timelines: vec![],
         };
-        crate::retention::store(&repo, &retention).await.unwrap();
+        crate::repository::retention::store(&repo, &retention)
+            .await
+            .unwrap();
         assert_eq!(gap("000000010000000000000004").await.unwrap(), Gap::None);
         // Inside the complete window it still is.
         assert_eq!(

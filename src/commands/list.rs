@@ -1,8 +1,8 @@
 //! `walvault list`: the backups, newest last.
 
-use crate::catalog;
-use crate::commands::backup::human_bytes;
 use crate::error::Result;
+use crate::human::human_bytes;
+use crate::repository::catalog;
 use crate::repository::{RepoUrl, Repository};
 
 pub async fn run(url: &RepoUrl, json: bool) -> Result<()> {

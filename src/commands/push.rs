@@ -1,11 +1,12 @@
 //! `walvault push <path> <name>`: PostgreSQL's archive_command.
 
+use crate::ahead::spool::{FileIdentity, RepoBinding, Spool, WorkerKind, metadata_key};
 use crate::error::{Context, Error, Result};
-use crate::object::Sha256Digest;
-use crate::object::{self, ObjectError, ObjectHeader};
-use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig, wal_key};
-use crate::spool::{FileIdentity, RepoBinding, Spool, WorkerKind, metadata_key};
-use crate::wal::{SegmentHeader, WalFileName};
+use crate::format::key::wal_key;
+use crate::format::object::Sha256Digest;
+use crate::format::object::{self, ObjectError, ObjectHeader};
+use crate::pg::wal::{SegmentHeader, WalFileName};
+use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig};
 use futures::StreamExt;
 use object_store::PutPayload;
 use std::collections::{HashSet, VecDeque};
@@ -116,7 +117,7 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
             spool.forget_pushed(binding, &name);
             let meta = std::fs::metadata(&opts.path)
                 .context(|| format!("cannot read {}", opts.path.display()))?;
-            let proof = if crate::spool::local_timestamps(&opts.path)
+            let proof = if crate::ahead::spool::local_timestamps(&opts.path)
                 && record.unchanged_by_metadata(&meta, std::time::SystemTime::now())
             {
                 Some("by its metadata")
@@ -198,7 +199,7 @@ fn start_worker(
         current.to_string().into(),
         wal_dir.into(),
     ];
-    crate::commands::spawn_worker(spool, WorkerKind::Push, url, &args);
+    crate::ahead::spawn_worker(spool, WorkerKind::Push, url, &args);
 }
 
 /// Segments PostgreSQL has marked `.ready` in `wal_dir` and that are neither

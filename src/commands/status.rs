@@ -1,11 +1,11 @@
 //! `walvault status`: what the repository can recover, at a glance.
 
-use crate::archive::WalArchive;
-use crate::catalog;
-use crate::commands::backup::human_bytes;
-use crate::duration::format_duration;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::Manifest;
+use crate::format::manifest::Manifest;
+use crate::human::format_duration;
+use crate::human::human_bytes;
+use crate::repository::archive::WalArchive;
+use crate::repository::catalog;
 use crate::repository::{RepoUrl, Repository};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -54,7 +54,7 @@ pub fn branch_of(archive: &WalArchive, timeline: u32) -> Option<Branch> {
         .is_some_and(|&last| last > switch_segno);
     Some(Branch {
         timeline: parent,
-        lsn: crate::wal::format_lsn(switch),
+        lsn: crate::pg::lsn::format_lsn(switch),
         parent_went_on,
     })
 }
@@ -156,10 +156,10 @@ async fn end_at_last_commit(
             let Some(bytes) = repo.get(&file.meta.location).await? else {
                 break;
             };
-            let Ok((_, segment)) = crate::object::decode(&bytes) else {
+            let Ok((_, segment)) = crate::format::object::decode(&bytes) else {
                 break;
             };
-            if let Some(t) = crate::walscan::last_transaction_time(&segment) {
+            if let Some(t) = crate::pg::walscan::last_transaction_time(&segment) {
                 w.to = t.max(w.from);
                 w.to_is_last_commit = true;
                 break;
@@ -394,8 +394,8 @@ mod tests {
         let name = "000000010000000000000002";
         archive.segments.entry(1).or_default().insert(
             2,
-            crate::archive::ArchivedFile {
-                name: crate::wal::WalFileName::parse(name).unwrap(),
+            crate::repository::archive::ArchivedFile {
+                name: crate::pg::wal::WalFileName::parse(name).unwrap(),
                 meta: object_store::ObjectMeta {
                     location: name.into(),
                     last_modified: Utc::now(),
@@ -413,8 +413,8 @@ mod tests {
             system_identifier: "1".into(),
             wal_segment_size: 1 << 24,
             timeline: 1,
-            start_lsn: crate::manifest::Lsn((2 << 24) + 40),
-            stop_lsn: crate::manifest::Lsn(3 << 24),
+            start_lsn: crate::pg::lsn::Lsn((2 << 24) + 40),
+            stop_lsn: crate::pg::lsn::Lsn(3 << 24),
             start_time: now,
             stop_time: now,
             backup_label: String::new(),
@@ -437,8 +437,8 @@ mod tests {
         };
         assert_eq!(branch_of(&archive, 1), None);
         archive.ancestry.insert(2, vec![(1, 0x500_00A0)]);
-        let file = |name: &str| crate::archive::ArchivedFile {
-            name: crate::wal::WalFileName::parse(name).unwrap(),
+        let file = |name: &str| crate::repository::archive::ArchivedFile {
+            name: crate::pg::wal::WalFileName::parse(name).unwrap(),
             meta: object_store::ObjectMeta {
                 location: name.into(),
                 last_modified: Utc::now(),

@@ -1,15 +1,16 @@
 //! `walvault verify`: read every object back and prove it, and prove the WAL
 //! each backup needs is all there.
 
-use crate::archive::WalArchive;
-use crate::catalog;
-use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
-use crate::object;
-use crate::repository::{RepoUrl, Repository, is_pack_id, manifest_key, pack_key, wal_key};
-use crate::retention::{self, Retention};
-use crate::wal::WalFileName;
+use crate::format::key::{is_pack_id, manifest_key, pack_key, wal_key};
+use crate::format::manifest::Manifest;
+use crate::format::object;
+use crate::human::human_bytes;
+use crate::pg::wal::WalFileName;
+use crate::repository::archive::WalArchive;
+use crate::repository::catalog;
+use crate::repository::retention::{self, Retention};
+use crate::repository::{RepoUrl, Repository};
 use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,7 +41,7 @@ struct Checked {
 struct BlobRef {
     offset: u64,
     length: u64,
-    sha256: crate::object::Sha256Digest,
+    sha256: crate::format::object::Sha256Digest,
     size: u64,
     needed_by: String,
 }
@@ -78,7 +79,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
         Ok(r) => r,
         Err(e) => {
             problems.insert(Problem {
-                object: retention::RETENTION_KEY.into(),
+                object: crate::format::key::RETENTION_KEY.into(),
                 problem: e.to_string(),
             });
             None
@@ -250,11 +251,11 @@ impl Present {
     /// gone, or no remaining backup needs it) is no problem.
     fn still_stands(&self, p: &Problem) -> bool {
         let key = p.object.as_str();
-        if key.starts_with(&format!("{}/", crate::repository::BACKUP_DIR)) {
+        if key.starts_with(&format!("{}/", crate::format::key::BACKUP_DIR)) {
             self.manifests.contains(key)
-        } else if key.starts_with(&format!("{}/", crate::repository::PACK_DIR)) {
+        } else if key.starts_with(&format!("{}/", crate::format::key::PACK_DIR)) {
             self.packs.contains(key)
-        } else if key.starts_with(&format!("{}/", crate::repository::WAL_DIR)) {
+        } else if key.starts_with(&format!("{}/", crate::format::key::WAL_DIR)) {
             self.wal.contains(key) || self.wal_needed_missing.contains(key)
         } else {
             true
@@ -530,8 +531,9 @@ fn report(checked: &Checked, problems: &BTreeSet<Problem>, json: bool) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{BackupStats, ChunkRef, FileEntry, Lsn};
-    use crate::object::Sha256Digest;
+    use crate::format::manifest::{BackupStats, ChunkRef, FileEntry};
+    use crate::format::object::Sha256Digest;
+    use crate::pg::lsn::Lsn;
 
     fn file(path: &str, pack: &str) -> FileEntry {
         FileEntry {
@@ -663,7 +665,7 @@ mod tests {
         let name = "000000010000000000000002";
         archive.segments.entry(1).or_default().insert(
             2,
-            crate::archive::ArchivedFile {
+            crate::repository::archive::ArchivedFile {
                 name: WalFileName::parse(name).unwrap(),
                 meta: object_store::ObjectMeta {
                     location: name.into(),
@@ -708,6 +710,6 @@ mod tests {
         assert!(now.still_stands(&p(&kept_pack)));
         assert!(now.still_stands(&p(&wal("000000010000000000000005"))));
         assert!(now.still_stands(&p(&wal("000000010000000000000006"))));
-        assert!(now.still_stands(&p(crate::retention::RETENTION_KEY)));
+        assert!(now.still_stands(&p(crate::format::key::RETENTION_KEY)));
     }
 }

@@ -6,21 +6,19 @@
 //! other; the filesystem store fsyncs the file and its directory before a
 //! write is reported done.
 
-mod layout;
+pub mod archive;
+pub mod catalog;
+pub mod lock;
 mod probe;
+pub mod retention;
 mod staged;
 mod url;
 
-pub use layout::{
-    BACKUP_DIR, PACK_DIR, WAL_DIR, backup_id_of_key, is_pack_id, manifest_key, pack_key, wal_key,
-    wal_name_of_key,
-};
-
-pub use probe::PROBE_RECORD_KEY;
 pub use staged::{LEFTOVER_AGE, Leftover, StagedObject};
 pub use url::RepoUrl;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::key::CONFIG_KEY;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -32,7 +30,6 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// The file at the repository's root that says what it is and whose it is.
-pub const CONFIG_KEY: &str = "walvault.json";
 pub const REPOSITORY_FORMAT: u32 = 1;
 
 /// The cluster a repository belongs to: fixed by the first segment pushed.

@@ -11,14 +11,10 @@
 
 use super::{Created, Key, Repository};
 use crate::error::{Error, Result};
+use crate::format::key::{PROBE_PREFIX, PROBE_RECORD_KEY};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
-
-/// Where the proof is remembered (docs/format.md, "Layout").
-pub const PROBE_RECORD_KEY: &str = "locks/create-only.json";
-/// The probe objects, one per probing process, deleted after the probe.
-const PROBE_PREFIX: &str = "locks/create-only-probe-";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ProbeRecord {
@@ -275,7 +271,7 @@ mod tests {
                 && !m.contains("hunter2"),
             "{m}"
         );
-        let e = crate::lock::RepoLock::acquire(&repo, "prune")
+        let e = crate::repository::lock::RepoLock::acquire(&repo, "prune")
             .await
             .err()
             .expect("no lock on a store that overwrites");
@@ -303,7 +299,7 @@ mod tests {
         assert_eq!(store.puts.load(Ordering::SeqCst), 5);
         // Another process on the same store reads the record and probes no more.
         let again = repo_on(&store, "http://127.0.0.1:9000");
-        let lock = crate::lock::RepoLock::acquire(&again, "prune")
+        let lock = crate::repository::lock::RepoLock::acquire(&again, "prune")
             .await
             .unwrap();
         lock.release().await.unwrap();

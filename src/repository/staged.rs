@@ -44,7 +44,12 @@ fn is_staging_name(name: &std::ffi::OsStr) -> bool {
 /// mount point's root-only `lost+found`, say).
 fn store_places(root: &std::path::Path) -> Vec<(PathBuf, usize)> {
     let mut places = vec![(root.to_path_buf(), 1)];
-    for dir in [super::WAL_DIR, super::PACK_DIR, super::BACKUP_DIR, "locks"] {
+    for dir in [
+        crate::format::key::WAL_DIR,
+        crate::format::key::PACK_DIR,
+        crate::format::key::BACKUP_DIR,
+        crate::format::key::LOCKS_DIR,
+    ] {
         places.push((root.join(dir), usize::MAX));
     }
     places

@@ -4,16 +4,12 @@
 
 use super::walk::SourceFile;
 use crate::error::{Error, Result};
-use crate::manifest::FileEntry;
-use crate::object::{self, Sha256Digest};
-use crate::pack::{BlobIndex, PackWriter};
+use crate::format::manifest::CHUNK_SIZE;
+use crate::format::manifest::FileEntry;
+use crate::format::object::{self, Sha256Digest};
+use crate::format::pack::{BlobIndex, PackWriter};
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-/// Chunk size for file content: relation segments are cut in 1 MiB pieces,
-/// small enough that a changed page re-stores little, large enough that the
-/// blob index stays small.
-pub const CHUNK_SIZE: usize = 1 << 20;
 
 #[derive(Default)]
 pub struct CopyStats {
@@ -116,7 +112,7 @@ pub fn copy_file(src: &SourceFile, ctx: &CopyContext) -> Result<Option<FileEntry
         size,
         mode,
         mtime,
-        chunks_sha256: crate::manifest::chunks_sha256(&chunks),
+        chunks_sha256: crate::format::manifest::chunks_sha256(&chunks),
         chunks,
     }))
 }

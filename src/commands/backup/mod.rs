@@ -4,17 +4,18 @@
 //! `copy` stores one file; this module runs them in order and in parallel.
 
 mod copy;
-mod pg;
+use crate::pg::client as pg;
 mod walk;
 
-pub use copy::CHUNK_SIZE;
-pub use pg::connection_config;
+pub use crate::human::human_bytes;
+use pg::connection_config;
 
-use crate::catalog;
 use crate::error::{Error, Result};
-use crate::lock::{self, RepoLock};
-use crate::manifest::{BackupStats, Lsn, MANIFEST_FORMAT, Manifest, backup_id};
-use crate::pack::{BlobIndex, PackWriter, upload_packs};
+use crate::format::manifest::{BackupStats, MANIFEST_FORMAT, Manifest, backup_id};
+use crate::format::pack::{BlobIndex, PackWriter, upload_packs};
+use crate::pg::lsn::Lsn;
+use crate::repository::catalog;
+use crate::repository::lock::{self, RepoLock};
 use crate::repository::{RepoUrl, Repository, RepositoryConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -313,9 +314,9 @@ async fn missing_wal(
     timeline: u32,
     (start, stop): (Lsn, Lsn),
     segment_size: u32,
-) -> Result<Option<crate::wal::SegmentName>> {
-    use crate::repository::wal_name_of_key;
-    use crate::wal::{SegmentName, WalFileName};
+) -> Result<Option<crate::pg::wal::SegmentName>> {
+    use crate::format::key::wal_name_of_key;
+    use crate::pg::wal::{SegmentName, WalFileName};
     let size = u64::from(segment_size.max(1));
     let first = start.0 / size;
     // A stop LSN on a segment boundary (a standby's backup ending just after
@@ -330,7 +331,7 @@ async fn missing_wal(
         .map(|s| {
             format!(
                 "{}/{:08X}{:08X}",
-                crate::repository::WAL_DIR,
+                crate::format::key::WAL_DIR,
                 s.timeline,
                 s.log
             )
@@ -368,7 +369,7 @@ async fn publish(
         )));
     }
     let stored: std::collections::HashSet<String> = repo
-        .list(crate::repository::PACK_DIR)
+        .list(crate::format::key::PACK_DIR)
         .await?
         .iter()
         .filter_map(|m| {
@@ -453,21 +454,6 @@ fn progress_bar(total: u64) -> indicatif::ProgressBar {
     bar
 }
 
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,9 +485,9 @@ mod tests {
         };
         let marker = lock::write_marker(&repo, &manifest.id).await.unwrap();
         // Segment 6 is there, 7 was deleted by a prune while the backup ran.
-        let six = crate::wal::WalFileName::parse("000000020000000000000006").unwrap();
+        let six = crate::pg::wal::WalFileName::parse("000000020000000000000006").unwrap();
         repo.put_replace(
-            &crate::repository::wal_key(&six),
+            &crate::format::key::wal_key(&six),
             Bytes::from_static(b"wal"),
         )
         .await

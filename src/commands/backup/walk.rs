@@ -3,7 +3,7 @@
 //! the same list pg_basebackup uses.
 
 use crate::error::{Error, Result};
-use crate::manifest::{DirEntry, Tablespace};
+use crate::format::manifest::{DirEntry, Tablespace};
 use std::path::{Path, PathBuf};
 
 /// Directories kept, empty: their contents are rebuilt or useless on restore.

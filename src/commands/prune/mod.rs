@@ -5,13 +5,14 @@ mod plan;
 
 pub use plan::Policy;
 
-use crate::archive::WalArchive;
-use crate::catalog;
-use crate::commands::backup::human_bytes;
 use crate::error::{Error, Result};
-use crate::lock::{self, Lease, RepoLock};
-use crate::manifest::Manifest;
-use crate::repository::{Leftover, PACK_DIR, RepoUrl, Repository, is_pack_id, manifest_key};
+use crate::format::key::{PACK_DIR, is_pack_id, manifest_key};
+use crate::format::manifest::Manifest;
+use crate::human::human_bytes;
+use crate::repository::archive::WalArchive;
+use crate::repository::catalog;
+use crate::repository::lock::{self, Lease, RepoLock};
+use crate::repository::{Leftover, RepoUrl, Repository};
 use object_store::path::Path as Key;
 use std::collections::HashSet;
 
@@ -122,10 +123,10 @@ async fn prune(
     let in_progress = lock::live_backups(repo, opts.dry_run).await?;
     let backups = catalog::load_all(repo).await?;
     let manifest_sizes: std::collections::HashMap<String, u64> = repo
-        .list(crate::repository::BACKUP_DIR)
+        .list(crate::format::key::BACKUP_DIR)
         .await?
         .into_iter()
-        .filter_map(|m| crate::repository::backup_id_of_key(&m.location).map(|id| (id, m.size)))
+        .filter_map(|m| crate::format::key::backup_id_of_key(&m.location).map(|id| (id, m.size)))
         .collect();
     let keep = plan::backups_to_keep(&backups, &opts.policy, now);
     let kept: Vec<&Manifest> = backups
@@ -172,10 +173,11 @@ async fn prune(
         // Timeline history files stay: tiny, and recovery needs every one of
         // the timelines it may follow.
         if !opts.dry_run
-            && let Some(record) = crate::retention::Retention::new(plan::complete_from(&needs), now)
+            && let Some(record) =
+                crate::repository::retention::Retention::new(plan::complete_from(&needs), now)
         {
             check(lease, "record what WAL is kept")?;
-            crate::retention::store(repo, &record).await?;
+            crate::repository::retention::store(repo, &record).await?;
         }
     }
 

@@ -1,11 +1,11 @@
 //! What a prune deletes, decided without touching the repository: which
 //! backups the policy keeps, and which WAL those backups still need.
 
-use crate::archive::WalArchive;
-use crate::lock::WalStart;
-use crate::manifest::Manifest;
-use crate::retention::TimelineRetention;
-use crate::wal::SegmentName;
+use crate::format::manifest::Manifest;
+use crate::pg::wal::SegmentName;
+use crate::repository::archive::WalArchive;
+use crate::repository::lock::WalStart;
+use crate::repository::retention::TimelineRetention;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -180,7 +180,8 @@ pub fn describe_need(n: &WalNeed, segment_size: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{BackupStats, Lsn};
+    use crate::format::manifest::BackupStats;
+    use crate::pg::lsn::Lsn;
 
     fn backup(id: &str, hours_ago: i64, start: u64, stop: u64, now: DateTime<Utc>) -> Manifest {
         Manifest {

@@ -10,9 +10,10 @@
 //! both durable.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::FileEntry;
-use crate::object;
-use crate::repository::{Repository, pack_key};
+use crate::format::key::pack_key;
+use crate::format::manifest::FileEntry;
+use crate::format::object;
+use crate::repository::Repository;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -27,7 +28,7 @@ const MAX_BLOB_LEN: u64 = 2 << 20;
 const ALIGN: usize = 4096;
 
 /// The largest chunk a backup writes.
-const MAX_CHUNK: usize = crate::commands::backup::CHUNK_SIZE;
+const MAX_CHUNK: usize = crate::format::manifest::CHUNK_SIZE;
 
 /// Files smaller than this are written through the page cache: direct I/O
 /// saves nothing on them.
@@ -199,7 +200,9 @@ pub fn restore_file(
     }
     // Every chunk was proven against its sha256; the manifest's file
     // identity proves the list of chunks is the one the backup wrote.
-    if size != entry.size || crate::manifest::chunks_sha256(&entry.chunks) != entry.chunks_sha256 {
+    if size != entry.size
+        || crate::format::manifest::chunks_sha256(&entry.chunks) != entry.chunks_sha256
+    {
         return Err(damaged(format!(
             "restored {size} bytes from {} chunks, the manifest expects {} bytes and other chunks",
             entry.chunks.len(),

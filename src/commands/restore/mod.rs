@@ -4,10 +4,11 @@
 mod files;
 pub mod target;
 
-use crate::catalog;
 use crate::error::{Context, Error, Result};
-use crate::manifest::Manifest;
-use crate::repository::{RepoUrl, Repository, is_pack_id};
+use crate::format::key::is_pack_id;
+use crate::format::manifest::Manifest;
+use crate::repository::catalog;
+use crate::repository::{RepoUrl, Repository};
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -136,7 +137,7 @@ pub async fn run(url: &RepoUrl, opts: &RestoreOptions) -> Result<()> {
         "restored backup {} ({} files, {}) into {} in {:.1} s; {}",
         r.backup_id,
         r.files,
-        crate::commands::backup::human_bytes(r.bytes),
+        crate::human::human_bytes(r.bytes),
         r.pgdata.display(),
         r.seconds,
         match (&opts.standby, &opts.target) {
@@ -188,7 +189,10 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     repo.require_config().await?;
     let backups = catalog::load_readable(&repo).await?;
     // Where complete WAL starts; an unreadable record only means "unknown".
-    let retention = crate::retention::load(&repo).await.ok().flatten();
+    let retention = crate::repository::retention::load(&repo)
+        .await
+        .ok()
+        .flatten();
     let backups = match opts.target_timeline {
         TargetTimeline::Id(n) => {
             let ancestry = target::ancestry_of(&repo, n).await?;
@@ -505,7 +509,7 @@ fn tablespace_locations(
 /// directory wherever it says.
 fn unmapped_location(
     manifest: &Manifest,
-    t: &crate::manifest::Tablespace,
+    t: &crate::format::manifest::Tablespace,
     pgdata: &Path,
 ) -> Result<PathBuf> {
     use std::path::Component;

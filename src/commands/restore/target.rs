@@ -2,8 +2,9 @@
 //! and the settings PostgreSQL needs to stop there.
 
 use crate::error::{Error, Result};
-use crate::manifest::{Lsn, Manifest};
-use crate::retention::Retention;
+use crate::format::manifest::Manifest;
+use crate::pg::lsn::Lsn;
+use crate::repository::retention::Retention;
 use chrono::{DateTime, FixedOffset, Utc};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,15 +152,17 @@ impl RecoveryTarget {
 /// backup's own timeline. Reads the history files PostgreSQL would probe;
 /// failing to read them only means no warning.
 pub async fn warn_about_latest(repo: &crate::repository::Repository, backup: &Manifest) {
-    use crate::wal::WalFileName;
+    use crate::pg::wal::WalFileName;
     let mut found = std::collections::BTreeMap::new();
     for t in (backup.timeline.saturating_add(1)..).take(1000) {
-        let key = crate::repository::wal_key(&WalFileName::TimelineHistory(t));
+        let key = crate::format::key::wal_key(&WalFileName::TimelineHistory(t));
         let Ok(Some(bytes)) = repo.get(&key).await else {
             break;
         };
-        let ancestry = crate::object::decode_limited(&bytes, 16 << 20)
-            .map(|(_, text)| crate::archive::parse_history(&String::from_utf8_lossy(&text)))
+        let ancestry = crate::format::object::decode_limited(&bytes, 16 << 20)
+            .map(|(_, text)| {
+                crate::repository::archive::parse_history(&String::from_utf8_lossy(&text))
+            })
             .unwrap_or_default();
         found.insert(t, ancestry);
     }
@@ -178,7 +181,7 @@ pub async fn warn_about_latest(repo: &crate::repository::Repository, backup: &Ma
 /// returns a warning when it does, saying what to do instead.
 pub fn latest_timeline_warning(
     backup: &Manifest,
-    history: &dyn Fn(u32) -> Option<crate::archive::Ancestry>,
+    history: &dyn Fn(u32) -> Option<crate::repository::archive::Ancestry>,
 ) -> Option<String> {
     const MAX_PROBES: u32 = 1000;
     let here = backup.timeline;
@@ -199,7 +202,7 @@ pub fn latest_timeline_warning(
             backup.id
         ));
     };
-    let at = crate::wal::format_lsn(switch);
+    let at = crate::pg::lsn::format_lsn(switch);
     if switch < backup.stop_lsn.0 {
         return Some(format!(
             "the repository holds timeline {n}, which left timeline {here} at {at}, before backup {} was consistent ({}): a restored copy or promoted standby archived it, and PostgreSQL will refuse to recover this backup to latest ('requested timeline {n} is not a child of this server's history'); {stay}",
@@ -216,23 +219,23 @@ pub fn latest_timeline_warning(
 pub async fn ancestry_of(
     repo: &crate::repository::Repository,
     n: u32,
-) -> Result<crate::archive::Ancestry> {
-    use crate::wal::WalFileName;
+) -> Result<crate::repository::archive::Ancestry> {
+    use crate::pg::wal::WalFileName;
     if n <= 1 {
         return Ok(vec![]);
     }
-    let key = crate::repository::wal_key(&WalFileName::TimelineHistory(n));
+    let key = crate::format::key::wal_key(&WalFileName::TimelineHistory(n));
     let Some(bytes) = repo.get(&key).await? else {
         return Err(Error::not_found(format!(
             "timeline {n} has no history file ({n:08X}.history) in the repository; \
              'walvault status' shows the timelines"
         )));
     };
-    let (_, text) = crate::object::decode_limited(&bytes, 16 << 20)
+    let (_, text) = crate::format::object::decode_limited(&bytes, 16 << 20)
         .map_err(|e| Error::corrupt(format!("the history file of timeline {n} is damaged: {e}")))?;
-    Ok(crate::archive::parse_history(&String::from_utf8_lossy(
-        &text,
-    )))
+    Ok(crate::repository::archive::parse_history(
+        &String::from_utf8_lossy(&text),
+    ))
 }
 
 /// The backups recovery can start from to follow timeline `n`: those on `n`
@@ -241,7 +244,7 @@ pub async fn ancestry_of(
 pub fn on_lineage(
     backups: &[Manifest],
     n: u32,
-    ancestry: &crate::archive::Ancestry,
+    ancestry: &crate::repository::archive::Ancestry,
 ) -> Vec<Manifest> {
     backups
         .iter()

@@ -10,9 +10,9 @@
 //! for another, nor a copy fetched from one handed over for another.
 
 use crate::error::{Context, Result};
-use crate::object::Sha256Digest;
+use crate::format::object::Sha256Digest;
+use crate::pg::wal::WalFileName;
 use crate::repository::{RepoUrl, Repository, RepositoryConfig};
-use crate::wal::WalFileName;
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -358,11 +358,11 @@ impl Spool {
             return;
         };
         let _ = std::fs::create_dir_all(&self.dir);
-        let _ = crate::commands::write_bytes(
+        let _ = crate::sys::write_bytes(
             &self.repository_record(url),
             &json,
             Some(0o600),
-            crate::commands::Durability::Visible,
+            crate::sys::Durability::Visible,
         );
     }
 
@@ -392,7 +392,7 @@ impl Spool {
 
     pub fn remember_segment_size(&self, size: u32) {
         let _ = std::fs::create_dir_all(&self.dir);
-        let _ = crate::commands::write_file_atomically(
+        let _ = crate::sys::write_file_atomically(
             &self.dir.join("wal_segment_size"),
             size.to_string().as_bytes(),
             Some(0o600),
@@ -529,10 +529,10 @@ impl Spool {
         let dir = self.prefetch_dir();
         std::fs::create_dir_all(&dir).context(|| format!("cannot create {}", dir.display()))?;
         // Not synced: a copy torn by a crash fails the sha256 check at hand-over.
-        crate::commands::write_atomically_with(
+        crate::sys::write_atomically_with(
             &dir.join(format!("{name}.{}.{}", sha256.to_hex(), binding.0)),
             Some(0o600),
-            crate::commands::Durability::Visible,
+            crate::sys::Durability::Visible,
             fill,
         )
     }
@@ -541,12 +541,7 @@ impl Spool {
 /// Spool files need no fsync: each is checked before it counts (see the
 /// module comment), so a crash can only cost work done ahead.
 fn write_visible(path: &Path, data: &[u8]) -> Result<()> {
-    crate::commands::write_bytes(
-        path,
-        data,
-        Some(0o600),
-        crate::commands::Durability::Visible,
-    )
+    crate::sys::write_bytes(path, data, Some(0o600), crate::sys::Durability::Visible)
 }
 
 #[cfg(test)]

@@ -2,9 +2,10 @@
 //! A backup without a manifest does not exist.
 
 use crate::error::{Error, Result};
-use crate::manifest::Manifest;
-use crate::object;
-use crate::repository::{BACKUP_DIR, Repository, backup_id_of_key, manifest_key};
+use crate::format::key::{BACKUP_DIR, backup_id_of_key, manifest_key};
+use crate::format::manifest::Manifest;
+use crate::format::object;
+use crate::repository::Repository;
 use bytes::Bytes;
 
 /// Every backup, oldest first.

@@ -3,9 +3,10 @@
 //! of requests, and a blob is found again by its sha256 (docs/format.md).
 
 use crate::error::{Error, Result};
-use crate::manifest::{ChunkRef, Manifest};
-use crate::object::Sha256Digest;
-use crate::repository::{Created, Repository, pack_key};
+use crate::format::key::pack_key;
+use crate::format::manifest::{ChunkRef, Manifest};
+use crate::format::object::Sha256Digest;
+use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;

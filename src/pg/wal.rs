@@ -3,6 +3,7 @@
 //! Names are parsed before any I/O so that nothing PostgreSQL did not produce
 //! (a path, `../x`, a typo) can ever become a repository key.
 
+use crate::pg::lsn::format_lsn;
 use std::fmt;
 
 /// Timeline, log and segment number as they appear in a segment's name.
@@ -292,20 +293,6 @@ impl SegmentHeader {
     }
 }
 
-/// PostgreSQL's textual LSN form, `X/X`.
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.split_once('/')?;
-    let ok = |p: &str| !p.is_empty() && p.len() <= 8 && p.bytes().all(|b| b.is_ascii_hexdigit());
-    if !ok(hi) || !ok(lo) {
-        return None;
-    }
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,14 +436,6 @@ mod tests {
             })
             .is_err()
         );
-    }
-
-    #[test]
-    fn lsn_text() {
-        assert_eq!(format_lsn(0x1_0000_0028), "1/28");
-        assert_eq!(parse_lsn("1/28"), Some(0x1_0000_0028));
-        assert_eq!(parse_lsn("1/"), None);
-        assert_eq!(parse_lsn("x/1"), None);
     }
 
     proptest! {

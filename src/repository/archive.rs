@@ -3,9 +3,10 @@
 //! prune, status, verify and drill.
 
 use crate::error::Result;
-use crate::object;
-use crate::repository::{Repository, WAL_DIR, wal_key, wal_name_of_key};
-use crate::wal::{SegmentName, WalFileName};
+use crate::format::key::{WAL_DIR, wal_key, wal_name_of_key};
+use crate::format::object;
+use crate::pg::wal::{SegmentName, WalFileName};
+use crate::repository::Repository;
 use object_store::ObjectMeta;
 use std::collections::BTreeMap;
 
@@ -140,7 +141,7 @@ pub fn parse_history(text: &str) -> Ancestry {
             }
             let mut fields = line.split_whitespace();
             let tli = fields.next()?.parse().ok()?;
-            let lsn = crate::wal::parse_lsn(fields.next()?)?;
+            let lsn = crate::pg::lsn::parse_lsn(fields.next()?)?;
             Some((tli, lsn))
         })
         .collect();

@@ -2,51 +2,21 @@
 //! (docs/format.md, "Backups"). Written last, it is what makes a backup exist.
 
 use crate::error::{Error, Result};
-use crate::object::Sha256Digest;
-use crate::wal::{format_lsn, parse_lsn};
+use crate::format::object::Sha256Digest;
+use crate::pg::lsn::Lsn;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::path::{Component, Path, PathBuf};
 
 pub const MANIFEST_FORMAT: u32 = 1;
 
-/// An LSN, serialized in PostgreSQL's `X/X` form.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lsn(pub u64);
-
-impl std::fmt::Display for Lsn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&format_lsn(self.0))
-    }
-}
-
-impl std::str::FromStr for Lsn {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Lsn> {
-        parse_lsn(s).map(Lsn).ok_or_else(|| {
-            Error::usage(format!(
-                "'{s}' is not an LSN (expected the form 16/B374D848)"
-            ))
-        })
-    }
-}
-
-impl Serialize for Lsn {
-    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Lsn {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Lsn, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map_err(|e: Error| serde::de::Error::custom(e.to_string()))
-    }
-}
+/// Chunk size for file content: relation segments are cut in 1 MiB pieces,
+/// small enough that a changed page re-stores little, large enough that the
+/// blob index stays small.
+pub const CHUNK_SIZE: usize = 1 << 20;
 
 mod sha_hex {
-    use crate::object::Sha256Digest;
+    use crate::format::object::Sha256Digest;
     use serde::{Deserialize, Deserializer, Serializer};
     pub fn serialize<S: Serializer>(d: &Sha256Digest, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&d.to_hex())

@@ -1,12 +1,30 @@
 //! Object keys: where each kind of content lives in a repository
 //! (docs/format.md, "Layout").
 
-use crate::wal::WalFileName;
+use crate::format::object::Sha256Digest;
+use crate::pg::wal::WalFileName;
 use object_store::path::Path as Key;
 
 pub const WAL_DIR: &str = "wal";
 pub const BACKUP_DIR: &str = "backups";
 pub const PACK_DIR: &str = "packs";
+pub const LOCKS_DIR: &str = "locks";
+
+/// `walvault.json`: the repository's format version and cluster binding.
+pub const CONFIG_KEY: &str = "walvault.json";
+/// `retention.json`: what the last prune kept, for fetch and verify.
+pub const RETENTION_KEY: &str = "retention.json";
+
+/// Where the proof is remembered (docs/format.md, "Layout").
+pub const PROBE_RECORD_KEY: &str = "locks/create-only.json";
+/// The probe objects, one per probing process, deleted after the probe.
+pub const PROBE_PREFIX: &str = "locks/create-only-probe-";
+
+/// The repository lock, backup markers, leases and takeover records.
+pub const LOCK_KEY: &str = "locks/repository.lock.json";
+pub const MARKER_PREFIX: &str = "locks/backup-";
+pub const LEASE_PREFIX: &str = "locks/lease-";
+pub const TAKEOVER_PREFIX: &str = "locks/takeover-";
 
 /// `backups/<id>/manifest.json.zst`: written last, it is what makes a backup exist.
 pub fn manifest_key(backup_id: &str) -> Key {
@@ -23,7 +41,7 @@ pub fn backup_id_of_key(key: &Key) -> Option<String> {
     };
     (dir.as_ref() == BACKUP_DIR
         && file.as_ref() == "manifest.json.zst"
-        && crate::manifest::is_backup_id(id.as_ref()))
+        && crate::format::manifest::is_backup_id(id.as_ref()))
     .then(|| id.as_ref().to_string())
 }
 
@@ -57,6 +75,26 @@ pub fn wal_name_of_key(key: &Key) -> Option<WalFileName> {
     let file = key.filename()?.strip_suffix(".zst")?;
     let name = WalFileName::parse(file).ok()?;
     (wal_key(&name) == *key).then_some(name)
+}
+
+/// Tokens come from stored objects: hashed, they are always a safe key.
+pub fn lease_key(token: &str) -> Key {
+    Key::from(format!(
+        "{LEASE_PREFIX}{}.json",
+        &Sha256Digest::of(token.as_bytes()).to_hex()[..32]
+    ))
+}
+
+pub fn takeover_key(judged: &[u8]) -> Key {
+    Key::from(format!(
+        "{TAKEOVER_PREFIX}{}.json",
+        &Sha256Digest::of(judged).to_hex()[..32]
+    ))
+}
+
+/// `locks/backup-<id>.json`: a backup in progress.
+pub fn marker_key(backup_id: &str) -> Key {
+    Key::from(format!("{MARKER_PREFIX}{backup_id}.json"))
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Durations as operators write them: `7d`, `36h`, `1d12h`, `90m`, `2w`, `30s`.
+//! Sizes and durations as operators read and write them: `1.5 MiB`, `7d`, `36h`, `1d12h`, `90m`, `2w`, `30s`.
 
 use crate::error::{Error, Result};
 use std::time::Duration;
@@ -45,6 +45,22 @@ pub fn format_duration(d: Duration) -> String {
         120..=7199 => format!("{}m", s / 60),
         7200..=172_799 => format!("{}h {}m", s / 3600, s % 3600 / 60),
         _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// A byte count for people: "512 B", "1.5 MiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

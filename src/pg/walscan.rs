@@ -3,7 +3,7 @@
 //! compares against. The layout is PostgreSQL's (xlogrecord.h,
 //! xlog_internal.h, xact.h) on 64-bit little-endian platforms.
 
-use crate::wal::{LONG_PAGE_HEADER_SIZE, SegmentHeader};
+use crate::pg::wal::{LONG_PAGE_HEADER_SIZE, SegmentHeader};
 use chrono::{DateTime, Utc};
 
 const SHORT_PAGE_HEADER_SIZE: usize = 24;

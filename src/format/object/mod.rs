@@ -7,7 +7,6 @@
 
 mod decode;
 mod parallel;
-mod warm;
 
 pub use decode::{Fill, decode_to_file, decode_to_file_from};
 pub use parallel::{Encoded, FRAME, encode_file};

@@ -4,10 +4,9 @@
 //! record lets verify and status tell such trimming from a lost segment.
 
 use crate::error::{Error, Result};
+use crate::format::key::RETENTION_KEY;
 use crate::repository::Repository;
 use serde::{Deserialize, Serialize};
-
-pub const RETENTION_KEY: &str = "retention.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retention {

@@ -147,11 +147,11 @@ pub fn decode_to_file_from(
         offset: 0,
         length: header.length,
     };
-    let pace = super::warm::WritePace::default();
+    let pace = crate::sys::warm::WritePace::default();
     let length = header.length;
     let sha256 = std::thread::scope(|s| {
-        if length >= super::warm::MIN_LEN {
-            s.spawn(|| super::warm::warm_from_end(file, length, &pace));
+        if length >= crate::sys::warm::MIN_LEN {
+            s.spawn(|| crate::sys::warm::warm_from_end(file, length, &pace));
         }
         // However decoding ends, even by a panic, the warmer stops.
         let _finish = pace.finish_on_drop();
@@ -166,7 +166,7 @@ fn decode_frames(
     frames: FrameCutter<'_>,
     workers: usize,
     file: &std::fs::File,
-    pace: &super::warm::WritePace,
+    pace: &crate::sys::warm::WritePace,
 ) -> Result<Sha256Digest, ObjectError> {
     ordered_parallel(
         frames,
@@ -214,7 +214,7 @@ pub fn decode_to_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::object::encode_file;
+    use crate::format::object::encode_file;
     use std::io::{Read, Seek, Write};
 
     fn encoded(data: &[u8]) -> Vec<u8> {

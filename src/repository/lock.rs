@@ -22,19 +22,17 @@
 //! if those bytes are still what the lock holds.
 
 use crate::error::{Error, Result};
-use crate::manifest::Lsn;
-use crate::object::Sha256Digest;
+use crate::format::key::{
+    LEASE_PREFIX, LOCK_KEY, LOCKS_DIR, MARKER_PREFIX, TAKEOVER_PREFIX, lease_key, marker_key,
+    takeover_key,
+};
+use crate::pg::lsn::Lsn;
 use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use object_store::path::Path as Key;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
-
-pub const LOCK_KEY: &str = "locks/repository.lock.json";
-pub const MARKER_PREFIX: &str = "locks/backup-";
-const LEASE_PREFIX: &str = "locks/lease-";
-const TAKEOVER_PREFIX: &str = "locks/takeover-";
 
 /// How long a holder counts as alive after its last renewal. Long enough to
 /// ride out a slow store and modest clock differences between hosts, short
@@ -164,21 +162,6 @@ fn process_alive(pid: u32) -> bool {
 
 /// Other hosts' old-format locks older than this are presumed abandoned.
 const OTHER_HOST_STALE: Duration = Duration::from_secs(48 * 3600);
-
-/// Tokens come from stored objects: hashed, they are always a safe key.
-fn lease_key(token: &str) -> Key {
-    Key::from(format!(
-        "{LEASE_PREFIX}{}.json",
-        &Sha256Digest::of(token.as_bytes()).to_hex()[..32]
-    ))
-}
-
-fn takeover_key(judged: &[u8]) -> Key {
-    Key::from(format!(
-        "{TAKEOVER_PREFIX}{}.json",
-        &Sha256Digest::of(judged).to_hex()[..32]
-    ))
-}
 
 fn parse_holder(repo: &Repository, key: &Key, bytes: &[u8]) -> Result<Holder> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -619,7 +602,7 @@ fn held_error(repo: &Repository, other: &Holder) -> Error {
 /// Deletes takeover claims and renewals of vanished holders once they are old:
 /// housekeeping, so failures only get a debug line.
 async fn clean_old_records(repo: &Repository) {
-    let Ok(listed) = repo.list("locks").await else {
+    let Ok(listed) = repo.list(LOCKS_DIR).await else {
         return;
     };
     let cutoff = Utc::now() - chrono::Duration::from_std(RECORDS_KEPT).expect("fits");
@@ -640,10 +623,6 @@ async fn clean_old_records(repo: &Repository) {
             tracing::debug!("cannot clean up {}: {e}", meta.location);
         }
     }
-}
-
-pub fn marker_key(backup_id: &str) -> Key {
-    Key::from(format!("{MARKER_PREFIX}{backup_id}.json"))
 }
 
 /// Registers a backup in progress (under the lock). The backup keeps the
@@ -673,7 +652,7 @@ pub async fn remove_marker(marker: Lease<'_>) -> Result<()> {
 /// unless `dry_run`, removed.
 pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBackup>> {
     let mut live = vec![];
-    for meta in repo.list("locks").await? {
+    for meta in repo.list(LOCKS_DIR).await? {
         if !meta.location.as_ref().starts_with(MARKER_PREFIX) {
             continue;
         }
