@@ -34,14 +34,7 @@ pub fn spawn_worker(
             // still gets a share, and every idle cycle; calls wait only for
             // pushes it has under way. The prefetch worker is not lowered:
             // recovery waits on every segment it has claimed.
-            // SAFETY: between fork and exec this only calls setpriority(2),
-            // which is async-signal-safe and touches no memory.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-                    Ok(())
-                });
-            }
+            crate::sys::run_at_nice(&mut command, 10);
         }
         command
             .arg("--repo")

@@ -146,20 +146,7 @@ pub fn local_timestamps(path: &Path) -> bool {
         0xF2F52010, // f2fs
         0xCA451A4E, // bcachefs
     ];
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: statfs writes a struct statfs into `fs`, which is read only
-    // after it returned 0; `c_path` is a valid C string that outlives the call.
-    if unsafe { libc::statfs(c_path.as_ptr(), fs.as_mut_ptr()) } != 0 {
-        return false;
-    }
-    // SAFETY: statfs returned 0, so it filled `fs`.
-    #[allow(clippy::unnecessary_cast)] // f_type's type differs between platforms
-    let kind = unsafe { fs.assume_init() }.f_type as i64;
-    LOCAL.contains(&kind)
+    crate::sys::filesystem_type(path).is_ok_and(|kind| LOCAL.contains(&kind))
 }
 
 /// What changes whenever a file is replaced or written: device, inode,

@@ -357,7 +357,7 @@ fn judge_local_space(url: &RepoUrl, data_directory: Option<&str>, checks: &mut C
         places.push(("pg_wal space", std::path::Path::new(dir).join("pg_wal")));
     }
     for (check, path) in places {
-        match free_bytes(&path) {
+        match crate::sys::free_bytes(&path) {
             Ok(free) if free < MIN_FREE_BYTES => checks.add(
                 check,
                 Verdict::Fail,
@@ -381,21 +381,6 @@ fn judge_local_space(url: &RepoUrl, data_directory: Option<&str>, checks: &mut C
             Err(e) => checks.add(check, Verdict::Skip, format!("{}: {e}", path.display())),
         }
     }
-}
-
-fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::other("path holds a NUL byte"))?;
-    let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path; statvfs writes a struct statvfs
-    // into `s`, which is read only if it succeeded.
-    if unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so it filled `s`.
-    let s = unsafe { s.assume_init() };
-    Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// Switches WAL and waits for that segment to be in the repository, whole.

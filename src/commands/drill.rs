@@ -43,7 +43,7 @@ struct Report {
 }
 
 fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    crate::sys::effective_uid() == 0
 }
 
 /// `--pg-bin`, else `pg_config --bindir`, else the directory of `postgres` on PATH.
@@ -98,44 +98,22 @@ fn chown_to_postgres(path: &Path) -> Result<()> {
 /// 0700, and never a directory or link that was there before (the system
 /// temp folder is writable by every local user).
 fn make_private_dir(parent: &Path) -> Result<PathBuf> {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut template = parent
-        .join("walvault-drill-XXXXXX")
-        .into_os_string()
-        .into_vec();
-    template.push(0);
-    // SAFETY: `template` is a NUL-terminated buffer mkdtemp fills in place.
-    let made = unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) };
-    if made.is_null() {
-        return Err(Error::io(format!(
-            "cannot create a scratch directory in {}: {}; give --scratch DIR",
-            parent.display(),
-            std::io::Error::last_os_error()
-        )));
-    }
-    template.pop();
-    Ok(PathBuf::from(std::ffi::OsStr::from_bytes(&template)))
+    crate::sys::make_temporary_dir(&parent.join("walvault-drill-")).map_err(|e| {
+        Error::io(format!(
+            "cannot create a scratch directory in {}: {e}; give --scratch DIR",
+            parent.display()
+        ))
+    })
 }
 
 /// The name of the OS user this process runs as (what peer authentication sees).
 fn effective_user_name() -> Result<String> {
-    // SAFETY: getpwuid_r writes only into `pwd` and `buf`, both owned here and
-    // alive while the name is read.
-    unsafe {
-        let uid = libc::geteuid();
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut buf = vec![0 as libc::c_char; 16384];
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found);
-        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
-            return Err(Error::io(format!(
-                "cannot find the name of OS user {uid}; the drill lets only that user into its server"
-            )));
-        }
-        Ok(std::ffi::CStr::from_ptr(pwd.pw_name)
-            .to_string_lossy()
-            .into_owned())
-    }
+    let uid = crate::sys::effective_uid();
+    crate::sys::user_name(uid).ok_or_else(|| {
+        Error::io(format!(
+            "cannot find the name of OS user {uid}; the drill lets only that user into its server"
+        ))
+    })
 }
 
 /// A name quoted for pg_hba.conf / pg_ident.conf (quoted: never a keyword).

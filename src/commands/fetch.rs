@@ -672,34 +672,17 @@ fn decode_in_place(
     })
 }
 
-/// Reads the next piece of a local object onto the end of `buf`, straight
-/// into its spare room (zeroing it first cost a pass over every byte).
+/// Reads the next piece of a local object onto the end of `buf`.
 fn read_piece(
     file: &mut std::fs::File,
     buf: &mut bytes::BytesMut,
 ) -> Result<usize, object::ObjectError> {
-    use std::os::fd::AsRawFd;
     const PIECE: usize = 256 << 10;
     if buf.capacity() - buf.len() < 8 << 10 {
         buf.reserve(PIECE);
     }
-    loop {
-        let spare = buf.spare_capacity_mut();
-        let room = spare.len().min(PIECE);
-        // SAFETY: read(2) writes at most `room` bytes into the spare
-        // capacity `spare` points at, which `buf` owns; no reference to the
-        // uninitialized bytes is made.
-        let n = unsafe { libc::read(file.as_raw_fd(), spare.as_mut_ptr().cast(), room) };
-        if n >= 0 {
-            // SAFETY: the kernel initialized the first `n` spare bytes.
-            unsafe { buf.set_len(buf.len() + n as usize) };
-            return Ok(n as usize);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(object::ObjectError::Read(e.to_string()));
-        }
-    }
+    crate::sys::read_appending(file, buf, PIECE)
+        .map_err(|e| object::ObjectError::Read(e.to_string()))
 }
 
 /// Segments are at most 1 GiB; every other WAL file is a few lines of text.

@@ -126,7 +126,7 @@ impl Holder {
     /// anything walvault does takes.
     fn is_stale_by_process(&self, other_host_after: Duration) -> bool {
         if self.host == hostname() {
-            !process_alive(self.pid)
+            !crate::sys::process_exists(self.pid)
         } else {
             Utc::now()
                 .signed_duration_since(self.since)
@@ -149,15 +149,6 @@ impl Holder {
             self.since.format("%Y-%m-%d %H:%M:%S UTC")
         )
     }
-}
-
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    // Signal 0 checks existence; EPERM means it exists under another user.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Other hosts' old-format locks older than this are presumed abandoned.

@@ -111,8 +111,7 @@ pub fn restrict_created_modes(url: &RepoUrl) {
         return;
     };
     let mask = if grants_group(root) { 0o027 } else { 0o077 };
-    // SAFETY: umask only swaps the process's file creation mask.
-    unsafe { libc::umask(mask) };
+    crate::sys::set_umask(mask);
 }
 
 /// Whether the operator gave the repository's directory to a group: group

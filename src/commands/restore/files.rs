@@ -14,7 +14,6 @@ use crate::format::key::pack_key;
 use crate::format::manifest::FileEntry;
 use crate::format::object;
 use crate::repository::Repository;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,14 +125,7 @@ impl Destination {
     /// Turns direct I/O off for the rest of the file.
     fn buffered(&mut self) -> std::io::Result<&std::fs::File> {
         if self.direct {
-            let fd = self.file.as_raw_fd();
-            // SAFETY: fcntl on a descriptor `self.file` owns; no memory is passed.
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-            if flags == -1
-                || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } == -1
-            {
-                return Err(std::io::Error::last_os_error());
-            }
+            crate::sys::clear_direct_io(&self.file)?;
             self.direct = false;
         }
         Ok(&self.file)

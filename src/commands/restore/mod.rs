@@ -322,16 +322,13 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
 /// Makes everything written under each directory durable (syncfs: one call
 /// per filesystem, far cheaper than an fsync per file for thousands of files).
 fn sync_filesystems<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
-    use std::os::fd::AsRawFd;
     for dir in dirs {
         let handle =
             std::fs::File::open(dir).context(|| format!("cannot open {}", dir.display()))?;
-        // SAFETY: syncfs only reads the descriptor, which `handle` keeps open.
-        if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        if let Err(e) = crate::sys::syncfs(&handle) {
             return Err(Error::io(format!(
-                "cannot sync the filesystem of {}: {}",
-                dir.display(),
-                std::io::Error::last_os_error()
+                "cannot sync the filesystem of {}: {e}",
+                dir.display()
             )));
         }
     }
@@ -399,8 +396,7 @@ fn prepare_empty_dir(dir: &Path, what: &str) -> Result<PathBuf> {
 
 fn check_owner(dir: &Path, meta: &std::fs::Metadata, what: &str) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
+    let me = crate::sys::effective_uid();
     if meta.uid() != me {
         return Err(Error::usage(format!(
             "{what} {} belongs to uid {}, not to the user running restore (uid {me}); run restore as its owner or give a new directory",

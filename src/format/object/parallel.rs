@@ -364,23 +364,13 @@ fn append_in_order(
     out: &std::fs::File,
     ready: mpsc::Receiver<(usize, bytes::Bytes)>,
 ) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
     let mut pending = BTreeMap::new();
     let (mut want, mut offset) = (0usize, HEADER_LEN as u64);
     for (i, frame) in ready {
         pending.insert(i, frame);
         while let Some(frame) = pending.remove(&want) {
             out.write_all_at(&frame, offset)?;
-            // SAFETY: only asks the kernel to start writing back a range of
-            // a file we hold open; no memory is passed.
-            unsafe {
-                libc::sync_file_range(
-                    out.as_raw_fd(),
-                    offset as i64,
-                    frame.len() as i64,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                )
-            };
+            crate::sys::start_writeback(out, offset, frame.len() as u64);
             offset += frame.len() as u64;
             want += 1;
         }
