@@ -3,10 +3,8 @@
 //! of requests, and a blob is found again by its sha256 (docs/format.md).
 
 use crate::error::{Error, Result};
-use crate::format::key::pack_key;
 use crate::format::manifest::{ChunkRef, Manifest};
 use crate::format::object::Sha256Digest;
-use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -144,33 +142,4 @@ impl PackWriter {
             .await
             .map_err(|_| Error::io("pack uploader stopped (an upload failed)"))
     }
-}
-
-/// Uploads sealed packs, `concurrency` at a time, until the channel closes.
-/// Returns the bytes uploaded.
-pub async fn upload_packs(
-    repo: &Repository,
-    mut sealed: mpsc::Receiver<SealedPack>,
-    concurrency: usize,
-) -> Result<u64> {
-    use futures::StreamExt;
-    let stream = futures::stream::poll_fn(move |cx| sealed.poll_recv(cx));
-    let mut uploads = stream
-        .map(|pack| async move {
-            let len = pack.data.len() as u64;
-            match repo.put_new(&pack_key(&pack.id), pack.data).await? {
-                Created::New => Ok(len),
-                Created::AlreadyExists => Err(Error::conflict(format!(
-                    "pack {} already exists in {}; refusing to overwrite it",
-                    pack.id,
-                    repo.url()
-                ))),
-            }
-        })
-        .buffer_unordered(concurrency.max(1));
-    let mut total = 0;
-    while let Some(r) = uploads.next().await {
-        total += r?;
-    }
-    Ok(total)
 }

@@ -3,5 +3,6 @@
 
 pub mod client;
 pub mod lsn;
+pub mod server;
 pub mod wal;
 pub mod walscan;

@@ -4,6 +4,7 @@
 //! `copy` stores one file; this module runs them in order and in parallel.
 
 mod copy;
+mod upload;
 use crate::pg::client as pg;
 mod walk;
 
@@ -12,7 +13,7 @@ use pg::connection_config;
 
 use crate::error::{Error, Result};
 use crate::format::manifest::{BackupStats, MANIFEST_FORMAT, Manifest, backup_id};
-use crate::format::pack::{BlobIndex, PackWriter, upload_packs};
+use crate::format::pack::{BlobIndex, PackWriter};
 use crate::pg::lsn::Lsn;
 use crate::repository::catalog;
 use crate::repository::lock::{self, RepoLock};
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+use upload::upload_packs;
 
 pub struct BackupOptions {
     pub pgdata: Option<PathBuf>,
