@@ -35,8 +35,7 @@ pub enum Durability {
     /// them durable itself or checks them before use. PostgreSQL fsyncs a
     /// restored segment when it keeps it (durable_rename) and fetches it
     /// again after a crash; a prefetched copy is re-hashed before hand-over.
-    /// On this machine's disk the fsync of a 16 MiB segment is a third of a
-    /// fetch.
+    /// An fsync of a whole segment can cost as much as the rest of a fetch.
     Visible,
 }
 

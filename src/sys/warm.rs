@@ -4,9 +4,9 @@
 //! A buffered write first allocates a page-cache page, then copies into it.
 //! Usually the copy dominates and a fetch is bound by decoding and hashing.
 //! In a VM whose host takes back the memory the guest frees (virtio-balloon
-//! free page reporting, as on this project's machines), each fresh page
-//! traps to the host on first touch: one writer then needs ~3 ms per MiB,
-//! 48 ms for a 16 MiB segment, whatever the decoder does. The kernel lets
+//! free page reporting, common on cloud VMs), each fresh page traps to the
+//! host on first touch, and one writer then waits for page allocation
+//! longer than decoding takes, whatever the decoder does. The kernel lets
 //! another thread allocate those pages concurrently: reading a hole of a
 //! sparse file (`posix_fadvise(WILLNEED)`) puts zeroed pages in the cache
 //! without the inode lock every buffered write takes. So a warmer thread
@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 pub const MIN_LEN: u64 = 4 << 20;
 const CHUNK: u64 = 1 << 20;
 /// A write slower than this per MiB is waiting for page allocation: a plain
-/// memory copy runs at several GB/s, while first-touch pages here gave
-/// 3 ms/MiB and cheap ones 0.25–0.4 ms/MiB.
+/// memory copy runs at several GB/s (well under this), while pages that trap
+/// to a hypervisor on first touch take several times longer.
 const SLOW_NS_PER_MIB: u64 = 1_000_000;
 /// How often a sleeping warmer looks at the writer's pace again.
 const POLL: Duration = Duration::from_micros(500);

@@ -3,8 +3,8 @@
 //!
 //! Files are written with direct I/O where the filesystem allows it: a
 //! restore writes each byte once and reads none back, so copying it through
-//! the page cache only costs time (measured here: buffered writes reached
-//! 0.4 GB/s, direct ones 1.4 GB/s) and evicts what the machine had cached.
+//! the page cache only costs a copy of every byte (docs/design.md,
+//! "Restore", has figures) and evicts what the host had cached.
 //! What direct I/O cannot write (a file's unaligned tail, a filesystem
 //! without it) is written through the page cache; the final syncfs makes
 //! both durable.
