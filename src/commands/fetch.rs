@@ -16,14 +16,20 @@ use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+// The doc comments are `walvault fetch --help`.
+#[derive(clap::Args)]
 pub struct FetchOptions {
-    /// `%f`: the file PostgreSQL asks for.
+    /// %f: the file name PostgreSQL asks for.
     pub name: String,
-    /// `%p`: where to put it, relative to the working directory.
+    /// %p: where to write it, relative to the data directory.
     pub path: PathBuf,
-    /// How many following segments to keep downloaded ahead (0: none;
-    /// `None`: as many as fit in [`PREFETCH_BUDGET`]).
+    /// Download up to K following segments in parallel ahead of recovery (0: off;
+    /// default: as many as fit in 256 MiB, at most 64).
+    // `None`: as many as fit in [`PREFETCH_BUDGET`].
+    #[arg(long, env = "WALVAULT_PREFETCH")]
     pub prefetch: Option<usize>,
+    /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
+    #[arg(long, env = "WALVAULT_SPOOL")]
     pub spool: Option<PathBuf>,
 }
 
@@ -477,12 +483,17 @@ fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, 
     crate::ahead::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
 }
 
+// The doc comments are `walvault fetch-ahead --help`.
+#[derive(clap::Args)]
 pub struct AheadOptions {
-    /// The segment just handed to recovery.
+    /// The segment recovery has just been given; the ones after it are fetched.
     pub after: String,
+    #[arg(long)]
     pub spool: PathBuf,
-    /// How many of its successors to keep spooled.
+    // How many of its successors to keep spooled.
+    #[arg(long)]
     pub count: usize,
+    #[arg(long)]
     pub segment_size: u32,
 }
 
