@@ -311,6 +311,32 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_value_walvault_refuses_is_told_in_its_own_words() {
+        let e = Cli::try_parse_from(["walvault", "status", "--max-age", "7x"])
+            .err()
+            .unwrap();
+        let e = command_line_error(&e);
+        let want = walvault::human::parse_duration("7x").unwrap_err();
+        assert_eq!(e.message(), want.message());
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["walvault", "status", "--bogus"])
+            .err()
+            .unwrap();
+        let e = command_line_error(&e);
+        assert_eq!(
+            e.message(),
+            "unexpected argument '--bogus' found (see 'walvault --help')"
+        );
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
     fn a_panic_is_one_line() {
         let line = internal_error_line("index out of\nbounds", Some("src/x.rs:3".into()));
         assert_eq!(

@@ -5,7 +5,6 @@
 
 mod copy;
 use crate::pg::client as pg;
-use clap::builder::TypedValueParser as _;
 mod walk;
 
 pub use crate::human::human_bytes;
@@ -18,6 +17,7 @@ use crate::pg::lsn::Lsn;
 use crate::repository::catalog;
 use crate::repository::lock::{self, RepoLock};
 use crate::repository::{RepoUrl, Repository, RepositoryConfig};
+use clap::builder::TypedValueParser as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
