@@ -7,8 +7,6 @@
 //! [`Error::stopping_recovery`]) exits [`STOPS_RECOVERY`] plus its status,
 //! and such a fetch that panics (a bug) exits [`STOPS_RECOVERY`] itself.
 
-use std::fmt;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The file asked for is not in the repository (fetch: "end of archive").
@@ -47,12 +45,18 @@ impl ErrorKind {
 /// ends recovery early); 200 keeps the cause readable: 204 damaged, 205 I/O.
 pub const STOPS_RECOVERY: u8 = 200;
 
-/// A one-line message that says what failed and what to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A one-line message that says what failed and what to do. When another
+/// error caused it (an I/O error under [`Context`]), that error is kept as
+/// the [`source`](std::error::Error::source); the message already says it,
+/// so `Display` is the message alone.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
 pub struct Error {
     pub kind: ErrorKind,
     message: String,
     stops_recovery: bool,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +69,7 @@ impl Error {
             kind,
             message,
             stops_recovery: false,
+            source: None,
         }
     }
     pub fn usage(message: impl Into<String>) -> Error {
@@ -81,6 +86,16 @@ impl Error {
     }
     pub fn not_found(message: impl Into<String>) -> Error {
         Error::new(ErrorKind::NotFound, message)
+    }
+    /// The same error, caused by `source` (which its message already names).
+    pub fn with_source(
+        self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Error {
+        Error {
+            source: Some(source.into()),
+            ..self
+        }
     }
     pub fn message(&self) -> &str {
         &self.message
@@ -108,14 +123,6 @@ impl Error {
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for Error {}
-
 /// Attaches "what we were doing" to low-level errors.
 pub trait Context<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T>;
@@ -123,7 +130,7 @@ pub trait Context<T> {
 
 impl<T> Context<T> for std::io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| Error::io(format!("{}: {e}", what())))
+        self.map_err(|e| Error::io(format!("{}: {e}", what())).with_source(e))
     }
 }
 
@@ -150,5 +157,25 @@ mod tests {
         }
         assert_eq!(Error::corrupt("x").stopping_recovery("y").exit_code(), 204);
         assert_eq!(Error::io("x").stopping_recovery("y\nz").message(), "x; y z");
+    }
+
+    #[test]
+    fn context_keeps_the_io_error_as_the_source() {
+        use std::error::Error as _;
+        let failed: std::io::Result<()> = Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "denied",
+        ));
+        let e = failed.context(|| "cannot open x".into()).unwrap_err();
+        assert_eq!(e.to_string(), "cannot open x: denied");
+        assert_eq!(e.exit_code(), 5);
+        let e = e.stopping_recovery("do this");
+        assert_eq!(e.to_string(), "cannot open x: denied; do this");
+        let source = e.source().and_then(|s| s.downcast_ref::<std::io::Error>());
+        assert_eq!(
+            source.map(std::io::Error::kind),
+            Some(std::io::ErrorKind::PermissionDenied)
+        );
+        assert!(Error::io("x").source().is_none());
     }
 }

@@ -1,12 +1,9 @@
 //! Command-line parsing only: every verb lives in `walvault::commands`.
 
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 use std::process::ExitCode;
-use walvault::commands::restore::{RecoveryTarget, parse_time};
 use walvault::commands::{backup, check, drill, fetch, list, prune, push, restore, status, verify};
 use walvault::error::{Error, ErrorKind};
-use walvault::human::parse_duration;
 use walvault::repository::RepoUrl;
 
 #[derive(Parser)]
@@ -42,293 +39,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Archive one WAL file (archive_command = 'walvault push %p %f').
-    Push {
-        /// %p: path of the file, relative to the data directory.
-        path: PathBuf,
-        /// %f: its file name.
-        name: String,
-        /// zstd level (1-19).
-        #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
-              value_parser = clap::value_parser!(i32).range(1..=19))]
-        compress_level: i32,
-        /// Push up to N other segments PostgreSQL has marked ready ahead of its calls, in a background worker (0: off).
-        #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 16)]
-        push_ahead: usize,
-        /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
-        #[arg(long, env = "WALVAULT_SPOOL")]
-        spool: Option<PathBuf>,
-    },
+    Push(push::PushOptions),
     /// Restore one WAL file (restore_command = 'walvault fetch %f %p').
-    Fetch {
-        /// %f: the file name PostgreSQL asks for.
-        name: String,
-        /// %p: where to write it, relative to the data directory.
-        path: PathBuf,
-        /// Download up to K following segments in parallel ahead of recovery (0: off;
-        /// default: as many as fit in 256 MiB, at most 64).
-        #[arg(long, env = "WALVAULT_PREFETCH")]
-        prefetch: Option<usize>,
-        /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
-        #[arg(long, env = "WALVAULT_SPOOL")]
-        spool: Option<PathBuf>,
-    },
+    Fetch(fetch::FetchOptions),
     /// Internal: the background worker push starts to push ready segments ahead.
     #[command(hide = true)]
-    PushAhead {
-        /// pg_wal of the cluster.
-        wal_dir: PathBuf,
-        #[arg(long)]
-        spool: PathBuf,
-        #[arg(long)]
-        push_ahead: usize,
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
-        compress_level: i32,
-        /// A segment not to push (its own push just did).
-        #[arg(long)]
-        skip: Option<String>,
-    },
+    PushAhead(push::AheadOptions),
     /// Internal: the background worker fetch starts to download segments ahead.
     #[command(hide = true)]
-    FetchAhead {
-        /// The segment recovery has just been given; the ones after it are fetched.
-        after: String,
-        #[arg(long)]
-        spool: PathBuf,
-        #[arg(long)]
-        count: usize,
-        #[arg(long)]
-        segment_size: u32,
-    },
+    FetchAhead(fetch::AheadOptions),
     /// Take an online base backup of a running server.
-    Backup {
-        /// Data directory (default: asked from the server).
-        #[arg(long, env = "PGDATA")]
-        pgdata: Option<PathBuf>,
-        /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
-        #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
-        dbname: Option<String>,
-        /// Files copied in parallel (default: the number of cores).
-        #[arg(long, env = "WALVAULT_JOBS")]
-        jobs: Option<usize>,
-        /// zstd level (1-19).
-        #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
-              value_parser = clap::value_parser!(i32).range(1..=19))]
-        compress_level: i32,
-        /// Seconds to wait for the backup's last WAL to be archived.
-        #[arg(long, env = "WALVAULT_ARCHIVE_TIMEOUT", default_value_t = 300)]
-        archive_timeout: u64,
-    },
+    Backup(backup::BackupOptions),
     /// Prove archiving works end to end and name what would make archiving or a restore fail.
-    Check {
-        /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
-        #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
-        dbname: Option<String>,
-        /// Seconds to wait for the switched segment to reach the repository.
-        #[arg(long, default_value_t = 60)]
-        timeout: u64,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(check::CheckOptions),
     /// List backups, newest last.
-    List {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
+    List(list::ListOptions),
     /// Rebuild a data directory from a backup, set up to recover from the archive.
-    Restore(RestoreArgs),
+    Restore(restore::RestoreOptions),
     /// Delete backups and WAL outside the retention policy (for cron).
-    Prune {
-        /// Keep the newest N backups.
-        #[arg(long, env = "WALVAULT_KEEP_LAST")]
-        keep_last: Option<usize>,
-        /// Keep backups newer than this (e.g. 7d, 36h).
-        #[arg(long, env = "WALVAULT_KEEP_WITHIN")]
-        keep_within: Option<String>,
-        /// Keep point-in-time recovery this far back; older kept backups keep only the WAL that makes them consistent.
-        #[arg(long, env = "WALVAULT_KEEP_WAL_WITHIN")]
-        keep_wal_within: Option<String>,
-        /// Print what would be deleted, change nothing.
-        #[arg(long)]
-        dry_run: bool,
-    },
+    Prune(prune::PruneOptions),
     /// Prove a restore: restore into a scratch dir, start PostgreSQL, recover, query, clean up.
-    Drill(DrillArgs),
+    Drill(drill::DrillOptions),
     /// What the repository holds and can recover.
-    Status {
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Exit 6 when the newest archived WAL is older than this (e.g. 15m).
-        #[arg(long, env = "WALVAULT_MAX_AGE")]
-        max_age: Option<String>,
-        /// Draw the timeline picture even when not on a terminal.
-        #[arg(long)]
-        graph: bool,
-    },
+    Status(status::StatusOptions),
     /// Read every object back, check checksums and WAL continuity.
-    Verify {
-        /// Only this backup (its content and the WAL it needs).
-        #[arg(long)]
-        backup: Option<String>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-        /// Objects read in parallel (default: four per core).
-        #[arg(long, env = "WALVAULT_JOBS")]
-        jobs: Option<usize>,
-    },
-}
-
-/// Which backup, and where recovery stops (default: the end of the archive).
-#[derive(clap::Args)]
-#[group(skip)]
-struct TargetArgs {
-    /// Backup id, or "latest" (default: the newest that can reach the target).
-    #[arg(long, env = "WALVAULT_BACKUP")]
-    backup: Option<String>,
-    /// Recover to this time: RFC 3339 or 'YYYY-MM-DD HH:MM:SS+ZZ' (a zone is required).
-    #[arg(long, group = "target")]
-    time: Option<String>,
-    /// Recover to this LSN (e.g. 0/3000060).
-    #[arg(long, group = "target")]
-    lsn: Option<String>,
-    /// Recover to this transaction id.
-    #[arg(long, group = "target")]
-    xid: Option<String>,
-    /// Recover to this restore point (pg_create_restore_point).
-    #[arg(long, group = "target")]
-    name: Option<String>,
-    /// Stop as soon as the backup is consistent.
-    #[arg(long, group = "target")]
-    immediate: bool,
-}
-
-impl TargetArgs {
-    fn recovery_target(&self) -> Result<RecoveryTarget, Error> {
-        Ok(if let Some(t) = &self.time {
-            RecoveryTarget::Time(parse_time(t)?)
-        } else if let Some(l) = &self.lsn {
-            RecoveryTarget::Lsn(l.parse()?)
-        } else if let Some(x) = &self.xid {
-            RecoveryTarget::Xid(x.clone())
-        } else if let Some(n) = &self.name {
-            RecoveryTarget::Name(n.clone())
-        } else if self.immediate {
-            RecoveryTarget::Immediate
-        } else {
-            RecoveryTarget::Latest
-        })
-    }
-}
-
-#[derive(clap::Args)]
-struct DrillArgs {
-    #[command(flatten)]
-    target: TargetArgs,
-    /// PostgreSQL server binaries (default: pg_config --bindir, else PATH).
-    #[arg(long, env = "WALVAULT_PG_BIN")]
-    pg_bin: Option<PathBuf>,
-    /// A query that must succeed on the recovered server; its first value is reported.
-    #[arg(long)]
-    check_sql: Option<String>,
-    /// Machine-readable report.
-    #[arg(long)]
-    json: bool,
-    /// Where to create the scratch directory (default: the temp dir).
-    #[arg(long)]
-    scratch: Option<PathBuf>,
-    /// Seconds allowed for the server to start and recover.
-    #[arg(long, default_value_t = 600)]
-    timeout: u64,
-    /// Files restored in parallel (default: twice the number of cores).
-    #[arg(long, env = "WALVAULT_JOBS")]
-    jobs: Option<usize>,
-}
-
-#[derive(clap::Args)]
-struct RestoreArgs {
-    /// Directory to restore into: new or empty.
-    #[arg(long, env = "PGDATA")]
-    pgdata: PathBuf,
-    #[command(flatten)]
-    target: TargetArgs,
-    /// What the server does at the target: promote (default), pause or shutdown.
-    #[arg(long)]
-    target_action: Option<String>,
-    /// Set up a streaming standby (standby.signal) instead of a recovery.
-    #[arg(long)]
-    standby: bool,
-    /// The primary's connection string for a standby.
-    #[arg(long, requires = "standby")]
-    primary_conninfo: Option<String>,
-    /// Files restored in parallel (default: twice the number of cores).
-    #[arg(long, env = "WALVAULT_JOBS")]
-    jobs: Option<usize>,
-    /// OID=DIR: restore a tablespace into DIR instead of its original location.
-    #[arg(long, value_name = "OID=DIR")]
-    tablespace_map: Vec<String>,
-    /// Timeline to recover along: latest (default), current (the backup's) or a number.
-    #[arg(long, value_name = "latest|current|N")]
-    target_timeline: Option<String>,
-    /// Stop just before the --time, --lsn or --xid target instead of just after it.
-    #[arg(long)]
-    target_exclusive: bool,
-    /// KEY=VALUE: another setting for postgresql.auto.conf (repeatable; wins over walvault's).
-    #[arg(long, value_name = "KEY=VALUE")]
-    recovery_option: Vec<String>,
-    /// Whether the restored server keeps archiving into the repository: preserve (default) or off.
-    #[arg(long, value_name = "preserve|off")]
-    archive_mode: Option<String>,
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-}
-
-impl RestoreArgs {
-    fn into_options(self) -> Result<restore::RestoreOptions, Error> {
-        let target = self.target.recovery_target()?;
-        let mut tablespace_map = vec![];
-        for m in &self.tablespace_map {
-            let parsed = m
-                .split_once('=')
-                .and_then(|(oid, dir)| Some((oid.parse().ok()?, PathBuf::from(dir))));
-            tablespace_map.push(
-                parsed.ok_or_else(|| {
-                    Error::usage(format!("--tablespace-map '{m}' is not OID=DIR"))
-                })?,
-            );
-        }
-        Ok(restore::RestoreOptions {
-            pgdata: self.pgdata,
-            backup: self.target.backup,
-            target,
-            target_action: self.target_action,
-            standby: self.standby,
-            primary_conninfo: self.primary_conninfo,
-            jobs: self.jobs.unwrap_or(2 * cores()),
-            tablespace_map,
-            target_timeline: match &self.target_timeline {
-                Some(t) => restore::TargetTimeline::parse(t)?,
-                None => restore::TargetTimeline::Latest,
-            },
-            target_exclusive: self.target_exclusive,
-            recovery_options: self
-                .recovery_option
-                .iter()
-                .map(|o| restore::parse_recovery_option(o))
-                .collect::<Result<_, _>>()?,
-            archive_mode: match &self.archive_mode {
-                Some(m) => restore::ArchiveMode::parse(m)?,
-                None => restore::ArchiveMode::Preserve,
-            },
-            tablespaces_under: None,
-        })
-    }
+    Verify(verify::VerifyOptions),
 }
 
 /// When this is `walvault fetch` run by archive recovery (see
@@ -396,6 +131,30 @@ fn install_panic_hook(recovery_fetch: Option<String>) {
     }));
 }
 
+/// What walvault says about a command line clap refuses: one line, as
+/// everything walvault says lands in PostgreSQL's log. A value one of
+/// walvault's own parsers refused (a duration, a time, an LSN, ...) is told
+/// in that parser's words alone.
+fn command_line_error(e: &clap::Error) -> Error {
+    if e.kind() == clap::error::ErrorKind::ValueValidation
+        && let Some(ours) = std::error::Error::source(e).and_then(|s| s.downcast_ref::<Error>())
+    {
+        return Error::new(ours.kind, ours.message());
+    }
+    let rendered = e.to_string();
+    let what: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+        .collect();
+    let what = what.join(" ");
+    Error::usage(format!(
+        "{} (see 'walvault --help')",
+        what.trim_start_matches("error: ")
+    ))
+}
+
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let recovery_fetch = recovery_fetch(&args, std::path::Path::new("."));
@@ -403,19 +162,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line, as everything walvault says lands in PostgreSQL's log.
-            let rendered = e.to_string();
-            let what: Vec<&str> = rendered
-                .lines()
-                .take_while(|l| !l.starts_with("Usage:"))
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
-                .collect();
-            let what = what.join(" ");
-            let e = Error::usage(format!(
-                "{} (see 'walvault --help')",
-                what.trim_start_matches("error: ")
-            ));
+            let e = command_line_error(&e);
             let e = match &recovery_fetch {
                 Some(name) => fetch::Caller::ArchiveRecovery
                     .report(name, Err(e))
@@ -445,10 +192,7 @@ fn main() -> ExitCode {
     // keep it, and set PostgreSQL's modes themselves.
     if !matches!(
         cli.command,
-        Command::Fetch { .. }
-            | Command::FetchAhead { .. }
-            | Command::Restore(_)
-            | Command::Drill(_)
+        Command::Fetch(_) | Command::FetchAhead(_) | Command::Restore(_) | Command::Drill(_)
     ) && let Ok(url) = RepoUrl::parse(cli.repo.as_deref().unwrap_or(""))
     {
         walvault::repository::restrict_created_modes(&url);
@@ -456,15 +200,14 @@ fn main() -> ExitCode {
     // push and fetch run once per WAL file: a single-threaded runtime starts
     // faster, and their CPU work runs on blocking threads anyway.
     let mut runtime = match cli.command {
-        Command::Push { .. }
-        | Command::Fetch { .. }
-        | Command::PushAhead { .. }
-        | Command::FetchAhead { .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Push(_) | Command::Fetch(_) | Command::PushAhead(_) | Command::FetchAhead(_) => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     // Only fetch answers "not in the archive" quietly: PostgreSQL asks for
     // files that do not exist yet. Every other command says what it missed.
-    let quiet_not_found = matches!(cli.command, Command::Fetch { .. });
+    let quiet_not_found = matches!(cli.command, Command::Fetch(_));
     let result = runtime
         .enable_all()
         .build()
@@ -492,151 +235,24 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<(), Error> {
     let url = RepoUrl::parse(cli.repo.as_deref().unwrap_or(""))?;
     match cli.command {
-        Command::Push {
-            path,
-            name,
-            compress_level,
-            push_ahead,
-            spool,
-        } => {
-            let opts = push::PushOptions {
-                path,
-                name,
-                compress_level,
-                push_ahead,
-                spool,
+        Command::Push(opts) => push::run(&url, &opts).await,
+        Command::Fetch(opts) => fetch::run(&url, &opts).await,
+        Command::PushAhead(opts) => push::run_ahead(&url, &opts).await,
+        Command::FetchAhead(opts) => fetch::run_ahead(&url, &opts).await,
+        Command::Backup(opts) => backup::run(&url, &opts).await,
+        Command::Check(opts) => check::run(&url, &opts).await,
+        Command::List(opts) => list::run(&url, &opts).await,
+        Command::Restore(opts) => restore::run(&url, &opts).await,
+        Command::Prune(opts) => {
+            let opts = prune::PruneOptions {
+                quiet: cli.quiet,
+                ..opts
             };
-            push::run(&url, &opts).await
+            prune::run(&url, &opts).await
         }
-        Command::Fetch {
-            name,
-            path,
-            prefetch,
-            spool,
-        } => {
-            let opts = fetch::FetchOptions {
-                name,
-                path,
-                prefetch,
-                spool,
-            };
-            fetch::run(&url, &opts).await
-        }
-        Command::PushAhead {
-            wal_dir,
-            spool,
-            push_ahead,
-            compress_level,
-            skip,
-        } => {
-            let opts = push::AheadOptions {
-                wal_dir,
-                spool,
-                push_ahead,
-                compress_level,
-                skip,
-            };
-            push::run_ahead(&url, &opts).await
-        }
-        Command::FetchAhead {
-            after,
-            spool,
-            count,
-            segment_size,
-        } => {
-            let opts = fetch::AheadOptions {
-                after,
-                spool,
-                count,
-                segment_size,
-            };
-            fetch::run_ahead(&url, &opts).await
-        }
-        Command::Backup {
-            pgdata,
-            dbname,
-            jobs,
-            compress_level,
-            archive_timeout,
-        } => {
-            let opts = backup::BackupOptions {
-                pgdata,
-                dbname,
-                jobs: jobs.unwrap_or_else(cores),
-                compress_level,
-                archive_timeout: std::time::Duration::from_secs(archive_timeout),
-            };
-            backup::run(&url, &opts).await
-        }
-        Command::List { json } => list::run(&url, json).await,
-        Command::Check {
-            dbname,
-            timeout,
-            json,
-        } => {
-            let opts = check::CheckOptions {
-                dbname,
-                timeout: std::time::Duration::from_secs(timeout),
-                json,
-            };
-            check::run(&url, &opts).await
-        }
-        Command::Drill(a) => {
-            let opts = drill::DrillOptions {
-                target: a.target.recovery_target()?,
-                backup: a.target.backup,
-                pg_bin: a.pg_bin,
-                check_sql: a.check_sql,
-                json: a.json,
-                scratch_parent: a.scratch,
-                timeout: std::time::Duration::from_secs(a.timeout),
-                jobs: a.jobs.unwrap_or(2 * cores()),
-            };
-            drill::run(&url, &opts).await
-        }
-        Command::Status {
-            json,
-            max_age,
-            graph,
-        } => {
-            let max_age = max_age.map(|d| parse_duration(&d)).transpose()?;
-            status::run(
-                &url,
-                &status::StatusOptions {
-                    json,
-                    max_age,
-                    graph,
-                },
-            )
-            .await
-        }
-        Command::Verify { backup, json, jobs } => {
-            let jobs = jobs.unwrap_or(4 * cores());
-            verify::run(&url, &verify::VerifyOptions { backup, json, jobs }).await
-        }
-        Command::Prune {
-            keep_last,
-            keep_within,
-            keep_wal_within,
-            dry_run,
-        } => {
-            let duration = |d: Option<String>| d.map(|d| parse_duration(&d)).transpose();
-            let policy = prune::Policy {
-                keep_last,
-                keep_within: duration(keep_within)?,
-                keep_wal_within: duration(keep_wal_within)?,
-            };
-            prune::run(
-                &url,
-                &prune::PruneOptions {
-                    policy,
-                    dry_run,
-                    quiet: cli.quiet,
-                },
-            )
-            .await
-        }
-        Command::Restore(args) => restore::run(&url, &args.into_options()?).await,
+        Command::Drill(opts) => drill::run(&url, &opts).await,
+        Command::Status(opts) => status::run(&url, &opts).await,
+        Command::Verify(opts) => verify::run(&url, &opts).await,
     }
 }
 
@@ -692,6 +308,32 @@ mod tests {
         }
         std::fs::write(d.join("standby.signal"), b"").unwrap();
         assert_eq!(recovery_fetch(&fetch, d), None);
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_value_walvault_refuses_is_told_in_its_own_words() {
+        let e = Cli::try_parse_from(["walvault", "status", "--max-age", "7x"])
+            .err()
+            .unwrap();
+        let e = command_line_error(&e);
+        let want = walvault::human::parse_duration("7x").unwrap_err();
+        assert_eq!(e.message(), want.message());
+        assert_eq!(e.exit_code(), 2);
+        let e = Cli::try_parse_from(["walvault", "status", "--bogus"])
+            .err()
+            .unwrap();
+        let e = command_line_error(&e);
+        assert_eq!(
+            e.message(),
+            "unexpected argument '--bogus' found (see 'walvault --help')"
+        );
+        assert_eq!(e.exit_code(), 2);
     }
 
     #[test]

@@ -14,15 +14,23 @@ use crate::pg::wal::WalFileName;
 use crate::repository::catalog;
 use crate::repository::{RepoUrl, Repository};
 use chrono::{DateTime, Utc};
+use clap::builder::TypedValueParser as _;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls};
 
+// The doc comments are `walvault check --help`.
+#[derive(clap::Args)]
 pub struct CheckOptions {
-    /// Connection string or URL (default: the libpq variables).
+    /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
+    #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
     pub dbname: Option<String>,
-    /// How long to wait for the switched segment to reach the repository.
+    /// Seconds to wait for the switched segment to reach the repository.
+    #[arg(long, default_value = "60",
+          value_parser = clap::value_parser!(u64).map(Duration::from_secs))]
     pub timeout: Duration,
+    /// Machine-readable output.
+    #[arg(long)]
     pub json: bool,
 }
 

@@ -13,21 +13,39 @@ use crate::pg::server::{
 use crate::pg::wal::SegmentName;
 use crate::repository::archive::WalArchive;
 use crate::repository::{RepoUrl, Repository};
+use clap::builder::TypedValueParser as _;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+// The doc comments are `walvault drill --help`.
+#[derive(clap::Args)]
 pub struct DrillOptions {
+    /// Backup id, or "latest" (default: the newest that can reach the target).
+    #[arg(long, env = "WALVAULT_BACKUP")]
     pub backup: Option<String>,
+    #[command(flatten)]
     pub target: RecoveryTarget,
+    /// PostgreSQL server binaries (default: pg_config --bindir, else PATH).
+    #[arg(long, env = "WALVAULT_PG_BIN")]
     pub pg_bin: Option<PathBuf>,
+    /// A query that must succeed on the recovered server; its first value is reported.
+    #[arg(long)]
     pub check_sql: Option<String>,
+    /// Machine-readable report.
+    #[arg(long)]
     pub json: bool,
-    /// Where to make the scratch directory (default: the system temp dir).
+    /// Where to create the scratch directory (default: the temp dir).
+    #[arg(long = "scratch", value_name = "SCRATCH")]
     pub scratch_parent: Option<PathBuf>,
+    /// Seconds allowed for the server to start and recover.
+    #[arg(long, default_value = "600",
+          value_parser = clap::value_parser!(u64).map(Duration::from_secs))]
     pub timeout: Duration,
-    pub jobs: usize,
+    /// Files restored in parallel (default: twice the number of cores).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Serialize, Default)]
@@ -170,7 +188,7 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
             pgdata: scratch.data.clone(),
             backup: opts.backup.clone(),
             target: opts.target.clone(),
-            target_action: Some("promote".into()),
+            target_action: Some(restore::TargetAction::Promote),
             standby: false,
             primary_conninfo: None,
             jobs: opts.jobs,

@@ -16,14 +16,20 @@ use futures::StreamExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+// The doc comments are `walvault fetch --help`.
+#[derive(clap::Args)]
 pub struct FetchOptions {
-    /// `%f`: the file PostgreSQL asks for.
+    /// %f: the file name PostgreSQL asks for.
     pub name: String,
-    /// `%p`: where to put it, relative to the working directory.
+    /// %p: where to write it, relative to the data directory.
     pub path: PathBuf,
-    /// How many following segments to keep downloaded ahead (0: none;
-    /// `None`: as many as fit in [`PREFETCH_BUDGET`]).
+    /// Download up to K following segments in parallel ahead of recovery (0: off;
+    /// default: as many as fit in 256 MiB, at most 64).
+    // `None`: as many as fit in [`PREFETCH_BUDGET`].
+    #[arg(long, env = "WALVAULT_PREFETCH")]
     pub prefetch: Option<usize>,
+    /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
+    #[arg(long, env = "WALVAULT_SPOOL")]
     pub spool: Option<PathBuf>,
 }
 
@@ -477,12 +483,17 @@ fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, 
     crate::ahead::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
 }
 
+// The doc comments are `walvault fetch-ahead --help`.
+#[derive(clap::Args)]
 pub struct AheadOptions {
-    /// The segment just handed to recovery.
+    /// The segment recovery has just been given; the ones after it are fetched.
     pub after: String,
+    #[arg(long)]
     pub spool: PathBuf,
-    /// How many of its successors to keep spooled.
+    // How many of its successors to keep spooled.
+    #[arg(long)]
     pub count: usize,
+    #[arg(long)]
     pub segment_size: u32,
 }
 
@@ -886,30 +897,32 @@ mod tests {
     #[test]
     fn only_archive_recovery_turns_failures_into_a_stop() {
         let name = "000000010000000000000005";
-        let failures = [
-            (Error::corrupt("damaged"), 204),
-            (Error::io("store down"), 205),
-            (Error::usage("no repository"), 202),
-            (Error::conflict("refused"), 203),
+        let failures: [(fn() -> Error, u8); 4] = [
+            (|| Error::corrupt("damaged"), 204),
+            (|| Error::io("store down"), 205),
+            (|| Error::usage("no repository"), 202),
+            (|| Error::conflict("refused"), 203),
         ];
-        for (e, status) in failures {
+        // Errors are not Clone: compare what makes one.
+        let seen = |e: &Error| (e.kind, e.message().to_string(), e.exit_code());
+        for (make, status) in failures {
+            let e = make();
             let kind = e.kind;
             let stopped = Caller::ArchiveRecovery
-                .report(name, Err(e.clone()))
+                .report(name, Err(make()))
                 .unwrap_err();
             assert_eq!(stopped.exit_code(), status);
             assert!(stopped.message().starts_with(e.message()));
             assert!(stopped.message().contains("stopped on purpose"));
             assert!(!stopped.message().contains('\n'));
             // Reported again (main reports whatever fetch returns): unchanged.
-            assert_eq!(
-                Caller::ArchiveRecovery.report(name, Err(stopped.clone())),
-                Err(stopped.clone())
-            );
+            let stopped_seen = seen(&stopped);
+            let again = Caller::ArchiveRecovery.report(name, Err(stopped));
+            assert_eq!(again.map_err(|e| seen(&e)), Err(stopped_seen));
             for caller in [Caller::Standby, Caller::Manual] {
-                let same = caller.report(name, Err(e.clone())).unwrap_err();
+                let same = caller.report(name, Err(make())).unwrap_err();
                 assert_eq!(same.exit_code(), kind.exit_code());
-                assert_eq!(same, e);
+                assert_eq!(seen(&same), seen(&e));
             }
         }
         for caller in [Caller::ArchiveRecovery, Caller::Standby, Caller::Manual] {

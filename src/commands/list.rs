@@ -5,11 +5,19 @@ use crate::human::human_bytes;
 use crate::repository::catalog;
 use crate::repository::{RepoUrl, Repository};
 
-pub async fn run(url: &RepoUrl, json: bool) -> Result<()> {
+// The doc comments are `walvault list --help`.
+#[derive(clap::Args)]
+pub struct ListOptions {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(url: &RepoUrl, opts: &ListOptions) -> Result<()> {
     let repo = Repository::open(url, false)?;
     repo.require_config().await?;
     let backups = catalog::load_readable(&repo).await?;
-    if json {
+    if opts.json {
         let rows: Vec<serde_json::Value> = backups
             .iter()
             .map(|b| {

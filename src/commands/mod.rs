@@ -1,5 +1,5 @@
-//! One module per command; each takes its options as a plain struct so the
-//! CLI layer stays argument parsing only.
+//! One module per command; each takes its options as a plain struct that is
+//! also its clap parser, so every option is declared once, beside its use.
 
 pub mod backup;
 pub mod check;
@@ -11,3 +11,10 @@ pub mod push;
 pub mod restore;
 pub mod status;
 pub mod verify;
+
+/// The cores this process may use: the default parallelism of `--jobs`.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}

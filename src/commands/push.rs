@@ -14,15 +14,22 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+// The doc comments are `walvault push --help`.
+#[derive(clap::Args)]
 pub struct PushOptions {
-    /// `%p`: the file, relative to the working directory (the data directory).
+    /// %p: path of the file, relative to the data directory.
     pub path: PathBuf,
-    /// `%f`: the name PostgreSQL archives it under.
+    /// %f: its file name.
     pub name: String,
+    /// zstd level (1-19).
+    #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compress_level: i32,
-    /// Also push up to this many other `.ready` segments, in parallel.
+    /// Push up to N other segments PostgreSQL has marked ready ahead of its calls, in a background worker (0: off).
+    #[arg(long, env = "WALVAULT_PUSH_AHEAD", default_value_t = 16)]
     pub push_ahead: usize,
-    /// Where records of segments pushed ahead are kept (default: pg_wal/walvault-spool).
+    /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
+    #[arg(long, env = "WALVAULT_SPOOL")]
     pub spool: Option<PathBuf>,
 }
 
@@ -232,14 +239,21 @@ fn ready_segments(
     ready
 }
 
+// The doc comments are `walvault push-ahead --help`.
+#[derive(clap::Args)]
 pub struct AheadOptions {
-    /// pg_wal, whose archive_status says what is ready.
+    /// pg_wal of the cluster.
+    // Its archive_status says what is ready.
     pub wal_dir: PathBuf,
+    #[arg(long)]
     pub spool: PathBuf,
-    /// The most segments claimed at once (two per core are pushed at once).
+    // The most segments claimed at once (two per core are pushed at once).
+    #[arg(long)]
     pub push_ahead: usize,
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compress_level: i32,
-    /// Pushed by the command that started the worker.
+    /// A segment not to push (its own push just did).
+    #[arg(long)]
     pub skip: Option<String>,
 }
 

@@ -11,11 +11,17 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
 
+// The doc comments are `walvault status --help`.
+#[derive(clap::Args)]
 pub struct StatusOptions {
+    /// Machine-readable output.
+    #[arg(long)]
     pub json: bool,
-    /// Exit non-zero when the newest archived WAL is older than this.
+    /// Exit 6 when the newest archived WAL is older than this (e.g. 15m).
+    #[arg(long, env = "WALVAULT_MAX_AGE", value_parser = crate::human::parse_duration)]
     pub max_age: Option<Duration>,
-    /// Draw the timeline even when stdout is not a terminal.
+    /// Draw the timeline picture even when not on a terminal.
+    #[arg(long)]
     pub graph: bool,
 }
 

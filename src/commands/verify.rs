@@ -15,10 +15,18 @@ use futures::StreamExt;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 
+// The doc comments are `walvault verify --help`.
+#[derive(clap::Args)]
 pub struct VerifyOptions {
+    /// Only this backup (its content and the WAL it needs).
+    #[arg(long)]
     pub backup: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
     pub json: bool,
-    pub jobs: usize,
+    /// Objects read in parallel (default: four per core).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -115,7 +123,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
             }
         }
     }))
-    .buffer_unordered(opts.jobs.max(1))
+    .buffer_unordered(opts.jobs.unwrap_or(4 * crate::commands::cores()).max(1))
     .collect()
     .await;
     checked.wal_files = wanted_wal.len();
@@ -150,7 +158,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
             let repo = &repo;
             async move { check_pack(repo, id, blobs).await }
         }))
-        .buffer_unordered(opts.jobs.max(1))
+        .buffer_unordered(opts.jobs.unwrap_or(4 * crate::commands::cores()).max(1))
         .collect()
         .await;
     for (bytes, found) in pack_results {

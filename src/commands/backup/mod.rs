@@ -18,18 +18,33 @@ use crate::pg::lsn::Lsn;
 use crate::repository::catalog;
 use crate::repository::lock::{self, RepoLock};
 use crate::repository::{RepoUrl, Repository, RepositoryConfig};
+use clap::builder::TypedValueParser as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 use upload::upload_packs;
 
+// The doc comments are `walvault backup --help`.
+#[derive(clap::Args)]
 pub struct BackupOptions {
+    /// Data directory (default: asked from the server).
+    #[arg(long, env = "PGDATA")]
     pub pgdata: Option<PathBuf>,
+    /// Connection string or URL (default: PGHOST, PGPORT, PGUSER, PGDATABASE, PGPASSWORD).
+    #[arg(long, env = "WALVAULT_DBNAME", hide_env_values = true)]
     pub dbname: Option<String>,
-    pub jobs: usize,
+    /// Files copied in parallel (default: the number of cores).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    pub jobs: Option<usize>,
+    /// zstd level (1-19).
+    #[arg(long, env = "WALVAULT_COMPRESS_LEVEL", default_value_t = 3,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
     pub compress_level: i32,
-    /// How long pg_backup_stop may wait for the backup's WAL to be archived.
+    /// Seconds to wait for the backup's last WAL to be archived.
+    // How long pg_backup_stop may wait.
+    #[arg(long, env = "WALVAULT_ARCHIVE_TIMEOUT", default_value = "300",
+          value_parser = clap::value_parser!(u64).map(std::time::Duration::from_secs))]
     pub archive_timeout: std::time::Duration,
 }
 
@@ -155,7 +170,7 @@ async fn take(
     let files = Arc::new(listing.files);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
-    let jobs = opts.jobs.max(1);
+    let jobs = opts.jobs.unwrap_or_else(crate::commands::cores).max(1);
     let mut workers = Vec::with_capacity(jobs);
     for _ in 0..jobs {
         let (files, next, index, packs, stats, progress) = (

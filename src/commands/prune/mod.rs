@@ -16,9 +16,16 @@ use crate::repository::{Leftover, RepoUrl, Repository};
 use object_store::path::Path as Key;
 use std::collections::HashSet;
 
+// The doc comments are `walvault prune --help`.
+#[derive(clap::Args)]
 pub struct PruneOptions {
+    #[command(flatten)]
     pub policy: Policy,
+    /// Print what would be deleted, change nothing.
+    #[arg(long)]
     pub dry_run: bool,
+    // The global --quiet.
+    #[arg(skip)]
     pub quiet: bool,
 }
 

@@ -10,12 +10,17 @@ use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Default)]
+// The doc comments are `walvault prune --help`.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Policy {
+    /// Keep the newest N backups.
+    #[arg(long, env = "WALVAULT_KEEP_LAST")]
     pub keep_last: Option<usize>,
+    /// Keep backups newer than this (e.g. 7d, 36h).
+    #[arg(long, env = "WALVAULT_KEEP_WITHIN", value_parser = crate::human::parse_duration)]
     pub keep_within: Option<Duration>,
-    /// Point-in-time recovery only this far back; older kept backups keep
-    /// just the WAL that makes them consistent.
+    /// Keep point-in-time recovery this far back; older kept backups keep only the WAL that makes them consistent.
+    #[arg(long, env = "WALVAULT_KEEP_WAL_WITHIN", value_parser = crate::human::parse_duration)]
     pub keep_wal_within: Option<Duration>,
 }
 

@@ -2,6 +2,7 @@
 //! recover from the archive to the latest state, a target, or as a standby.
 
 mod files;
+mod flags;
 mod place;
 mod settings;
 pub mod target;
@@ -19,29 +20,91 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 pub use target::{RecoveryTarget, parse_time};
 
+// The doc comments are `walvault restore --help`.
+#[derive(clap::Args)]
 pub struct RestoreOptions {
+    /// Directory to restore into: new or empty.
+    #[arg(long, env = "PGDATA")]
     pub pgdata: PathBuf,
-    /// A backup id or `latest`; `None` picks by target.
+    /// Backup id, or "latest" (default: the newest that can reach the target).
+    // `None` picks by target.
+    #[arg(long, env = "WALVAULT_BACKUP")]
     pub backup: Option<String>,
+    #[command(flatten)]
     pub target: RecoveryTarget,
-    pub target_action: Option<String>,
+    /// What the server does at the target: promote (default), pause or shutdown.
+    #[arg(long, value_parser = TargetAction::parse)]
+    pub target_action: Option<TargetAction>,
+    /// Set up a streaming standby (standby.signal) instead of a recovery.
+    #[arg(long)]
     pub standby: bool,
+    /// The primary's connection string for a standby.
+    #[arg(long, requires = "standby")]
     pub primary_conninfo: Option<String>,
-    pub jobs: usize,
-    /// `OID=DIR`: restore a tablespace somewhere else.
+    /// Files restored in parallel (default: twice the number of cores).
+    #[arg(long, env = "WALVAULT_JOBS")]
+    pub jobs: Option<usize>,
+    /// OID=DIR: restore a tablespace into DIR instead of its original location.
+    #[arg(long, value_name = "OID=DIR", value_parser = parse_tablespace_mapping)]
     pub tablespace_map: Vec<(u32, PathBuf)>,
-    /// Which timeline recovery follows (PostgreSQL's default: latest).
+    /// Timeline to recover along: latest (default), current (the backup's) or a number.
+    // PostgreSQL's default is latest too.
+    #[arg(long, value_name = "latest|current|N", value_parser = TargetTimeline::parse,
+          default_value = "latest", hide_default_value = true)]
     pub target_timeline: TargetTimeline,
-    /// Stop just before the target instead of just after it.
+    /// Stop just before the --time, --lsn or --xid target instead of just after it.
+    #[arg(long)]
     pub target_exclusive: bool,
-    /// Further `KEY = VALUE` lines for postgresql.auto.conf; they win over
-    /// what walvault would write for the same key.
+    /// KEY=VALUE: another setting for postgresql.auto.conf (repeatable; wins over walvault's).
+    // Further `KEY = VALUE` lines for postgresql.auto.conf; they win over
+    // what walvault would write for the same key.
+    #[arg(long = "recovery-option", value_name = "KEY=VALUE", value_parser = parse_recovery_option)]
     pub recovery_options: Vec<(String, String)>,
+    /// Whether the restored server keeps archiving into the repository: preserve (default) or off.
+    #[arg(long, value_name = "preserve|off", value_parser = ArchiveMode::parse,
+          default_value = "preserve", hide_default_value = true)]
     pub archive_mode: ArchiveMode,
-    /// Where every tablespace `tablespace_map` does not name goes, one
-    /// directory per OID (drill: inside its scratch directory); `None`: back
-    /// where it was, if that lies beside the data directory.
+    // Where every tablespace `tablespace_map` does not name goes, one
+    // directory per OID (drill: inside its scratch directory); `None`: back
+    // where it was, if that lies beside the data directory. Not an option.
+    #[arg(skip)]
     pub tablespaces_under: Option<PathBuf>,
+}
+
+/// `recovery_target_action`: what the server does on reaching the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+impl TargetAction {
+    pub fn parse(s: &str) -> Result<TargetAction> {
+        match s {
+            "promote" => Ok(TargetAction::Promote),
+            "pause" => Ok(TargetAction::Pause),
+            "shutdown" => Ok(TargetAction::Shutdown),
+            _ => Err(Error::usage(format!(
+                "--target-action '{s}' must be promote, pause or shutdown"
+            ))),
+        }
+    }
+
+    fn setting(self) -> &'static str {
+        match self {
+            TargetAction::Promote => "promote",
+            TargetAction::Pause => "pause",
+            TargetAction::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A `--tablespace-map OID=DIR`.
+pub fn parse_tablespace_mapping(s: &str) -> Result<(u32, PathBuf)> {
+    s.split_once('=')
+        .and_then(|(oid, dir)| Some((oid.parse().ok()?, PathBuf::from(dir))))
+        .ok_or_else(|| Error::usage(format!("--tablespace-map '{s}' is not OID=DIR")))
 }
 
 /// `recovery_target_timeline`.
@@ -180,13 +243,6 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
             "--standby follows the primary's timeline; it takes no --target-timeline",
         ));
     }
-    if let Some(a) = &opts.target_action
-        && !["promote", "pause", "shutdown"].contains(&a.as_str())
-    {
-        return Err(Error::usage(format!(
-            "--target-action '{a}' must be promote, pause or shutdown"
-        )));
-    }
     let repo = Arc::new(Repository::open(url, false)?);
     repo.require_config().await?;
     let backups = catalog::load_readable(&repo).await?;
@@ -264,7 +320,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     }
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = vec![];
-    for _ in 0..opts.jobs.max(1) {
+    for _ in 0..opts.jobs.unwrap_or(2 * crate::commands::cores()).max(1) {
         let (repo, files, dests, next) = (repo.clone(), files.clone(), dests.clone(), next.clone());
         let rt = tokio::runtime::Handle::current();
         workers.push(tokio::task::spawn_blocking(move || {

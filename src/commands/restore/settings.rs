@@ -3,7 +3,7 @@
 
 use super::place::write_private_file;
 use super::target;
-use super::{ArchiveMode, RecoveryTarget, RestoreOptions};
+use super::{ArchiveMode, RecoveryTarget, RestoreOptions, TargetAction};
 use crate::error::{Context, Error, Result};
 use crate::format::manifest::Manifest;
 use crate::repository::RepoUrl;
@@ -65,8 +65,8 @@ pub(super) fn write_recovery_settings(
         settings.push(("recovery_target_inclusive".into(), "false".into()));
     }
     if opts.target != RecoveryTarget::Latest {
-        let action = opts.target_action.as_deref().unwrap_or("promote");
-        settings.push(("recovery_target_action".into(), action.into()));
+        let action = opts.target_action.unwrap_or(TargetAction::Promote);
+        settings.push(("recovery_target_action".into(), action.setting().into()));
     }
     if let Some(c) = &opts.primary_conninfo {
         settings.push(("primary_conninfo".into(), c.clone()));
