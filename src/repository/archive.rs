@@ -89,11 +89,7 @@ impl WalArchive {
     }
 
     pub fn segment_name(&self, timeline: u32, segno: u64) -> SegmentName {
-        SegmentName::containing(
-            timeline,
-            segno * u64::from(self.segment_size),
-            self.segment_size,
-        )
+        SegmentName::of_segno(timeline, segno, self.segment_size)
     }
 
     /// Segment numbers missing between the first and last segment of each
