@@ -13,6 +13,21 @@
 //!   the stretches a backup's recovery reads across timeline switches
 //!   (status, verify).
 //! - [`target`]: which backup can reach a recovery target (restore).
+//!
+//! Where the commands still differ, on purpose until decided otherwise:
+//! - a stop LSN on a segment boundary: status, prune and verify need up to
+//!   the byte before it ([`Lsn::segnos_until`]); backup waits for the
+//!   segment starting there too ([`Lsn::segnos_through`]).
+//! - timelines after a backup's own: status windows stay on its timeline;
+//!   verify follows the ones branching at or after its start; prune keeps
+//!   every descendant from the need's segment on, and newer timelines of
+//!   unknown parentage; restore's lineage takes a backup only when it was
+//!   consistent (stop, not start) before the branch.
+//! - trimmed WAL: verify and restore's xid/name choice ask retention.json;
+//!   status windows simply end at the gap.
+//!
+//! [`Lsn::segnos_until`]: crate::pg::lsn::Lsn::segnos_until
+//! [`Lsn::segnos_through`]: crate::pg::lsn::Lsn::segnos_through
 
 pub mod continuity;
 pub mod needs;
