@@ -22,5 +22,6 @@ pub mod format;
 pub mod human;
 pub mod logging;
 pub mod pg;
+pub mod recovery;
 pub mod repository;
 pub mod sys;

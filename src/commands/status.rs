@@ -4,6 +4,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::manifest::Manifest;
 use crate::human::format_duration;
 use crate::human::human_bytes;
+use crate::pg::lsn::Lsn;
 use crate::repository::archive::WalArchive;
 use crate::repository::catalog;
 use crate::repository::{RepoUrl, Repository};
@@ -52,7 +53,7 @@ pub struct Branch {
 /// in the archive goes on past that point.
 pub fn branch_of(archive: &WalArchive, timeline: u32) -> Option<Branch> {
     let &(parent, switch) = archive.ancestry.get(&timeline)?.first()?;
-    let switch_segno = switch / u64::from(archive.segment_size.max(1));
+    let switch_segno = Lsn(switch).segno(archive.segment_size);
     let parent_went_on = archive
         .segments
         .get(&parent)
@@ -65,19 +66,7 @@ pub fn branch_of(archive: &WalArchive, timeline: u32) -> Option<Branch> {
     })
 }
 
-/// A span of time a point-in-time restore can reach.
-#[derive(Serialize, Clone, Debug)]
-pub struct Window {
-    pub from: DateTime<Utc>,
-    pub to: DateTime<Utc>,
-    pub timeline: u32,
-    pub from_backup: String,
-    /// Whether `to` is the last commit read from the WAL (exact) or, when no
-    /// commit could be found, the time the last segment was archived.
-    pub to_is_last_commit: bool,
-    #[serde(skip)]
-    end_segno: u64,
-}
+pub use crate::recovery::windows::Window;
 
 #[derive(Serialize)]
 struct Status {
@@ -102,47 +91,9 @@ struct Status {
 /// spans are merged. The end is when that segment was archived, a moment at
 /// or after its last commit.
 pub fn recoverable_windows(archive: &WalArchive, backups: &[Manifest]) -> Vec<Window> {
-    let size = u64::from(archive.segment_size);
-    let mut windows: Vec<Window> = vec![];
-    for b in backups {
-        let Some(segs) = archive.segments.get(&b.timeline) else {
-            continue;
-        };
-        let mut segno = b.start_lsn.0 / size;
-        // The last segment a backup needs holds the byte before its stop LSN.
-        let stop = (b.stop_lsn.0.saturating_sub(1) / size).max(segno);
-        let mut last = None;
-        while let Some(f) = segs.get(&segno) {
-            last = Some(f);
-            segno += 1;
-        }
-        let Some(last) = last else { continue };
-        if segno <= stop {
-            continue; // never consistent: not a window
-        }
-        windows.push(Window {
-            from: b.stop_time,
-            to: last.meta.last_modified.max(b.stop_time),
-            timeline: b.timeline,
-            from_backup: b.id.clone(),
-            to_is_last_commit: false,
-            end_segno: segno - 1,
-        });
-    }
-    windows.sort_by_key(|w| w.from);
-    let mut merged: Vec<Window> = vec![];
-    for w in windows {
-        match merged.last_mut() {
-            Some(m) if w.timeline == m.timeline && w.from <= m.to => {
-                if w.end_segno > m.end_segno {
-                    m.to = w.to;
-                    m.end_segno = w.end_segno;
-                }
-            }
-            _ => merged.push(w),
-        }
-    }
-    merged
+    crate::recovery::windows::recoverable(&archive.segments, backups, archive.segment_size, |f| {
+        f.meta.last_modified
+    })
 }
 
 /// Sharpens each window's end to the last commit or abort in its WAL, the

@@ -339,31 +339,12 @@ fn continuity(
     one_backup: bool,
     problems: &mut BTreeSet<Problem>,
 ) -> Vec<WalFileName> {
-    let size = u64::from(archive.segment_size.max(1));
+    use crate::recovery::continuity::{self, Purpose};
     let mut wanted: BTreeSet<(u32, u64)> = BTreeSet::new();
-    let empty = BTreeMap::new();
-    // Walks what the listing holds, never the numbers in between: a manifest
-    // may claim any range, and the work must stay bounded by the listing.
-    let mut check = |timeline: u32,
-                     from: u64,
-                     to: u64,
-                     why: &dyn Fn() -> String,
-                     problems: &mut BTreeSet<Problem>| {
-        let segs = archive.segments.get(&timeline).unwrap_or(&empty);
-        let mut expected = from;
-        for &segno in segs.range(from..=to).map(|(n, _)| n) {
-            if segno > expected {
-                missing(archive, timeline, expected, segno - 1, &why(), problems);
-            }
-            wanted.insert((timeline, segno));
-            expected = segno + 1;
-        }
-        if expected <= to {
-            missing(archive, timeline, expected, to, &why(), problems);
-        }
-    };
+    // WAL trimmed on purpose by `prune --keep-wal-within` is not a gap.
+    let complete_from =
+        |timeline: u32, segno: u64| retention.is_none_or(|r| r.is_complete_from(timeline, segno));
     for m in manifests {
-        let start = m.start_lsn.0 / size;
         if m.stop_lsn < m.start_lsn {
             problems.insert(Problem {
                 object: manifest_key(&m.id).to_string(),
@@ -374,44 +355,43 @@ fn continuity(
             });
             continue;
         }
-        // The stop LSN ends the backup: the last segment it needs holds the
-        // byte before it (a stop on a segment boundary needs nothing after).
-        let stop = (m.stop_lsn.0.saturating_sub(1) / size).max(start);
-        check(
+        for stretch in continuity::stretches(
+            &archive.segments,
+            &archive.ancestry,
             m.timeline,
-            start,
-            stop,
-            &|| format!("needed by backup {} to become consistent", m.id),
-            problems,
-        );
-        // WAL trimmed on purpose by `prune --keep-wal-within` is not a gap.
-        if !retention.is_none_or(|r| r.is_complete_from(m.timeline, start)) {
-            continue;
-        }
-        for (&timeline, segs) in &archive.segments {
-            let Some(switch) = archive.descends_from(timeline, m.timeline) else {
-                continue;
-            };
-            // A timeline that left this one before the backup started is
-            // not one its recovery can follow.
-            if timeline != m.timeline && switch < m.start_lsn.0 {
-                continue;
-            }
-            let from = if timeline == m.timeline {
-                start
-            } else {
-                (switch / size).max(start)
-            };
-            let Some(&last) = segs.keys().next_back() else {
-                continue;
-            };
-            check(
-                timeline,
-                from,
-                last,
-                &|| format!("needed to recover past it from backup {}", m.id),
-                problems,
+            (m.start_lsn, m.stop_lsn),
+            archive.segment_size,
+            &complete_from,
+        ) {
+            // Walks what the listing holds, never the numbers in between: a
+            // manifest may claim any range, and the work must stay bounded
+            // by the listing.
+            let walk = continuity::walk(
+                archive.segments.get(&stretch.timeline),
+                stretch.from,
+                stretch.to,
             );
+            if !walk.missing.is_empty() {
+                let why = match stretch.purpose {
+                    Purpose::Consistency => {
+                        format!("needed by backup {} to become consistent", m.id)
+                    }
+                    Purpose::RecoverPast => {
+                        format!("needed to recover past it from backup {}", m.id)
+                    }
+                };
+                for run in walk.missing {
+                    missing(
+                        archive,
+                        stretch.timeline,
+                        *run.start(),
+                        *run.end(),
+                        &why,
+                        problems,
+                    );
+                }
+            }
+            wanted.extend(walk.present.into_iter().map(|n| (stretch.timeline, n)));
         }
     }
     if one_backup {
@@ -690,6 +670,39 @@ mod tests {
         let mut problems = BTreeSet::new();
         continuity(&archive, &[m], None, true, &mut problems);
         assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn a_backup_past_the_end_of_its_timelines_wal_is_a_gap_not_a_panic() {
+        let mut archive = WalArchive {
+            segment_size: 1 << 24,
+            ..Default::default()
+        };
+        let name = "000000010000000000000001";
+        archive.segments.entry(1).or_default().insert(
+            1,
+            crate::repository::archive::ArchivedFile {
+                name: WalFileName::parse(name).unwrap(),
+                meta: object_store::ObjectMeta {
+                    location: name.into(),
+                    last_modified: chrono::Utc::now(),
+                    size: 0,
+                    e_tag: None,
+                    version: None,
+                },
+            },
+        );
+        // Starts in segment 2, after the last segment listed (1): walking
+        // "from 2 to the end of the timeline" used to panic on 2..=1.
+        let mut problems = BTreeSet::new();
+        continuity(&archive, &[manifest(vec![])], None, true, &mut problems);
+        let p: Vec<&str> = problems.iter().map(|p| p.problem.as_str()).collect();
+        assert_eq!(
+            p,
+            [
+                "missing WAL segment 000000010000000000000002, needed by backup 20261127T153444Z to become consistent"
+            ]
+        );
     }
 
     #[test]

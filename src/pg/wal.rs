@@ -28,8 +28,12 @@ impl SegmentName {
 
     /// The segment that holds `lsn` on `timeline`.
     pub fn containing(timeline: u32, lsn: u64, segment_size: u32) -> SegmentName {
+        SegmentName::of_segno(timeline, lsn / u64::from(segment_size), segment_size)
+    }
+
+    /// Segment number `segno` (counted from LSN 0) on `timeline`.
+    pub fn of_segno(timeline: u32, segno: u64, segment_size: u32) -> SegmentName {
         let per_log = 0x1_0000_0000u64 / u64::from(segment_size);
-        let segno = lsn / u64::from(segment_size);
         SegmentName {
             timeline,
             log: (segno / per_log) as u32,

@@ -19,7 +19,7 @@ pub struct ArchivedFile {
 
 /// A timeline's parentage: `(parent timeline, LSN where this one branched off)`,
 /// nearest parent first, as PostgreSQL's history file lists them reversed.
-pub type Ancestry = Vec<(u32, u64)>;
+pub type Ancestry = crate::recovery::Ancestry;
 
 #[derive(Debug, Default)]
 pub struct WalArchive {
@@ -78,39 +78,19 @@ impl WalArchive {
     /// Whether `timeline` is `ancestor` or branched from it (directly or not),
     /// and if so the LSN from which `timeline`'s WAL continues `ancestor`'s.
     pub fn descends_from(&self, timeline: u32, ancestor: u32) -> Option<u64> {
-        if timeline == ancestor {
-            return Some(0);
-        }
-        self.ancestry
-            .get(&timeline)?
-            .iter()
-            .find(|(parent, _)| *parent == ancestor)
-            .map(|&(_, switch)| switch)
+        crate::recovery::descends_from(&self.ancestry, timeline, ancestor)
     }
 
     pub fn segment_name(&self, timeline: u32, segno: u64) -> SegmentName {
-        SegmentName::containing(
-            timeline,
-            segno * u64::from(self.segment_size),
-            self.segment_size,
-        )
+        SegmentName::of_segno(timeline, segno, self.segment_size)
     }
 
     /// Segment numbers missing between the first and last segment of each
     /// timeline (from `from` on, when given).
     pub fn gaps(&self, timeline: u32, from: Option<u64>) -> Vec<u64> {
-        let Some(segs) = self.segments.get(&timeline) else {
-            return vec![];
-        };
-        let (Some(&first), Some(&last)) = (segs.keys().next(), segs.keys().next_back()) else {
-            return vec![];
-        };
-        let start = from.unwrap_or(first);
-        // Bounded: a damaged listing must not make us count to 2^64.
-        (start..=last)
-            .take(10_000_000)
-            .filter(|n| !segs.contains_key(n))
-            .collect()
+        self.segments.get(&timeline).map_or_else(Vec::new, |segs| {
+            crate::recovery::continuity::gaps(segs, from)
+        })
     }
 
     /// The newest segment in the archive (any timeline), by archive time.

@@ -334,14 +334,12 @@ async fn missing_wal(
 ) -> Result<Option<crate::pg::wal::SegmentName>> {
     use crate::format::key::wal_name_of_key;
     use crate::pg::wal::{SegmentName, WalFileName};
-    let size = u64::from(segment_size.max(1));
-    let first = start.0 / size;
     // A stop LSN on a segment boundary (a standby's backup ending just after
     // a WAL switch) still needs the segment starting there: recovery must
     // read the record at the stop LSN before it can stop consistent.
-    let last = (stop.0 / size).max(first);
-    let mut missing: Vec<SegmentName> = (first..=last)
-        .map(|segno| SegmentName::containing(timeline, segno * size, segment_size))
+    let mut missing: Vec<SegmentName> = start
+        .segnos_through(stop, segment_size)
+        .map(|segno| SegmentName::of_segno(timeline, segno, segment_size))
         .collect();
     let folders: std::collections::BTreeSet<String> = missing
         .iter()

@@ -53,74 +53,23 @@ pub fn backups_to_keep(backups: &[Manifest], policy: &Policy, now: DateTime<Utc>
         .collect()
 }
 
-/// A stretch of WAL that must stay: on `timeline` (and the timelines that
-/// branch from it), segment numbers `from..=to` (`to: None`: to the end).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WalNeed {
-    pub timeline: u32,
-    pub from: u64,
-    pub to: Option<u64>,
-}
+pub use crate::recovery::needs::WalNeed;
 
-fn segno(lsn: u64, segment_size: u32) -> u64 {
-    lsn / u64::from(segment_size.max(1))
-}
-
-/// The last segment a backup needs: the one holding the byte before its stop
-/// LSN (a stop on a segment boundary needs nothing of the next segment).
-fn last_segno(b: &Manifest, segment_size: u32) -> u64 {
-    segno(b.stop_lsn.0.saturating_sub(1), segment_size).max(segno(b.start_lsn.0, segment_size))
-}
-
-/// The WAL the kept backups need, reasoned per timeline: a backup replays its
-/// own timeline (and whatever branches from it later), so LSNs are only ever
-/// compared between backups of one timeline. On each timeline: all WAL from
-/// its oldest kept backup on (or, with `keep_wal_within`, from the backup that
-/// reaches the start of the window on), and for each older kept backup of
-/// that timeline its own start to stop.
+/// The WAL the kept backups need (see [`crate::recovery::needs::of_kept`]):
+/// per timeline, all of it from its oldest kept backup on (or, with
+/// `keep_wal_within`, from the backup that reaches the start of the window
+/// on), and for each older kept backup of that timeline its own start to stop.
 pub fn wal_needs(
     kept: &[&Manifest],
     policy: &Policy,
     now: DateTime<Utc>,
     segment_size: u32,
 ) -> Vec<WalNeed> {
-    let mut by_timeline: BTreeMap<u32, Vec<&Manifest>> = BTreeMap::new();
-    for b in kept {
-        by_timeline.entry(b.timeline).or_default().push(b);
-    }
-    let mut needs = vec![];
-    for (&timeline, backups) in &by_timeline {
-        // `kept` is oldest first, so each timeline's list is too.
-        let oldest = backups[0];
-        let anchor = match policy.keep_wal_within {
-            None => oldest,
-            Some(d) => {
-                let window_start = before(now, d);
-                // The newest backup of this timeline that was consistent
-                // before the window opened can reach every moment of the
-                // window on it; without one, all its WAL is needed.
-                backups
-                    .iter()
-                    .rev()
-                    .find(|b| b.stop_time <= window_start)
-                    .copied()
-                    .unwrap_or(oldest)
-            }
-        };
-        needs.push(WalNeed {
-            timeline,
-            from: segno(anchor.start_lsn.0, segment_size),
-            to: None,
-        });
-        for b in backups.iter().filter(|b| b.start_lsn < anchor.start_lsn) {
-            needs.push(WalNeed {
-                timeline,
-                from: segno(b.start_lsn.0, segment_size),
-                to: Some(last_segno(b, segment_size)),
-            });
-        }
-    }
-    needs
+    // The newest backup of a timeline that was consistent before the window
+    // opened can reach every moment of the window on it; without one, all
+    // its WAL is needed.
+    let window_start = policy.keep_wal_within.map(|d| before(now, d));
+    crate::recovery::needs::of_kept(kept, window_start, segment_size)
 }
 
 /// The WAL of backups in progress: each replays from its start on its own
@@ -130,11 +79,7 @@ pub fn wal_needs(
 pub fn in_progress_needs(running: &[WalStart], segment_size: u32) -> Vec<WalNeed> {
     running
         .iter()
-        .map(|r| WalNeed {
-            timeline: r.timeline,
-            from: segno(r.lsn.0, segment_size),
-            to: None,
-        })
+        .map(|r| crate::recovery::needs::onwards(r.timeline, r.lsn, segment_size))
         .collect()
 }
 
@@ -162,22 +107,17 @@ pub fn complete_from(needs: &[WalNeed]) -> Vec<TimelineRetention> {
 /// history file) is kept when it is newer than a needed one: never delete
 /// what we cannot reason about.
 pub fn is_needed(archive: &WalArchive, needs: &[WalNeed], timeline: u32, segno: u64) -> bool {
-    needs.iter().any(|n| {
-        let related = timeline == n.timeline
-            || archive.descends_from(timeline, n.timeline).is_some()
-            || (timeline > n.timeline && !archive.ancestry.contains_key(&timeline));
-        related && segno >= n.from && n.to.is_none_or(|to| segno <= to)
-    })
+    crate::recovery::needs::is_needed(&archive.ancestry, needs, timeline, segno)
 }
 
 /// For messages: the first segment a need starts at.
 pub fn describe_need(n: &WalNeed, segment_size: u32) -> String {
-    let first = SegmentName::containing(n.timeline, n.from * u64::from(segment_size), segment_size);
+    let first = SegmentName::of_segno(n.timeline, n.from, segment_size);
     match n.to {
         None => format!("{first} onwards"),
         Some(to) => format!(
             "{first} to {}",
-            SegmentName::containing(n.timeline, to * u64::from(segment_size), segment_size)
+            SegmentName::of_segno(n.timeline, to, segment_size)
         ),
     }
 }

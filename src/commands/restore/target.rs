@@ -3,21 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::format::manifest::Manifest;
-use crate::pg::lsn::Lsn;
 use crate::repository::retention::Retention;
 use chrono::{DateTime, FixedOffset, Utc};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RecoveryTarget {
-    /// Replay to the end of the archive.
-    Latest,
-    Time(DateTime<FixedOffset>),
-    Lsn(Lsn),
-    Xid(String),
-    Name(String),
-    /// Stop as soon as the backup is consistent.
-    Immediate,
-}
+pub use crate::recovery::target::{RecoveryTarget, on_lineage};
 
 /// RFC 3339, or PostgreSQL's `YYYY-MM-DD HH:MM:SS[.ffffff]+ZZ[:MM]`. A time
 /// without a zone is refused: guessing one moves a PITR by hours.
@@ -71,63 +60,13 @@ impl RecoveryTarget {
         named: Option<&str>,
         retention: Option<&Retention>,
     ) -> Result<&'a Manifest> {
-        if backups.is_empty() {
-            return Err(Error::not_found(
-                "the repository holds no backup; run 'walvault backup' first",
-            ));
+        let choice = crate::recovery::target::choose(self, backups, named, &|timeline, segno| {
+            retention.is_none_or(|r| r.is_complete_from(timeline, segno))
+        })?;
+        if let Some(note) = choice.note {
+            tracing::info!("{note}");
         }
-        if let Some(id) = named.filter(|id| *id != "latest") {
-            let b = backups.iter().find(|b| b.id == id).ok_or_else(|| {
-                Error::not_found(format!("no backup {id}; 'walvault list' shows the backups"))
-            })?;
-            let too_late = match self {
-                RecoveryTarget::Time(t) => b.stop_time > t.with_timezone(&Utc),
-                RecoveryTarget::Lsn(l) => b.stop_lsn > *l,
-                _ => false,
-            };
-            if too_late {
-                return Err(Error::usage(format!(
-                    "backup {id} became consistent at {} (LSN {}), after the target; pick an older backup or leave out --backup",
-                    b.stop_time.format("%Y-%m-%d %H:%M:%S%.6f+00"),
-                    b.stop_lsn
-                )));
-            }
-            return Ok(b);
-        }
-        if matches!(self, RecoveryTarget::Xid(_) | RecoveryTarget::Name(_)) {
-            let size = u64::from(backups[0].wal_segment_size.max(1));
-            let complete = |b: &&Manifest| {
-                retention.is_none_or(|r| r.is_complete_from(b.timeline, b.start_lsn.0 / size))
-            };
-            if let Some(b) = backups.iter().find(complete) {
-                if backups.len() > 1 {
-                    tracing::info!(
-                        "starting from backup {}, the oldest with complete WAL after it; give --backup to start from a newer one",
-                        b.id
-                    );
-                }
-                return Ok(b);
-            }
-        }
-        let reachable = |b: &&Manifest| match self {
-            RecoveryTarget::Time(t) => b.stop_time <= t.with_timezone(&Utc),
-            RecoveryTarget::Lsn(l) => b.stop_lsn <= *l,
-            _ => true,
-        };
-        backups.iter().rev().find(reachable).ok_or_else(|| {
-            let oldest = &backups[0];
-            match self {
-                RecoveryTarget::Lsn(l) => Error::usage(format!(
-                    "LSN {l} is before every backup; the earliest reachable LSN is {} (backup {})",
-                    oldest.stop_lsn, oldest.id
-                )),
-                _ => Error::usage(format!(
-                    "target time is before every backup; the earliest reachable time is {} (backup {})",
-                    oldest.stop_time.format("%Y-%m-%d %H:%M:%S%.6f+00"),
-                    oldest.id
-                )),
-            }
-        })
+        Ok(choice.backup)
     }
 
     /// postgresql.auto.conf lines naming the target.
@@ -238,26 +177,6 @@ pub async fn ancestry_of(
     ))
 }
 
-/// The backups recovery can start from to follow timeline `n`: those on `n`
-/// itself, and those on an ancestor that were consistent before `n`'s
-/// history left that ancestor.
-pub fn on_lineage(
-    backups: &[Manifest],
-    n: u32,
-    ancestry: &crate::repository::archive::Ancestry,
-) -> Vec<Manifest> {
-    backups
-        .iter()
-        .filter(|b| {
-            b.timeline == n
-                || ancestry
-                    .iter()
-                    .any(|(parent, left_at)| *parent == b.timeline && b.stop_lsn.0 <= *left_at)
-        })
-        .cloned()
-        .collect()
-}
-
 /// A value in postgresql.conf syntax: single-quoted, quotes doubled.
 pub fn conf_quote(v: &str) -> String {
     format!("'{}'", v.replace('\'', "''"))
@@ -266,6 +185,7 @@ pub fn conf_quote(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pg::lsn::Lsn;
 
     #[test]
     fn times() {
