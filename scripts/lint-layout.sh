@@ -27,9 +27,9 @@ declare -A may_import=(
     [pg]="error sys human"
     [format]="error pg sys"
     [store]="error format sys"
-    [repository]="error format pg store sys human"
+    [repository]="error format pg store sys human recovery"
     [recovery]="error format pg"
-    [ahead]="error format pg store repository sys human"
+    [ahead]="error format pg store repository recovery sys human"
     [commands]="error logging sys human pg format store repository recovery ahead"
 )
 for module in "${!may_import[@]}"; do
