@@ -434,7 +434,7 @@ fn check_replay_reached_archive_end(archive: &WalArchive, timeline: u32, end: u6
     if replayed.segno(size) >= newest {
         return Ok(());
     }
-    let newest = SegmentName::containing(timeline, newest * u64::from(size), size);
+    let newest = SegmentName::of_segno(timeline, newest, size);
     Err(Error::corrupt(format!(
         "replay stopped at LSN {} in segment {replayed}, short of the archive's end on timeline {timeline} (segment {newest}): WAL after it is missing or could not be delivered (the server log says which); a restore to latest would lose it, run 'walvault verify'",
         format_lsn(end)
