@@ -1,7 +1,13 @@
 //! walvault: PostgreSQL WAL archiving and point-in-time recovery.
 //!
-//! Layers: `main.rs` parses arguments; `commands` holds one module per verb;
-//! `repository`, `object` and `wal` are the core they share.
+//! Layers, top down (docs/design.md, "Layers", states the rules `make lint`
+//! checks): `main.rs` parses arguments straight into each command's options;
+//! `commands` holds one module per verb; `ahead` the push-ahead and prefetch
+//! workers' spool; `repository` a store plus the cluster binding, catalog,
+//! lock and retention; `recovery` which WAL a backup needs and can reach;
+//! `store` the storage seam and its drivers; `format` every key and the
+//! stored formats; `pg` what walvault knows of PostgreSQL; `sys` every call
+//! below std; `human` sizes and durations for people.
 
 /// `println!` that reports a closed or full stdout (`walvault list | head`,
 /// `> /dev/full`) as an error instead of panicking.
