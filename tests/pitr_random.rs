@@ -93,6 +93,11 @@ fn history(s: &Setup) -> Vec<Mark> {
             name,
         });
     }
+    // A commit after the last mark: recovery to a time target stops at the
+    // first commit after it, and with none archived past the target it would
+    // reach the end of WAL first and refuse to finish ("recovery ended before
+    // configured recovery target was reached").
+    p.sql("CREATE TABLE history_ends ()");
     let last = p.switch_wal();
     p.wait_archived(&last);
     marks
