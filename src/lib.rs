@@ -23,4 +23,5 @@ pub mod human;
 pub mod logging;
 pub mod pg;
 pub mod repository;
+pub mod store;
 pub mod sys;
