@@ -1,7 +1,8 @@
 //! walvault: PostgreSQL WAL archiving and point-in-time recovery.
 //!
 //! Layers: `main.rs` parses arguments; `commands` holds one module per verb;
-//! `repository`, `object` and `wal` are the core they share.
+//! `repository`, `format` and `pg` are the core they share; `store` is
+//! the one seam to where objects are kept (a filesystem, S3, or memory).
 
 /// `println!` that reports a closed or full stdout (`walvault list | head`,
 /// `> /dev/full`) as an error instead of panicking.

@@ -64,6 +64,11 @@ pub const PROBE_RECORD_KEY: &str = "locks/create-only.json";
 /// The probe objects, one per probing process, deleted after the probe.
 pub const PROBE_PREFIX: &str = "locks/create-only-probe-";
 
+/// `locks/create-only-probe-<pid>-<nanoseconds>`: one probing process's object.
+pub fn probe_key(pid: u32, nanos: i64) -> Key {
+    Key::from(format!("{PROBE_PREFIX}{pid}-{nanos}"))
+}
+
 /// The repository lock, backup markers, leases and takeover records.
 pub const LOCK_KEY: &str = "locks/repository.lock.json";
 pub const MARKER_PREFIX: &str = "locks/backup-";

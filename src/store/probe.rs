@@ -12,7 +12,7 @@
 use super::s3::S3Store;
 use super::{Created, Payload};
 use crate::error::{Error, Result};
-use crate::format::key::{Key, PROBE_PREFIX, PROBE_RECORD_KEY};
+use crate::format::key::{Key, PROBE_RECORD_KEY, probe_key};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
@@ -62,11 +62,7 @@ impl S3Store {
             }
         }
         let since = chrono::Utc::now();
-        let key = Key::from(format!(
-            "{PROBE_PREFIX}{}-{}",
-            std::process::id(),
-            since.timestamp_nanos_opt().unwrap_or(0)
-        ));
+        let key = probe_key(std::process::id(), since.timestamp_nanos_opt().unwrap_or(0));
         let first = self
             .objects
             .put_create(&key, Payload::from(Bytes::from_static(b"first")))
