@@ -597,7 +597,7 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     }
     let target = path.to_path_buf();
     let initial = bytes::BytesMut::with_capacity(size as usize);
-    decode_streamed(reader, move |fill| {
+    decode_streamed(reader, true, move |fill| {
         decode_in_place(&target, initial, fill, limit, workers, &explain)
     })
     .await
@@ -606,18 +606,21 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     Ok(())
 }
 
-/// Runs `decode` on a blocking thread with a fill over an object as the
-/// store delivers it; a piece the store cannot deliver is a read error, not
-/// damage.
+/// Runs `decode` with a fill over an object as the store delivers it (on
+/// this thread where it can when `here`, see `ObjectReader::feed_here`); a
+/// piece the store cannot deliver is a read error, not damage.
 async fn decode_streamed<T: Send + 'static>(
     reader: crate::store::ObjectReader,
+    here: bool,
     decode: impl FnOnce(&mut object::Fill<'_>) -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
-    reader
-        .feed(move |fill| {
-            decode(&mut |buf: &mut bytes::BytesMut| fill(buf).map_err(object::ObjectError::Read))
-        })
-        .await
+    let decode = move |fill: &mut crate::store::Fill<'_>| {
+        decode(&mut |buf: &mut bytes::BytesMut| fill(buf).map_err(object::ObjectError::Read))
+    };
+    match here {
+        true => reader.feed_here(decode).await,
+        false => reader.feed(decode).await,
+    }
 }
 
 /// Decodes an object, as `fill` delivers it after `initial`, into a
@@ -804,7 +807,9 @@ async fn prefetch_one(
         })
     };
     let task_failed = |e: tokio::task::JoinError| Error::io(format!("prefetch of {name}: {e}"));
-    decode_streamed(reader, store).await.map_err(task_failed)?
+    decode_streamed(reader, false, store)
+        .await
+        .map_err(task_failed)?
 }
 
 #[cfg(test)]

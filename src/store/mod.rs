@@ -140,8 +140,30 @@ impl ObjectReader {
         self,
         consume: impl FnOnce(&mut Fill<'_>) -> T + Send + 'static,
     ) -> std::result::Result<T, tokio::task::JoinError> {
+        self.feed_to(consume, false).await
+    }
+
+    /// Like [`ObjectReader::feed`], but a local file is read on this
+    /// thread, without handing it to another: for a caller that does
+    /// nothing else meanwhile (a fetch), not for one running many reads at
+    /// once (a prefetch).
+    pub async fn feed_here<T: Send + 'static>(
+        self,
+        consume: impl FnOnce(&mut Fill<'_>) -> T + Send + 'static,
+    ) -> std::result::Result<T, tokio::task::JoinError> {
+        self.feed_to(consume, true).await
+    }
+
+    async fn feed_to<T: Send + 'static>(
+        self,
+        consume: impl FnOnce(&mut Fill<'_>) -> T + Send + 'static,
+        here: bool,
+    ) -> std::result::Result<T, tokio::task::JoinError> {
         let size = self.size;
         match self.body {
+            Body::File(mut file) if here => Ok(consume(&mut |buf: &mut BytesMut| {
+                read_piece(&mut file, buf)
+            })),
             Body::File(mut file) => {
                 tokio::task::spawn_blocking(move || {
                     consume(&mut |buf: &mut BytesMut| read_piece(&mut file, buf))
