@@ -15,9 +15,11 @@ release:
 setup:
 	scripts/setup.sh
 
+# Formatting, clippy, and the layout rules of docs/design.md ("Layers").
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	scripts/lint-layout.sh
 
 unit:
 	$(CARGO) test --lib

@@ -30,4 +30,5 @@ pub mod logging;
 pub mod pg;
 pub mod recovery;
 pub mod repository;
+pub mod store;
 pub mod sys;

@@ -475,7 +475,7 @@ async fn round_trip(client: &Client, repo: &Repository, timeout: Duration, check
 
 /// The store stamps objects with its own clock; status windows and
 /// retention by age compare those stamps with this host's clock.
-async fn judge_clock(repo: &Repository, key: &object_store::path::Path, checks: &mut Checks) {
+async fn judge_clock(repo: &Repository, key: &crate::format::key::Key, checks: &mut Checks) {
     let dir = key
         .as_ref()
         .rsplit_once('/')
@@ -484,7 +484,7 @@ async fn judge_clock(repo: &Repository, key: &object_store::path::Path, checks: 
     let Ok(listed) = repo.list(&dir).await else {
         return;
     };
-    let Some(meta) = listed.iter().find(|m| m.location == *key) else {
+    let Some(meta) = listed.iter().find(|m| m.key == *key) else {
         return;
     };
     let now = Utc::now();

@@ -10,7 +10,7 @@ use crate::error::{Context, Error, Result};
 use crate::format::key::wal_key;
 use crate::format::object::{self, Sha256Digest};
 use crate::pg::wal::{SegmentName, WalFileName};
-use crate::repository::{ObjectReader, RepoUrl, Repository};
+use crate::repository::{RepoUrl, Repository};
 use crate::sys::{Durability, write_atomically_with};
 use futures::StreamExt;
 use std::path::{Path, PathBuf};
@@ -204,7 +204,7 @@ async fn gap_at(repo: &Repository, missing: SegmentName, settle: Duration) -> Re
                 listed
                     .into_iter()
                     .filter_map(
-                        |meta| match crate::format::key::wal_name_of_key(&meta.location) {
+                        |meta| match crate::format::key::wal_name_of_key(&meta.key) {
                             Some(n @ (WalFileName::Segment(s) | WalFileName::Partial(s)))
                                 if s.timeline == missing.timeline =>
                             {
@@ -600,69 +600,38 @@ async fn fetch_from_repository(repo: &Repository, name: &WalFileName, path: &Pat
     };
     // Room for the whole object up front, unless it is longer than any
     // object of this kind can be (then it is not read at all).
-    let (ObjectReader::File { size, .. } | ObjectReader::Stream { size, .. }) = &reader;
-    let size = *size;
+    let size = reader.size();
     if size > object::max_stored_len(limit) {
         return Err(explain(object::ObjectError::Corrupt(format!(
             "it is {size} bytes long, more than any object of at most {limit} bytes of content"
         ))));
     }
-    let room = || bytes::BytesMut::with_capacity(size as usize);
-    match reader {
-        ObjectReader::File { mut file, .. } => {
-            let mut fill = |buf: &mut bytes::BytesMut| read_piece(&mut file, buf);
-            decode_in_place(path, room(), &mut fill, limit, workers, &explain)?;
-        }
-        ObjectReader::Stream { stream, .. } => {
-            let target = path.to_path_buf();
-            let initial = room();
-            decode_streamed(stream, size, move |fill| {
-                decode_in_place(&target, initial, fill, limit, workers, &explain)
-            })
-            .await
-            .map_err(|e| Error::io(format!("decoding {name} failed: {e}")))??;
-        }
-    }
+    let target = path.to_path_buf();
+    let initial = bytes::BytesMut::with_capacity(size as usize);
+    decode_streamed(reader, true, move |fill| {
+        decode_in_place(&target, initial, fill, limit, workers, &explain)
+    })
+    .await
+    .map_err(|e| Error::io(format!("decoding {name} failed: {e}")))??;
     tracing::debug!("restored {name} to {}", path.display());
     Ok(())
 }
 
-/// Runs `decode` on a blocking thread with a fill over a streamed object's
-/// body, which is read here meanwhile; the channel bounds what waits in
-/// between. A body that ends short of `size` is the store's failure (a
-/// connection cut short), not damage.
+/// Runs `decode` with a fill over an object as the store delivers it (on
+/// this thread where it can when `here`, see `ObjectReader::feed_here`); a
+/// piece the store cannot deliver is a read error, not damage.
 async fn decode_streamed<T: Send + 'static>(
-    mut stream: futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
-    size: u64,
+    reader: crate::store::ObjectReader,
+    here: bool,
     decode: impl FnOnce(&mut object::Fill<'_>) -> T + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<object_store::Result<bytes::Bytes>>(16);
-    let decoding = tokio::task::spawn_blocking(move || {
-        let mut received = 0u64;
-        decode(&mut |buf: &mut bytes::BytesMut| match rx.blocking_recv() {
-            Some(Ok(piece)) => {
-                buf.extend_from_slice(&piece);
-                received += piece.len() as u64;
-                Ok(piece.len().max(1)) // an empty piece is not the end
-            }
-            Some(Err(e)) => Err(object::ObjectError::Read(crate::repository::redact(
-                &e.to_string(),
-            ))),
-            None if received < size => Err(object::ObjectError::Read(format!(
-                "the store sent {received} of its {size} bytes"
-            ))),
-            None => Ok(0),
-        })
-    });
-    let pump = async move {
-        while let Some(piece) = stream.next().await {
-            if tx.send(piece).await.is_err() {
-                break;
-            }
-        }
+    let decode = move |fill: &mut crate::store::Fill<'_>| {
+        decode(&mut |buf: &mut bytes::BytesMut| fill(buf).map_err(object::ObjectError::Read))
     };
-    let (decoded, ()) = tokio::join!(decoding, pump);
-    decoded
+    match here {
+        true => reader.feed_here(decode).await,
+        false => reader.feed(decode).await,
+    }
 }
 
 /// Decodes an object, as `fill` delivers it after `initial`, into a
@@ -681,19 +650,6 @@ fn decode_in_place(
             .map(drop)
             .map_err(explain)
     })
-}
-
-/// Reads the next piece of a local object onto the end of `buf`.
-fn read_piece(
-    file: &mut std::fs::File,
-    buf: &mut bytes::BytesMut,
-) -> Result<usize, object::ObjectError> {
-    const PIECE: usize = 256 << 10;
-    if buf.capacity() - buf.len() < 8 << 10 {
-        buf.reserve(PIECE);
-    }
-    crate::sys::read_appending(file, buf, PIECE)
-        .map_err(|e| object::ObjectError::Read(e.to_string()))
 }
 
 /// Segments are at most 1 GiB; every other WAL file is a few lines of text.
@@ -835,8 +791,7 @@ async fn prefetch_one(
             "{name} in the repository is damaged ({e}); not prefetched"
         ))
     };
-    let (ObjectReader::File { size, .. } | ObjectReader::Stream { size, .. }) = &reader;
-    let size = *size;
+    let size = reader.size();
     if size > object::max_stored_len(limit) {
         return Err(damaged(object::ObjectError::Corrupt(format!(
             "it is {size} bytes long, more than any object of at most {limit} bytes of content"
@@ -863,16 +818,9 @@ async fn prefetch_one(
         })
     };
     let task_failed = |e: tokio::task::JoinError| Error::io(format!("prefetch of {name}: {e}"));
-    match reader {
-        ObjectReader::File { mut file, .. } => tokio::task::spawn_blocking(move || {
-            store(&mut |buf: &mut bytes::BytesMut| read_piece(&mut file, buf))
-        })
+    decode_streamed(reader, false, store)
         .await
-        .map_err(task_failed)?,
-        ObjectReader::Stream { stream, .. } => decode_streamed(stream, size, store)
-            .await
-            .map_err(task_failed)?,
-    }
+        .map_err(task_failed)?
 }
 
 #[cfg(test)]

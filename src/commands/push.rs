@@ -2,13 +2,13 @@
 
 use crate::ahead::spool::{FileIdentity, RepoBinding, Spool, WorkerKind, metadata_key};
 use crate::error::{Context, Error, Result};
-use crate::format::key::wal_key;
+use crate::format::key::{Key, wal_key};
 use crate::format::object::Sha256Digest;
 use crate::format::object::{self, ObjectError, ObjectHeader};
 use crate::pg::wal::{SegmentHeader, WalFileName};
 use crate::repository::{Created, RepoUrl, Repository, RepositoryConfig};
+use crate::store::Payload;
 use futures::StreamExt;
-use object_store::PutPayload;
 use std::collections::{HashSet, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -502,42 +502,23 @@ impl Pusher {
         let level = self.level;
         let owned = path.to_path_buf();
         let key = wal_key(name);
-        // In a local repository the object is written as it is made.
-        let staged = self.repo.stage(&key);
+        // Where the store can, the object is written as it is made.
+        let staging = self.repo.stage(&key);
         // Compression and hashing are the CPU of a push: off the async threads,
         // so pushes ahead run truly in parallel.
-        let (encoded, unchanged, staged) = tokio::task::spawn_blocking(move || {
+        let (encoded, unchanged, staging) = tokio::task::spawn_blocking(move || {
             let (encoded, unchanged) = while_unchanged(&owned, || {
-                object::encode_file(
-                    &file,
-                    len,
-                    level,
-                    workers,
-                    staged.as_ref().map(|s| s.file()),
-                )
-                .context(|| format!("cannot read and compress {}", owned.display()))
+                object::encode_file(&file, len, level, workers, staging.file())
+                    .context(|| format!("cannot read and compress {}", owned.display()))
             })?;
-            Ok::<_, Error>((encoded, unchanged, staged))
+            Ok::<_, Error>((encoded, unchanged, staging))
         })
         .await
         .map_err(|e| Error::io(format!("compression task failed: {e}")))??;
         let header = encoded.header;
         let stored = encoded.stored_len;
         // The name taken already: our object, to compare with what is there.
-        let taken = match staged {
-            Some(staged) => self
-                .repo
-                .put_staged(&key, staged)
-                .await?
-                .map(PutPayload::from),
-            None => {
-                let ours = PutPayload::from_iter(encoded.parts);
-                match self.repo.put_new(&key, ours.clone()).await? {
-                    Created::New => None,
-                    Created::AlreadyExists => Some(ours),
-                }
-            }
-        };
+        let taken = self.repo.put_staged(&key, staging, encoded.parts).await?;
         let already = match taken {
             Some(ours) => settle_existing(&self.repo, name, &key, header, ours).await?,
             None => false,
@@ -568,9 +549,9 @@ enum Stored {
 async fn settle_existing(
     repo: &Repository,
     name: &WalFileName,
-    key: &object_store::path::Path,
+    key: &Key,
     ours: ObjectHeader,
-    encoded: PutPayload,
+    encoded: Payload,
 ) -> Result<bool> {
     let stored = repo.get(key).await?;
     // Compare headers first; decode only as far as needed to tell an intact
@@ -591,7 +572,7 @@ async fn settle_existing(
     });
     match verdict {
         Some(Stored::Same) => {
-            make_durable(repo, key).await?;
+            repo.make_durable(key).await?;
             tracing::info!(
                 "{name} is already archived with identical content (sha256 {}); nothing to do",
                 ours.sha256
@@ -622,35 +603,4 @@ async fn settle_existing(
             ))),
         },
     }
-}
-
-/// Makes an object found already stored durable before PostgreSQL is told
-/// it is archived: the push that stored it may have been killed after its
-/// link and before its fsyncs, and on a filesystem that does not order
-/// metadata after data (unlike ext4's default journal) the name could still
-/// vanish in a crash. So: the file, then its directory and each one above
-/// it up to the repository's root. A PUT to S3 is durable once it completed.
-async fn make_durable(repo: &Repository, key: &object_store::path::Path) -> Result<()> {
-    let RepoUrl::Local(root) = repo.url() else {
-        return Ok(());
-    };
-    let (root, path) = (root.clone(), root.join(key.as_ref()));
-    let url = repo.url().to_string();
-    tokio::task::spawn_blocking(move || {
-        let sync = |p: &Path| {
-            std::fs::File::open(p)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(format!("cannot fsync {} in {url}: {e}", p.display())))
-        };
-        sync(&path)?;
-        for dir in path.ancestors().skip(1) {
-            sync(dir)?;
-            if dir == root {
-                break;
-            }
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| Error::io(format!("storage task failed: {e}")))?
 }

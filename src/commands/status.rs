@@ -110,7 +110,7 @@ async fn end_at_last_commit(
         let segs = &archive.segments[&w.timeline];
         for segno in (w.end_segno.saturating_sub(LOOK_BACK)..=w.end_segno).rev() {
             let Some(file) = segs.get(&segno) else { break };
-            let Some(bytes) = repo.get(&file.meta.location).await? else {
+            let Some(bytes) = repo.get(&file.meta.key).await? else {
                 break;
             };
             let Ok((_, segment)) = crate::format::object::decode(&bytes) else {
@@ -353,12 +353,10 @@ mod tests {
             2,
             crate::repository::archive::ArchivedFile {
                 name: crate::pg::wal::WalFileName::parse(name).unwrap(),
-                meta: object_store::ObjectMeta {
-                    location: name.into(),
+                meta: crate::repository::ObjectInfo {
+                    key: name.into(),
                     last_modified: Utc::now(),
                     size: 0,
-                    e_tag: None,
-                    version: None,
                 },
             },
         );
@@ -396,12 +394,10 @@ mod tests {
         archive.ancestry.insert(2, vec![(1, 0x500_00A0)]);
         let file = |name: &str| crate::repository::archive::ArchivedFile {
             name: crate::pg::wal::WalFileName::parse(name).unwrap(),
-            meta: object_store::ObjectMeta {
-                location: name.into(),
+            meta: crate::repository::ObjectInfo {
+                key: name.into(),
                 last_modified: Utc::now(),
                 size: 0,
-                e_tag: None,
-                version: None,
             },
         };
         // A promotion: the parent ends at the branch point.

@@ -225,7 +225,7 @@ async fn recheck(
         manifests: ids.iter().map(|id| manifest_key(id).to_string()).collect(),
         wal: archive
             .all_files()
-            .map(|f| f.meta.location.to_string())
+            .map(|f| f.meta.key.to_string())
             .collect(),
         wal_needed_missing: needed_missing.into_iter().map(|p| p.object).collect(),
         packs: present
@@ -655,12 +655,10 @@ mod tests {
             2,
             crate::repository::archive::ArchivedFile {
                 name: WalFileName::parse(name).unwrap(),
-                meta: object_store::ObjectMeta {
-                    location: name.into(),
+                meta: crate::repository::ObjectInfo {
+                    key: name.into(),
                     last_modified: chrono::Utc::now(),
                     size: 0,
-                    e_tag: None,
-                    version: None,
                 },
             },
         );
@@ -683,12 +681,10 @@ mod tests {
             1,
             crate::repository::archive::ArchivedFile {
                 name: WalFileName::parse(name).unwrap(),
-                meta: object_store::ObjectMeta {
-                    location: name.into(),
+                meta: crate::repository::ObjectInfo {
+                    key: name.into(),
                     last_modified: chrono::Utc::now(),
                     size: 0,
-                    e_tag: None,
-                    version: None,
                 },
             },
         );

@@ -3,7 +3,51 @@
 
 use crate::format::object::Sha256Digest;
 use crate::pg::wal::WalFileName;
-use object_store::path::Path as Key;
+
+/// The name of an object in a repository: `/`-separated parts, relative to
+/// the repository's root. Every store driver maps it to its own names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Key(String);
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The `/`-separated parts, without empty ones.
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/').filter(|p| !p.is_empty())
+    }
+
+    /// The last part, if there is one.
+    pub fn filename(&self) -> Option<&str> {
+        self.parts().last()
+    }
+}
+
+impl From<&str> for Key {
+    fn from(s: &str) -> Key {
+        Key(s.to_string())
+    }
+}
+
+impl From<String> for Key {
+    fn from(s: String) -> Key {
+        Key(s)
+    }
+}
+
+impl AsRef<str> for Key {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
 
 pub const WAL_DIR: &str = "wal";
 pub const BACKUP_DIR: &str = "backups";
@@ -19,6 +63,11 @@ pub const RETENTION_KEY: &str = "retention.json";
 pub const PROBE_RECORD_KEY: &str = "locks/create-only.json";
 /// The probe objects, one per probing process, deleted after the probe.
 pub const PROBE_PREFIX: &str = "locks/create-only-probe-";
+
+/// `locks/create-only-probe-<pid>-<nanoseconds>`: one probing process's object.
+pub fn probe_key(pid: u32, nanos: i64) -> Key {
+    Key::from(format!("{PROBE_PREFIX}{pid}-{nanos}"))
+}
 
 /// The repository lock, backup markers, leases and takeover records.
 pub const LOCK_KEY: &str = "locks/repository.lock.json";
@@ -39,10 +88,8 @@ pub fn backup_id_of_key(key: &Key) -> Option<String> {
     else {
         return None;
     };
-    (dir.as_ref() == BACKUP_DIR
-        && file.as_ref() == "manifest.json.zst"
-        && crate::format::manifest::is_backup_id(id.as_ref()))
-    .then(|| id.as_ref().to_string())
+    (dir == BACKUP_DIR && file == "manifest.json.zst" && crate::format::manifest::is_backup_id(id))
+        .then(|| id.to_string())
 }
 
 /// `packs/<first two hex digits>/<pack id>.pack`: 256 folders keep listings short.

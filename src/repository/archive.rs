@@ -7,14 +7,13 @@ use crate::format::key::{WAL_DIR, wal_key, wal_name_of_key};
 use crate::format::object;
 use crate::pg::wal::{SegmentName, WalFileName};
 use crate::repository::Repository;
-use object_store::ObjectMeta;
 use std::collections::BTreeMap;
 
 /// One archived file and what the store knows of it.
 #[derive(Debug, Clone)]
 pub struct ArchivedFile {
     pub name: WalFileName,
-    pub meta: ObjectMeta,
+    pub meta: crate::repository::ObjectInfo,
 }
 
 /// A timeline's parentage: `(parent timeline, LSN where this one branched off)`,
@@ -41,7 +40,7 @@ impl WalArchive {
             ..Default::default()
         };
         for meta in repo.list(WAL_DIR).await? {
-            let Some(name) = wal_name_of_key(&meta.location) else {
+            let Some(name) = wal_name_of_key(&meta.key) else {
                 continue;
             };
             let file = ArchivedFile { name, meta };

@@ -79,7 +79,7 @@ pub async fn ids(repo: &Repository) -> Result<Vec<String>> {
         .list(BACKUP_DIR)
         .await?
         .iter()
-        .filter_map(|meta| backup_id_of_key(&meta.location))
+        .filter_map(|meta| backup_id_of_key(&meta.key))
         .collect();
     ids.sort();
     Ok(ids)

@@ -23,14 +23,13 @@
 
 use crate::error::{Error, Result};
 use crate::format::key::{
-    LEASE_PREFIX, LOCK_KEY, LOCKS_DIR, MARKER_PREFIX, TAKEOVER_PREFIX, lease_key, marker_key,
+    Key, LEASE_PREFIX, LOCK_KEY, LOCKS_DIR, MARKER_PREFIX, TAKEOVER_PREFIX, lease_key, marker_key,
     takeover_key,
 };
 use crate::pg::lsn::Lsn;
 use crate::repository::{Created, Repository};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use object_store::path::Path as Key;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
@@ -598,11 +597,11 @@ async fn clean_old_records(repo: &Repository) {
     };
     let cutoff = Utc::now() - chrono::Duration::from_std(RECORDS_KEPT).expect("fits");
     for meta in listed {
-        let name = meta.location.as_ref();
+        let name = meta.key.as_ref();
         let old = if name.starts_with(TAKEOVER_PREFIX) {
             meta.last_modified < cutoff
         } else if name.starts_with(LEASE_PREFIX) {
-            match repo.get(&meta.location).await {
+            match repo.get(&meta.key).await {
                 Ok(Some(bytes)) => serde_json::from_slice::<Renewal>(&bytes)
                     .map_or(meta.last_modified < cutoff, |r| r.lease_expires < cutoff),
                 _ => false,
@@ -610,8 +609,8 @@ async fn clean_old_records(repo: &Repository) {
         } else {
             false
         };
-        if old && let Err(e) = repo.delete(&meta.location).await {
-            tracing::debug!("cannot clean up {}: {e}", meta.location);
+        if old && let Err(e) = repo.delete(&meta.key).await {
+            tracing::debug!("cannot clean up {}: {e}", meta.key);
         }
     }
 }
@@ -644,10 +643,10 @@ pub async fn remove_marker(marker: Lease<'_>) -> Result<()> {
 pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBackup>> {
     let mut live = vec![];
     for meta in repo.list(LOCKS_DIR).await? {
-        if !meta.location.as_ref().starts_with(MARKER_PREFIX) {
+        if !meta.key.as_ref().starts_with(MARKER_PREFIX) {
             continue;
         }
-        let Some(holder) = read_holder(repo, &meta.location).await? else {
+        let Some(holder) = read_holder(repo, &meta.key).await? else {
             continue;
         };
         if is_stale(repo, &holder).await? && (dry_run || confirm_gone(repo, &holder).await?) {
@@ -656,7 +655,7 @@ pub async fn live_backups(repo: &Repository, dry_run: bool) -> Result<Vec<LiveBa
                 holder.describe()
             );
             if !dry_run {
-                repo.delete(&meta.location).await?;
+                repo.delete(&meta.key).await?;
                 let _ = repo.delete(&lease_key(&holder.token)).await;
             }
         } else {

@@ -1,31 +1,17 @@
-//! The repository: named objects over object_store, on a filesystem or S3.
-//!
-//! Every write is a create that never replaces what is there (a hard link on
-//! the filesystem, `If-None-Match: *` on S3, proven honoured by the store
-//! before it is relied on), so two writers can never silently overwrite each
-//! other; the filesystem store fsyncs the file and its directory before a
-//! write is reported done.
+//! The repository: named objects in a [`Store`] (a filesystem, S3, or
+//! memory), bound to one cluster by its config.
 
 pub mod archive;
 pub mod catalog;
 pub mod lock;
-mod probe;
 pub mod retention;
-mod staged;
-mod url;
 
-pub use staged::{LEFTOVER_AGE, Leftover, StagedObject};
-pub use url::RepoUrl;
+pub use crate::store::{Created, LEFTOVER_AGE, Leftover, ObjectInfo, ObjectReader, RepoUrl};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::key::CONFIG_KEY;
+use crate::format::key::{CONFIG_KEY, Key};
+use crate::store::{Payload, Staging, Store};
 use bytes::Bytes;
-use futures::TryStreamExt;
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as Key;
-use object_store::prefix::PrefixStore;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -110,49 +96,17 @@ pub fn restrict_created_modes(url: &RepoUrl) {
     let RepoUrl::Local(root) = url else {
         return;
     };
-    let mask = if grants_group(root) { 0o027 } else { 0o077 };
+    let mask = if crate::store::local::grants_group(root) {
+        0o027
+    } else {
+        0o077
+    };
     crate::sys::set_umask(mask);
 }
 
-/// Whether the operator gave the repository's directory to a group: group
-/// access and none for others. A plain `mkdir` under umask 022 (0755) grants
-/// its group nothing on purpose, so it must not make the database readable
-/// by whatever group the directory happens to have.
-fn grants_group(root: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(root).is_ok_and(|m| {
-        let mode = m.permissions().mode();
-        mode & 0o070 != 0 && mode & 0o007 == 0
-    })
-}
-
-/// What a create-only write found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Created {
-    New,
-    AlreadyExists,
-}
-
 pub struct Repository {
-    store: Arc<dyn ObjectStore>,
+    store: Arc<dyn Store>,
     url: RepoUrl,
-    /// The store create-only writes must be proven on (see `probe`);
-    /// `None` on a filesystem, where the kernel refuses them itself.
-    store_name: Option<String>,
-    create_only: tokio::sync::OnceCell<()>,
-}
-
-/// An object being read: a local file (read in large pieces, in place),
-/// or the body of a response from the store.
-pub enum ObjectReader {
-    File {
-        file: std::fs::File,
-        size: u64,
-    },
-    Stream {
-        stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
-        size: u64,
-    },
 }
 
 impl Repository {
@@ -160,181 +114,99 @@ impl Repository {
     /// only when `create` is set (push), so a typo'd path on read is an error,
     /// not an empty archive.
     pub fn open(url: &RepoUrl, create: bool) -> Result<Repository> {
-        let mut store_name = None;
-        let store: Arc<dyn ObjectStore> = match url {
-            RepoUrl::Local(root) => {
-                if create {
-                    use std::os::unix::fs::DirBuilderExt;
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(root)
-                        .map_err(|e| {
-                            Error::io(format!(
-                                "cannot create repository directory {}: {e}",
-                                root.display()
-                            ))
-                        })?;
-                } else if !root.is_dir() {
-                    return Err(Error::usage(format!(
-                        "repository directory {} does not exist; check --repo / WALVAULT_REPO",
-                        root.display()
-                    )));
-                }
-                let fs = LocalFileSystem::new_with_prefix(root)
-                    .map_err(|e| {
-                        Error::io(format!("cannot open repository {}: {e}", root.display()))
-                    })?
-                    .with_fsync(true)
-                    .with_automatic_cleanup(false);
-                Arc::new(fs)
-            }
-            RepoUrl::S3 { bucket, prefix } => {
-                let builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-                let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
-                store_name = Some(probe::s3_store_name(endpoint.as_deref()));
-                let s3 = builder
-                    .build()
-                    .map_err(|e| Error::usage(format!("cannot configure S3 for {url}: {e}")))?;
-                if prefix.is_empty() {
-                    Arc::new(s3)
-                } else {
-                    Arc::new(PrefixStore::new(s3, prefix.as_str()))
-                }
-            }
-        };
-        Ok(Repository::with_store(store, url.clone(), store_name))
+        Ok(Repository::with_store(
+            crate::store::open(url, create)?,
+            url.clone(),
+        ))
     }
 
-    fn with_store(
-        store: Arc<dyn ObjectStore>,
-        url: RepoUrl,
-        store_name: Option<String>,
-    ) -> Repository {
-        Repository {
-            store,
-            url,
-            store_name,
-            create_only: tokio::sync::OnceCell::new(),
-        }
+    /// The repository `url` names, kept by `store`.
+    pub fn with_store(store: Arc<dyn Store>, url: RepoUrl) -> Repository {
+        Repository { store, url }
+    }
+
+    /// An empty repository in memory, for tests.
+    #[cfg(test)]
+    pub fn in_memory() -> Repository {
+        let url = RepoUrl::S3 {
+            bucket: "in-memory".into(),
+            prefix: String::new(),
+        };
+        let store = crate::store::memory::MemoryStore::named(&url);
+        Repository::with_store(Arc::new(store), url)
     }
 
     pub fn url(&self) -> &RepoUrl {
         &self.url
     }
 
-    fn local_root(&self) -> Option<&std::path::Path> {
-        match &self.url {
-            RepoUrl::Local(root) => Some(root),
-            RepoUrl::S3 { .. } => None,
-        }
-    }
-
-    fn storage_error(&self, action: &str, key: &Key, e: object_store::Error) -> Error {
-        Error::io(format!(
-            "{action} {key} in {}: {}",
-            self.url,
-            redact(&e.to_string())
-        ))
-    }
-
     /// Reads a whole object; `None` when there is none.
     pub async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
-        let result = match self.store.get(key).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.storage_error("cannot read", key, e)),
-        };
-        match result.bytes().await {
-            Ok(b) => Ok(Some(b)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.storage_error("cannot read", key, e)),
-        }
+        self.store.get(key).await
     }
 
     /// Opens an object for reading as it arrives; `None` when there is none.
     pub async fn open_object(&self, key: &Key) -> Result<Option<ObjectReader>> {
-        match self.store.get(key).await {
-            Ok(r) => {
-                let size = r.meta.size;
-                Ok(Some(match r.payload {
-                    object_store::GetResultPayload::File(file, _) => {
-                        ObjectReader::File { file, size }
-                    }
-                    object_store::GetResultPayload::Stream(stream) => {
-                        ObjectReader::Stream { stream, size }
-                    }
-                }))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.storage_error("cannot read", key, e)),
-        }
+        self.store.read(key).await
     }
 
     /// Reads `range` of an object; a missing object is an error here, since
     /// only manifests point into objects by range.
     pub async fn get_range(&self, key: &Key, range: std::ops::Range<u64>) -> Result<Bytes> {
-        match self.store.get_range(key, range.clone()).await {
-            Ok(b) if b.len() as u64 == range.end - range.start => Ok(b),
-            Ok(b) => Err(Error::corrupt(format!(
-                "{key} in {} is shorter than its references: wanted bytes {}..{}, got {}",
-                self.url,
-                range.start,
-                range.end,
-                b.len()
-            ))),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::corrupt(format!(
-                "{key} is missing from {}, but a backup needs it",
-                self.url
-            ))),
-            Err(e) => Err(self.storage_error("cannot read", key, e)),
-        }
+        self.store.get_range(key, range).await
     }
 
     /// Writes `data` under `key` unless something is already there; returns
     /// only once the object is durable. Refused on a store that would
     /// overwrite instead.
-    pub async fn put_new(&self, key: &Key, data: impl Into<PutPayload>) -> Result<Created> {
-        self.ensure_create_only().await?;
-        self.put_create(key, data.into()).await
+    pub async fn put_new(&self, key: &Key, data: impl Into<Payload>) -> Result<Created> {
+        self.store.put_new(key, data.into()).await
     }
 
-    async fn put_create(&self, key: &Key, data: PutPayload) -> Result<Created> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self.store.put_opts(key, data, opts).await {
-            Ok(_) => Ok(Created::New),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::AlreadyExists),
-            Err(e) => Err(self.storage_error("cannot write", key, e)),
-        }
+    /// Where to make the object for `key` while it is written (see
+    /// [`Store::stage`]).
+    pub fn stage(&self, key: &Key) -> Staging {
+        self.store.stage(key)
+    }
+
+    /// Writes an object made in `staging` (or in memory, as `parts`) like
+    /// `put_new`; when the name is taken, our object comes back.
+    pub async fn put_staged(
+        &self,
+        key: &Key,
+        staging: Staging,
+        parts: impl Into<Payload>,
+    ) -> Result<Option<Payload>> {
+        self.store.put_staged(key, staging, parts.into()).await
+    }
+
+    /// Makes an object found already stored durable.
+    pub async fn make_durable(&self, key: &Key) -> Result<()> {
+        self.store.make_durable(key).await
     }
 
     /// Replaces an object; only for repairing one that fails its own checks.
-    pub async fn put_replace(&self, key: &Key, data: impl Into<PutPayload>) -> Result<()> {
-        self.store
-            .put(key, data.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| self.storage_error("cannot write", key, e))
+    pub async fn put_replace(&self, key: &Key, data: impl Into<Payload>) -> Result<()> {
+        self.store.put_replace(key, data.into()).await
     }
 
     pub async fn delete(&self, key: &Key) -> Result<()> {
-        match self.store.delete(key).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.storage_error("cannot delete", key, e)),
-        }
+        self.store.delete(key).await
     }
 
     /// Every object under `prefix`.
-    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let key = Key::from(prefix);
-        self.store
-            .list(Some(&key))
-            .try_collect()
-            .await
-            .map_err(|e| self.storage_error("cannot list", &key, e))
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        self.store.list(prefix).await
+    }
+
+    /// What writes killed mid-way left behind (see [`Store::leftovers`]).
+    pub async fn leftovers(&self) -> Result<Vec<Leftover>> {
+        self.store.leftovers().await
+    }
+
+    /// Deletes a leftover; one already gone is fine.
+    pub fn delete_leftover(&self, leftover: &Leftover) -> Result<()> {
+        self.store.delete_leftover(leftover)
     }
 
     pub async fn config(&self) -> Result<Option<RepositoryConfig>> {
@@ -404,30 +276,6 @@ impl Repository {
     }
 }
 
-/// Store errors can carry the S3 response body, which echoes the access key
-/// id, the signature and the string signed: keep only its code and message.
-pub fn redact(text: &str) -> String {
-    let tag = |name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let start = text.find(&open)? + open.len();
-        let end = text[start..].find('<')? + start;
-        Some(text[start..end].to_string())
-    };
-    match text.find('<') {
-        None => text.to_string(),
-        Some(cut) => {
-            let mut out = text[..cut].trim_end().trim_end_matches(':').to_string();
-            if let Some(code) = tag("Code") {
-                out.push_str(&format!(": {code}"));
-            }
-            if let Some(message) = tag("Message") {
-                out.push_str(&format!(" ({message})"));
-            }
-            out
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -462,19 +310,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn redacts_s3_bodies() {
-        let e = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?><Error>\
-                 <Code>SignatureDoesNotMatch</Code><Message>bad sig</Message>\
-                 <AWSAccessKeyId>AKIAEXAMPLE</AWSAccessKeyId><SignatureProvided>abc</SignatureProvided></Error>";
-        let r = super::redact(e);
-        assert!(!r.contains("AKIAEXAMPLE") && !r.contains("abc<"), "{r}");
-        assert!(
-            r.contains("403 Forbidden")
-                && r.contains("SignatureDoesNotMatch")
-                && r.contains("bad sig"),
-            "{r}"
-        );
-        assert_eq!(super::redact("plain"), "plain");
+    #[tokio::test]
+    async fn an_in_memory_repository_binds_one_cluster() {
+        let repo = super::Repository::in_memory();
+        assert_eq!(repo.config().await.unwrap(), None);
+        assert!(repo.require_config().await.is_err());
+        let cluster = super::RepositoryConfig {
+            format: 1,
+            system_identifier: "7712875144486048961".into(),
+            pg_version: 15,
+            wal_segment_size: 16 << 20,
+            created_at: chrono::Utc::now(),
+        };
+        assert_eq!(repo.bind_cluster(&cluster).await.unwrap(), cluster);
+        assert_eq!(repo.require_config().await.unwrap(), cluster);
+        let other = super::RepositoryConfig {
+            system_identifier: "42".into(),
+            ..cluster.clone()
+        };
+        let e = repo.bind_cluster(&other).await.unwrap_err();
+        assert_eq!(e.kind, crate::error::ErrorKind::Conflict);
+        let listed = repo.list("").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].key.as_str(), crate::format::key::CONFIG_KEY);
     }
 }

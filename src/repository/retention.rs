@@ -59,7 +59,7 @@ impl Retention {
 }
 
 pub async fn load(repo: &Repository) -> Result<Option<Retention>> {
-    let key = object_store::path::Path::from(RETENTION_KEY);
+    let key = crate::format::key::Key::from(RETENTION_KEY);
     match repo.get(&key).await? {
         None => Ok(None),
         Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
@@ -72,7 +72,7 @@ pub async fn load(repo: &Repository) -> Result<Option<Retention>> {
 }
 
 pub async fn store(repo: &Repository, retention: &Retention) -> Result<()> {
-    let key = object_store::path::Path::from(RETENTION_KEY);
+    let key = crate::format::key::Key::from(RETENTION_KEY);
     let json = serde_json::to_vec_pretty(retention).expect("serializes");
     repo.put_replace(&key, bytes::Bytes::from(json)).await
 }

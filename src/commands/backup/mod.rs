@@ -355,7 +355,7 @@ async fn missing_wal(
     let mut present = std::collections::HashSet::new();
     for folder in folders {
         for meta in repo.list(&folder).await? {
-            if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.location) {
+            if let Some(WalFileName::Segment(s)) = wal_name_of_key(&meta.key) {
                 present.insert(s);
             }
         }
@@ -387,12 +387,7 @@ async fn publish(
         .list(crate::format::key::PACK_DIR)
         .await?
         .iter()
-        .filter_map(|m| {
-            m.location
-                .filename()?
-                .strip_suffix(".pack")
-                .map(String::from)
-        })
+        .filter_map(|m| m.key.filename()?.strip_suffix(".pack").map(String::from))
         .collect();
     let missing = manifest
         .files

@@ -6,14 +6,13 @@ mod plan;
 pub use plan::Policy;
 
 use crate::error::{Error, Result};
-use crate::format::key::{PACK_DIR, is_pack_id, manifest_key};
+use crate::format::key::{Key, PACK_DIR, is_pack_id, manifest_key};
 use crate::format::manifest::Manifest;
 use crate::human::human_bytes;
 use crate::repository::archive::WalArchive;
 use crate::repository::catalog;
 use crate::repository::lock::{self, Lease, RepoLock};
 use crate::repository::{Leftover, RepoUrl, Repository};
-use object_store::path::Path as Key;
 use std::collections::HashSet;
 
 // The doc comments are `walvault prune --help`.
@@ -133,7 +132,7 @@ async fn prune(
         .list(crate::format::key::BACKUP_DIR)
         .await?
         .into_iter()
-        .filter_map(|m| crate::format::key::backup_id_of_key(&m.location).map(|id| (id, m.size)))
+        .filter_map(|m| crate::format::key::backup_id_of_key(&m.key).map(|id| (id, m.size)))
         .collect();
     let keep = plan::backups_to_keep(&backups, &opts.policy, now);
     let kept: Vec<&Manifest> = backups
@@ -164,17 +163,13 @@ async fn prune(
         for (&timeline, segments) in &archive.segments {
             for (&segno, file) in segments {
                 if !plan::is_needed(&archive, &needs, timeline, segno) {
-                    doomed
-                        .wal
-                        .push((file.meta.location.clone(), file.meta.size));
+                    doomed.wal.push((file.meta.key.clone(), file.meta.size));
                 }
             }
         }
         for (segno, file) in &archive.others {
             if !plan::is_needed(&archive, &needs, file.name.timeline(), *segno) {
-                doomed
-                    .wal
-                    .push((file.meta.location.clone(), file.meta.size));
+                doomed.wal.push((file.meta.key.clone(), file.meta.size));
             }
         }
         // Timeline history files stay: tiny, and recovery needs every one of
@@ -201,15 +196,11 @@ async fn prune(
             })
             .collect();
         for meta in repo.list(PACK_DIR).await? {
-            let Some(id) = meta
-                .location
-                .filename()
-                .and_then(|f| f.strip_suffix(".pack"))
-            else {
+            let Some(id) = meta.key.filename().and_then(|f| f.strip_suffix(".pack")) else {
                 continue;
             };
             if is_pack_id(id) && !referenced.contains(id) {
-                doomed.packs.push((meta.location.clone(), meta.size));
+                doomed.packs.push((meta.key.clone(), meta.size));
             }
         }
     }

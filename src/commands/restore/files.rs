@@ -214,12 +214,12 @@ pub fn restore_file(
 
 /// The size of a stored object, from a listing of its directory (bounded:
 /// packs are spread over 256 of them); `None` when it cannot be told.
-async fn stored_size(repo: &Repository, key: &object_store::path::Path) -> Option<u64> {
+async fn stored_size(repo: &Repository, key: &crate::format::key::Key) -> Option<u64> {
     let (dir, _) = key.as_ref().rsplit_once('/')?;
     let listed = repo.list(dir).await.ok()?;
     listed
         .into_iter()
-        .find(|meta| meta.location == *key)
+        .find(|meta| meta.key == *key)
         .map(|meta| meta.size)
 }
 

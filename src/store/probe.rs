@@ -9,9 +9,10 @@
 //! [`PROBE_RECORD_KEY`], naming the store it was made on, and made again
 //! when the repository is reached through another store.
 
-use super::{Created, Key, Repository};
+use super::s3::S3Store;
+use super::{Created, Payload};
 use crate::error::{Error, Result};
-use crate::format::key::{PROBE_PREFIX, PROBE_RECORD_KEY};
+use crate::format::key::{Key, PROBE_RECORD_KEY, probe_key};
 use bytes::Bytes;
 use object_store::ObjectStoreExt;
 use serde::{Deserialize, Serialize};
@@ -42,46 +43,39 @@ pub fn s3_store_name(endpoint: Option<&str>) -> String {
     }
 }
 
-impl Repository {
+impl S3Store {
     /// Returns once this repository's store is known to refuse a second
     /// create of one name; an error when it overwrites instead.
     pub(super) async fn ensure_create_only(&self) -> Result<()> {
-        let Some(store) = &self.store_name else {
-            // A filesystem: the hard link that makes an object is refused
-            // by the kernel when the name exists.
-            return Ok(());
-        };
         self.create_only
-            .get_or_try_init(|| self.probe_create_only(store))
+            .get_or_try_init(|| self.probe_create_only(&self.store_name))
             .await
             .map(|_| ())
     }
 
     async fn probe_create_only(&self, store: &str) -> Result<()> {
         let record_key = Key::from(PROBE_RECORD_KEY);
-        if let Some(bytes) = self.get(&record_key).await? {
+        if let Some(bytes) = self.objects.get(&record_key).await? {
             // A record that does not parse is only a cache lost: probe again.
             if serde_json::from_slice::<ProbeRecord>(&bytes).is_ok_and(|r| r.store == store) {
                 return Ok(());
             }
         }
         let since = chrono::Utc::now();
-        let key = Key::from(format!(
-            "{PROBE_PREFIX}{}-{}",
-            std::process::id(),
-            since.timestamp_nanos_opt().unwrap_or(0)
-        ));
+        let key = probe_key(std::process::id(), since.timestamp_nanos_opt().unwrap_or(0));
         let first = self
-            .put_create(&key, Bytes::from_static(b"first").into())
+            .objects
+            .put_create(&key, Payload::from(Bytes::from_static(b"first")))
             .await;
         let second = match first {
             Ok(_) => {
-                self.put_create(&key, Bytes::from_static(b"second").into())
+                self.objects
+                    .put_create(&key, Payload::from(Bytes::from_static(b"second")))
                     .await
             }
             Err(e) => Err(e),
         };
-        if let Err(e) = self.store.delete(&key).await {
+        if let Err(e) = self.objects.store.delete(&super::objects::path(&key)).await {
             tracing::debug!("cannot delete the probe object {key}: {e}");
         }
         if second? == Created::New {
@@ -90,7 +84,7 @@ impl Repository {
                  (If-None-Match: *) and overwrote a probe object, so it could replace archived \
                  WAL and cannot hold the repository lock; nothing was written: use a store \
                  that supports conditional writes (AWS S3 does) or a filesystem repository",
-                self.url
+                self.objects.url
             )));
         }
         let record = ProbeRecord {
@@ -99,11 +93,13 @@ impl Repository {
             by: format!("walvault {}", env!("CARGO_PKG_VERSION")),
         };
         let json = serde_json::to_vec_pretty(&record).expect("record serializes");
-        self.put_replace(&record_key, Bytes::from(json)).await?;
+        self.objects
+            .put_replace(&record_key, Payload::from(json))
+            .await?;
         tracing::info!(
             "{}: the store at {store} refuses a second create of one name \
              (If-None-Match: *); recorded in {PROBE_RECORD_KEY}",
-            self.url
+            self.objects.url
         );
         Ok(())
     }
@@ -112,7 +108,8 @@ impl Repository {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::repository::RepoUrl;
+    use crate::repository::Repository;
+    use crate::store::RepoUrl;
     use futures::stream::BoxStream;
     use object_store::memory::InMemory;
     use object_store::path::Path;
@@ -231,11 +228,9 @@ mod tests {
     }
 
     fn repo_on(store: &Arc<TestStore>, endpoint: &str) -> Repository {
-        Repository::with_store(
-            store.clone(),
-            RepoUrl::parse("s3://walvault-probe/repo").unwrap(),
-            Some(s3_store_name(Some(endpoint))),
-        )
+        let url = RepoUrl::parse("s3://walvault-probe/repo").unwrap();
+        let s3 = S3Store::over(store.clone(), &url, s3_store_name(Some(endpoint)));
+        Repository::with_store(Arc::new(s3), url)
     }
 
     async fn keys(store: &TestStore) -> Vec<String> {
