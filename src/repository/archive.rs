@@ -135,4 +135,58 @@ mod tests {
         let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A0\tbefore 2026-11-27\n";
         assert_eq!(super::parse_history(h), vec![(2, 0x5000A0), (1, 0x3000000)]);
     }
+
+    #[tokio::test]
+    async fn loads_segments_histories_and_gaps_from_a_repository_in_memory() {
+        use crate::format::key::wal_key;
+        use crate::pg::wal::{SegmentName, WalFileName};
+        use crate::repository::Repository;
+        use bytes::Bytes;
+        const SEG: u32 = 1 << 24;
+        let repo = Repository::in_memory();
+        let seg = |t, n| SegmentName::of_segno(t, n, SEG);
+        let mut names = vec![];
+        // Timeline 1: 1 to 8 but 5; timeline 2 from 3 on, and 256 on in
+        // the next log (another folder of wal/).
+        for n in (1..=8).filter(|n| *n != 5) {
+            names.push(WalFileName::Segment(seg(1, n)));
+        }
+        for n in [3, 4, 256, 257] {
+            names.push(WalFileName::Segment(seg(2, n)));
+        }
+        names.push(WalFileName::Partial(seg(1, 3)));
+        names.push(WalFileName::BackupHistory(seg(1, 2), 0x28));
+        for name in &names {
+            repo.put_new(&wal_key(name), Bytes::from_static(b"wal"))
+                .await
+                .unwrap();
+        }
+        let (_, history) =
+            crate::format::object::encode(b"1\t0/3000000\tno recovery target specified\n", 3)
+                .unwrap();
+        repo.put_new(
+            &wal_key(&WalFileName::TimelineHistory(2)),
+            Bytes::from(history),
+        )
+        .await
+        .unwrap();
+        // Not WAL: passed over.
+        repo.put_new(&"wal/README".into(), Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+
+        let archive = super::WalArchive::load(&repo, SEG).await.unwrap();
+        let on = |t: u32| -> Vec<u64> { archive.segments[&t].keys().copied().collect() };
+        assert_eq!(on(1), [1, 2, 3, 4, 6, 7, 8]);
+        assert_eq!(on(2), [3, 4, 256, 257]);
+        assert_eq!(archive.others.len(), 2);
+        assert_eq!(archive.histories.keys().collect::<Vec<_>>(), [&2]);
+        assert_eq!(archive.ancestry[&2], vec![(1, 0x300_0000)]);
+        assert_eq!(archive.gaps(1, None), [5]);
+        assert_eq!(archive.gaps(1, Some(6)), Vec::<u64>::new());
+        assert_eq!(archive.gaps(2, None), (5..256).collect::<Vec<_>>());
+        assert_eq!(archive.descends_from(2, 1), Some(0x300_0000));
+        assert_eq!(archive.descends_from(1, 2), None);
+        assert_eq!(archive.all_files().count(), names.len() + 1);
+    }
 }

@@ -993,4 +993,201 @@ mod tests {
         remove_marker(marker).await.unwrap();
         assert!(repo.get(&lease_key(&token)).await.unwrap().is_none());
     }
+
+    // In process, over the memory store: two Repository handles on one
+    // store are two hosts seeing the same objects.
+
+    fn two_hosts() -> (Repository, Repository) {
+        let url = RepoUrl::S3 {
+            bucket: "shared".into(),
+            prefix: String::new(),
+        };
+        let store: std::sync::Arc<dyn crate::store::Store> =
+            std::sync::Arc::new(crate::store::memory::MemoryStore::named(&url));
+        (
+            Repository::with_store(store.clone(), url.clone()),
+            Repository::with_store(store, url),
+        )
+    }
+
+    fn long_expired(purpose: &str) -> Holder {
+        foreign(purpose, -(CLOCK_SKEW.as_secs() as i64) - 1)
+    }
+
+    async fn takeover_claims(repo: &Repository) -> usize {
+        repo.list(LOCKS_DIR)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|m| m.key.as_ref().starts_with(TAKEOVER_PREFIX))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn in_memory_a_fresh_lease_is_kept_and_an_expired_one_taken_over() {
+        let repo = Repository::in_memory();
+        let planted = plant(&repo, LOCK_KEY, &foreign("prune", 60)).await;
+        let err = RepoLock::acquire(&repo, "prune").await.err().unwrap();
+        assert_eq!(err.kind, crate::error::ErrorKind::Conflict);
+        assert!(err.message().contains("is locked by prune"), "{err}");
+        assert_eq!(stored(&repo, LOCK_KEY).await, Some(planted));
+        assert_eq!(takeover_claims(&repo).await, 0);
+
+        let killed = long_expired("prune");
+        let judged = plant(&repo, LOCK_KEY, &killed).await;
+        let lock = RepoLock::acquire(&repo, "backup x finish").await.unwrap();
+        assert!(lock.lease.still_ours().await.unwrap());
+        let now: Holder = serde_json::from_slice(&stored(&repo, LOCK_KEY).await.unwrap()).unwrap();
+        assert_eq!(now.token, lock.lease.holder.token);
+        // The takeover was claimed under the bytes judged stale.
+        assert!(
+            stored(&repo, takeover_key(&judged).as_str())
+                .await
+                .is_some()
+        );
+        lock.release().await.unwrap();
+        assert_eq!(stored(&repo, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_lock_expired_on_another_host_is_taken_over_by_this_one() {
+        let (there, here) = two_hosts();
+        let mut killed = long_expired("prune");
+        killed.host = "ephemeral-pod-7f9c".into();
+        plant(&there, LOCK_KEY, &killed).await;
+        // Its renewal record, left behind, is removed with the lock.
+        let last = Renewal {
+            token: killed.token.clone(),
+            lease_expires: killed.lease_expires.unwrap(),
+            wal_start: None,
+        };
+        there
+            .put_replace(
+                &lease_key(&killed.token),
+                Bytes::from(serde_json::to_vec(&last).unwrap()),
+            )
+            .await
+            .unwrap();
+        let lock = RepoLock::acquire(&here, "prune").await.unwrap();
+        assert!(
+            stored(&there, lease_key(&killed.token).as_str())
+                .await
+                .is_none()
+        );
+        let seen_there: Holder =
+            serde_json::from_slice(&stored(&there, LOCK_KEY).await.unwrap()).unwrap();
+        assert_eq!(seen_there.token, lock.lease.holder.token);
+        lock.release().await.unwrap();
+        assert_eq!(stored(&there, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn two_judges_racing_over_one_stale_lock_one_takes_it_over() {
+        let (a, b) = two_hosts();
+        let judged = plant(&a, LOCK_KEY, &long_expired("prune")).await;
+        let (got_a, got_b) = tokio::join!(
+            RepoLock::acquire(&a, "prune on a"),
+            RepoLock::acquire(&b, "prune on b")
+        );
+        let (winner, loser) = match (got_a, got_b) {
+            (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+            (Ok(_), Ok(_)) => panic!("both judges took the lock over"),
+            (Err(x), Err(y)) => panic!("neither judge took the lock over: {x}; {y}"),
+        };
+        assert_eq!(loser.kind, crate::error::ErrorKind::Conflict, "{loser}");
+        // One claim, named after what both judged stale.
+        assert_eq!(takeover_claims(&a).await, 1);
+        assert!(stored(&a, takeover_key(&judged).as_str()).await.is_some());
+        assert!(winner.lease.still_ours().await.unwrap());
+        let now: Holder = serde_json::from_slice(&stored(&b, LOCK_KEY).await.unwrap()).unwrap();
+        assert_eq!(now.token, winner.lease.holder.token);
+        winner.release().await.unwrap();
+        assert_eq!(stored(&a, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn the_judge_that_loses_the_race_waits_for_the_winner() {
+        let (a, b) = two_hosts();
+        plant(&a, LOCK_KEY, &long_expired("prune")).await;
+        // Each holds the lock for a while once it has it, and notes when.
+        async fn take(repo: &Repository, purpose: &str) -> (Instant, Instant) {
+            let lock = RepoLock::acquire_within(repo, purpose, Duration::from_secs(10), false)
+                .await
+                .unwrap();
+            let from = Instant::now();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(lock.lease.still_ours().await.unwrap(), "{purpose}");
+            let to = Instant::now();
+            lock.release().await.unwrap();
+            (from, to)
+        }
+        let (held_a, held_b) = tokio::join!(take(&a, "prune on a"), take(&b, "prune on b"));
+        let (first, second) = if held_a.0 <= held_b.0 {
+            (held_a, held_b)
+        } else {
+            (held_b, held_a)
+        };
+        assert!(first.1 <= second.0, "both held the lock at once");
+        assert_eq!(takeover_claims(&a).await, 1);
+        assert_eq!(stored(&a, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_lock_another_host_took_over_stops_and_leaves_it() {
+        let (here, there) = two_hosts();
+        let mut prune = RepoLock::acquire(&here, "prune").await.unwrap();
+        prune.lease.renew_every = Duration::from_millis(20);
+        // The other host judged this prune gone (it was stopped past its
+        // lease) and took its place.
+        there.delete(&Key::from(LOCK_KEY)).await.unwrap();
+        let taker = RepoLock::acquire(&there, "backup x finish").await.unwrap();
+        let err = prune
+            .hold(async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind, crate::error::ErrorKind::Conflict);
+        assert!(err.message().contains("judged this one gone"), "{err}");
+        // Letting go removes nothing of the new holder's.
+        prune.release().await.unwrap();
+        assert!(taker.lease.still_ours().await.unwrap());
+        taker.release().await.unwrap();
+        assert_eq!(stored(&here, LOCK_KEY).await, None);
+    }
+
+    #[tokio::test]
+    async fn another_host_sees_a_running_backup_and_where_its_wal_starts() {
+        let (backup_host, prune_host) = two_hosts();
+        let marker = write_marker(&backup_host, "0000000000000005")
+            .await
+            .unwrap();
+        marker.record_wal_start(2, Lsn(0x0600_0028)).await.unwrap();
+        plant(
+            &backup_host,
+            "locks/backup-0000000000000006.json",
+            &long_expired("backup 6"),
+        )
+        .await;
+        let live = live_backups(&prune_host, false).await.unwrap();
+        assert_eq!(live.len(), 1);
+        assert_eq!(live[0].holder, marker.holder);
+        assert_eq!(
+            live[0].wal_start,
+            Some(WalStart {
+                timeline: 2,
+                lsn: Lsn(0x0600_0028)
+            })
+        );
+        // The dead one is gone for both.
+        assert!(
+            stored(&backup_host, "locks/backup-0000000000000006.json")
+                .await
+                .is_none()
+        );
+        remove_marker(marker).await.unwrap();
+        assert!(live_backups(&prune_host, true).await.unwrap().is_empty());
+    }
 }

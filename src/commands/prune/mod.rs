@@ -356,4 +356,240 @@ mod tests {
         assert!(still_unused_packs(&repo, &packs).await.unwrap().is_empty());
         lock::remove_marker(marker).await.unwrap();
     }
+
+    // The whole plan in process, over a repository in memory.
+
+    use crate::format::key::{pack_key, wal_key};
+    use crate::format::manifest::{BackupStats, ChunkRef, FileEntry, chunks_sha256};
+    use crate::format::object::{self, Sha256Digest};
+    use crate::pg::lsn::Lsn;
+    use crate::pg::wal::{SegmentName, WalFileName};
+    use chrono::{DateTime, Utc};
+
+    const SEG: u32 = 1 << 24;
+
+    fn pack_id(n: u8) -> String {
+        format!("{n:032x}")
+    }
+
+    /// A backup of `timeline` from segment `start` to inside segment
+    /// `stop`, finished `hours_ago`, its one file's chunks in `packs`.
+    fn manifest(
+        timeline: u32,
+        start: u64,
+        stop: u64,
+        hours_ago: i64,
+        packs: &[u8],
+        now: DateTime<Utc>,
+    ) -> Manifest {
+        let start_time = now - chrono::Duration::hours(hours_ago);
+        let chunks: Vec<ChunkRef> = packs
+            .iter()
+            .map(|&p| ChunkRef {
+                sha256: Sha256Digest::of(&[p]),
+                size: 1,
+                pack: pack_id(p),
+                offset: 0,
+                length: 1,
+            })
+            .collect();
+        Manifest {
+            format: 1,
+            id: crate::format::manifest::backup_id(start_time),
+            pg_version: 150000,
+            system_identifier: "7712875144486048961".into(),
+            wal_segment_size: SEG,
+            timeline,
+            start_lsn: Lsn(start * u64::from(SEG)),
+            stop_lsn: Lsn(stop * u64::from(SEG) + 0x28),
+            start_time,
+            stop_time: start_time + chrono::Duration::minutes(5),
+            backup_label: String::new(),
+            tablespace_map: None,
+            tablespaces: vec![],
+            directories: vec![],
+            files: vec![FileEntry {
+                path: "base/1/1259".into(),
+                size: chunks.len() as u64,
+                mode: 0o600,
+                mtime: start_time,
+                chunks_sha256: chunks_sha256(&chunks),
+                chunks,
+            }],
+            stats: BackupStats::default(),
+        }
+    }
+
+    fn segment(timeline: u32, segno: u64) -> Key {
+        wal_key(&WalFileName::Segment(SegmentName::of_segno(
+            timeline, segno, SEG,
+        )))
+    }
+
+    /// A cluster whose PITR copy was promoted to timeline 2 at segment 3
+    /// and archives into the same repository: timeline 1 holds segments 1
+    /// to 22 and backups at 2, 10 and 20; timeline 2 holds segments 3 to 9
+    /// and the newest backup, at 6. The timeline-1 backup at 20 and the
+    /// timeline-2 one share pack 0; pack 5 is referenced by nothing.
+    async fn two_timelines() -> (Repository, Vec<Manifest>) {
+        let repo = Repository::in_memory();
+        let now = Utc::now();
+        let backups = vec![
+            manifest(1, 2, 3, 72, &[1], now),
+            manifest(1, 10, 11, 48, &[2], now),
+            manifest(1, 20, 21, 24, &[3, 0], now),
+            manifest(2, 6, 7, 12, &[4, 0], now),
+        ];
+        for b in &backups {
+            catalog::store(&repo, b).await.unwrap();
+        }
+        for (timeline, segnos) in [(1, 1..=22), (2, 3..=9)] {
+            for segno in segnos {
+                let key = segment(timeline, segno);
+                repo.put_new(&key, Bytes::from_static(b"wal"))
+                    .await
+                    .unwrap();
+            }
+        }
+        let (_, history) =
+            object::encode(b"1\t0/3000000\tno recovery target specified\n", 3).unwrap();
+        repo.put_new(
+            &wal_key(&WalFileName::TimelineHistory(2)),
+            Bytes::from(history),
+        )
+        .await
+        .unwrap();
+        for p in 0..=5 {
+            repo.put_new(&pack_key(&pack_id(p)), Bytes::from_static(b"pack"))
+                .await
+                .unwrap();
+        }
+        (repo, backups)
+    }
+
+    fn options(keep_last: usize, dry_run: bool) -> PruneOptions {
+        PruneOptions {
+            policy: Policy {
+                keep_last: Some(keep_last),
+                ..Default::default()
+            },
+            dry_run,
+            quiet: true,
+        }
+    }
+
+    fn names(keys: &[(Key, u64)]) -> Vec<String> {
+        let mut names: Vec<String> = keys.iter().map(|(k, _)| k.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    fn segments(ranges: &[(u32, std::ops::RangeInclusive<u64>)]) -> Vec<String> {
+        let mut names: Vec<String> = ranges
+            .iter()
+            .flat_map(|(t, r)| r.clone().map(|s| segment(*t, s).to_string()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn packs(ids: &[u8]) -> Vec<String> {
+        let mut names: Vec<String> = ids
+            .iter()
+            .map(|&p| pack_key(&pack_id(p)).to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[tokio::test]
+    async fn keep_last_1_plans_away_the_other_timeline_and_its_packs() {
+        let (repo, backups) = two_timelines().await;
+        let before = repo.list("").await.unwrap().len();
+        let doomed = prune(&repo, SEG, &options(1, true), None).await.unwrap();
+        let ids: Vec<&str> = doomed.backups.iter().map(|b| b.0.as_str()).collect();
+        let older: Vec<&str> = backups[..3].iter().map(|b| b.id.as_str()).collect();
+        assert_eq!(ids, older);
+        for (id, key, size) in &doomed.backups {
+            assert_eq!(*key, manifest_key(id));
+            assert!(*size > 0, "{key} has no size");
+        }
+        // The newest backup is on timeline 2 from segment 6: nothing of
+        // timeline 1 (its ancestor, not its descendant) is needed.
+        assert_eq!(names(&doomed.wal), segments(&[(1, 1..=22), (2, 3..=5)]));
+        assert_eq!(names(&doomed.packs), packs(&[1, 2, 3, 5]));
+        assert_eq!(doomed.packs_kept_because, None);
+        assert!(doomed.leftovers.is_empty());
+        // A dry run changes nothing.
+        assert_eq!(repo.list("").await.unwrap().len(), before);
+        assert_eq!(
+            crate::repository::retention::load(&repo).await.unwrap(),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn keep_last_2_keeps_each_timeline_from_its_backup_on_and_deletes_the_rest() {
+        let (repo, backups) = two_timelines().await;
+        let doomed = prune(&repo, SEG, &options(2, false), None).await.unwrap();
+        let ids: Vec<&str> = doomed.backups.iter().map(|b| b.0.as_str()).collect();
+        assert_eq!(ids, [backups[0].id.as_str(), backups[1].id.as_str()]);
+        assert_eq!(names(&doomed.wal), segments(&[(1, 1..=19), (2, 3..=5)]));
+        assert_eq!(names(&doomed.packs), packs(&[1, 2, 5]));
+        // What is left is exactly the rest, the history file included.
+        let mut left: Vec<String> = repo
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key.to_string())
+            .filter(|k| k.as_str() != crate::format::key::RETENTION_KEY)
+            .collect();
+        left.sort();
+        let mut expected = segments(&[(1, 20..=22), (2, 6..=9)]);
+        expected.extend(packs(&[0, 3, 4]));
+        expected.push(manifest_key(&backups[2].id).to_string());
+        expected.push(manifest_key(&backups[3].id).to_string());
+        expected.push(wal_key(&WalFileName::TimelineHistory(2)).to_string());
+        expected.sort();
+        assert_eq!(left, expected);
+        let kept: Vec<String> = catalog::load_all(&repo)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(kept, [backups[2].id.clone(), backups[3].id.clone()]);
+        // retention.json says where each timeline's WAL is complete from.
+        let record = crate::repository::retention::load(&repo)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(record.is_complete_from(1, 20));
+        assert!(!record.is_complete_from(1, 19));
+        assert!(record.is_complete_from(2, 6));
+        assert!(!record.is_complete_from(2, 5));
+        // A second prune finds nothing more to do.
+        let again = prune(&repo, SEG, &options(2, true), None).await.unwrap();
+        assert!(again.backups.is_empty() && again.wal.is_empty() && again.packs.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_backup_in_progress_keeps_every_pack_and_its_wal() {
+        let (repo, backups) = two_timelines().await;
+        // A backup of the timeline-2 copy started at segment 4.
+        let marker = lock::write_marker(&repo, "0000000000000007").await.unwrap();
+        marker
+            .record_wal_start(2, Lsn(4 * u64::from(SEG) + 0x28))
+            .await
+            .unwrap();
+        let doomed = prune(&repo, SEG, &options(1, true), None).await.unwrap();
+        assert_eq!(doomed.backups.len(), 3);
+        assert_eq!(doomed.backups[2].0, backups[2].id);
+        assert_eq!(names(&doomed.wal), segments(&[(1, 1..=22), (2, 3..=3)]));
+        assert!(doomed.packs.is_empty());
+        let why = doomed.packs_kept_because.unwrap();
+        assert!(why.contains("backup 0000000000000007"), "{why}");
+        lock::remove_marker(marker).await.unwrap();
+    }
 }
