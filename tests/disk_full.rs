@@ -365,6 +365,10 @@ fn a_fetch_into_a_full_pg_wal_fails_cleanly_and_resumes() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains("No space left on device"), "{stderr}");
         assert!(stderr.contains("RECOVERYXLOG"), "{stderr}");
+        if status > 125 {
+            // What to do names the local disk, not only the repository.
+            assert!(stderr.contains("full or unwritable local disk"), "{stderr}");
+        }
         assert_eq!(entries(&pg_wal.0), ["filler"], "{signal}");
 
         // Space freed: the same call delivers the whole segment.

@@ -99,9 +99,9 @@ impl Caller {
             {
                 Err(e.stopping_recovery(&format!(
                     "archive recovery stopped on purpose, not ended, so that the server does \
-                     not open without the WAL from {name} on: fix the repository or the object \
-                     and start the server again, or restore again with a recovery target \
-                     before {name}"
+                     not open without the WAL from {name} on: fix the cause named first (the \
+                     repository, an object, or a full or unwritable local disk) and start the \
+                     server again, or restore again with a recovery target before {name}"
                 )))
             }
             other => other,
