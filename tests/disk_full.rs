@@ -2,7 +2,10 @@
 //! into a full repository fails cleanly with a retryable status and leaves
 //! nothing half-written that a fetch would see; after space is freed the same
 //! push succeeds and the bytes come back. A prefetch spool that fills never
-//! fails a fetch.
+//! fails a fetch. A restore target that fills fails retryably in one line and
+//! leaves nothing startable (no backup_label, no signal file); on a bigger
+//! disk the restore succeeds. A fetch into a full pg_wal stops archive
+//! recovery (200 + 5), leaves nothing at %p, and succeeds once space is freed.
 
 mod common;
 
