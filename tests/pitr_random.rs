@@ -1,18 +1,21 @@
 //! Randomized point-in-time recovery: a history of batches with several
-//! backups among them, every batch's time, LSN, xid and restore point
-//! recorded with the rows the primary had then; random targets of every
-//! kind are restored (walvault choosing the backup) and must hold exactly
-//! those rows. `make test` restores a few; the fault suite (`make chaos`)
-//! restores 20 on each backend.
+//! backups among them and a timeline switch (a point-in-time copy that
+//! archives timeline 2 into the same repository), every batch's time, LSN,
+//! xid and restore point recorded with the rows its server had then; random
+//! targets of every kind on both timelines are restored (walvault choosing
+//! the backup) and must hold exactly those rows. `make test` restores a few;
+//! the fault suite (`make chaos`) restores 20 on each backend.
 
 mod common;
 
 use common::*;
 use std::time::Duration;
 
-/// What the primary held right after one batch committed.
+/// What the server held right after one batch committed.
 struct Mark {
     batch: u32,
+    /// The timeline the batch was written on.
+    timeline: u32,
     rows: u64,
     /// A moment after this batch's commit and before the next one's.
     time: String,
@@ -57,35 +60,41 @@ fn seed() -> u64 {
         | 1
 }
 
-/// Twelve batches of different sizes, a backup before batches 1, 5 and 9,
-/// a WAL switch now and then; returns the marks and the number of backups.
-fn history(s: &Setup) -> Vec<Mark> {
-    let p = &s.primary;
-    p.sql("CREATE TABLE t (batch int, id int)");
-    let mut marks = vec![];
-    let mut rows = 0u64;
-    for batch in 1..=12u32 {
-        if batch % 4 == 1 {
-            s.backup();
+/// Batches `batches` on `server` (timeline `timeline`), on top of `rows`
+/// rows: a backup before those `backup_before` picks, a WAL switch after
+/// every third; each batch's mark is pushed onto `marks`.
+fn write_batches(
+    s: &Setup,
+    server: &PgServer,
+    timeline: u32,
+    batches: std::ops::RangeInclusive<u32>,
+    backup_before: &dyn Fn(u32) -> bool,
+    mut rows: u64,
+    marks: &mut Vec<Mark>,
+) {
+    for batch in batches {
+        if backup_before(batch) {
+            s.backup_of(server);
         }
         let n = 50 + u64::from(batch) * 7;
-        let xid = p.sql(&format!(
+        let xid = server.sql(&format!(
             "WITH ins AS (INSERT INTO t SELECT {batch}, g FROM generate_series(1, {n}) g \
              RETURNING 1) SELECT txid_current() FROM ins LIMIT 1"
         ));
         rows += n;
         let name = format!("after_{batch}");
-        p.sql(&format!("SELECT pg_create_restore_point('{name}')"));
-        let lsn = p.sql("SELECT pg_current_wal_lsn()");
+        server.sql(&format!("SELECT pg_create_restore_point('{name}')"));
+        let lsn = server.sql("SELECT pg_current_wal_lsn()");
         // Commit times are in microseconds: leave room on both sides.
         std::thread::sleep(Duration::from_millis(40));
-        let time = p.sql("SELECT clock_timestamp()");
+        let time = server.sql("SELECT clock_timestamp()");
         std::thread::sleep(Duration::from_millis(40));
         if batch % 3 == 0 {
-            p.switch_wal();
+            server.switch_wal();
         }
         marks.push(Mark {
             batch,
+            timeline,
             rows,
             time,
             lsn,
@@ -97,20 +106,59 @@ fn history(s: &Setup) -> Vec<Mark> {
     // first commit after it, and with none archived past the target it would
     // reach the end of WAL first and refuse to finish ("recovery ended before
     // configured recovery target was reached").
-    p.sql("CREATE TABLE history_ends ()");
-    let last = p.switch_wal();
-    p.wait_archived(&last);
+    server.sql(&format!("CREATE TABLE history_ends_{timeline} ()"));
+    let last = server.switch_wal();
+    server.wait_archived(&last);
+}
+
+/// Timeline 1: twelve batches of different sizes on the primary, a backup
+/// before batches 1, 5 and 9. Timeline 2: a point-in-time copy restored
+/// from the repository to batch `branch`'s restore point, archiving into
+/// the same repository, writes batches 13 to 18 with a backup of its own
+/// before batch 16. Returns the marks of both, oldest first on each.
+fn history(s: &mut Setup, branch: u32) -> Vec<Mark> {
+    s.primary.sql("CREATE TABLE t (batch int, id int)");
+    let mut marks = vec![];
+    write_batches(s, &s.primary, 1, 1..=12, &|b| b % 4 == 1, 0, &mut marks);
+    s.primary.stop();
+
+    let at = &marks[branch as usize - 1];
+    let copy = s.restore_as_is("copy", &["--name", &at.name]);
+    copy.wait_promoted();
+    assert_eq!(
+        copy.sql("SELECT timeline_id FROM pg_control_checkpoint()"),
+        "2"
+    );
+    let rows = at.rows;
+    assert_eq!(
+        copy.sql("SELECT count(*) || ':' || max(batch) FROM t"),
+        format!("{rows}:{branch}"),
+        "the copy restored to after batch {branch}"
+    );
+    write_batches(s, &copy, 2, 13..=18, &|b| b == 16, rows, &mut marks);
     marks
 }
 
 fn random_targets(backend: &str, repo_for: &dyn Fn(&std::path::Path) -> RepoTarget, count: usize) {
-    let s = setup(repo_for);
-    let marks = history(&s);
+    let mut s = setup(repo_for);
     let seed = seed();
     let mut rng = Rng(seed);
+    let branch = 5 + rng.below(4) as u32;
+    let marks = history(&mut s, branch);
+    let on_2: Vec<&Mark> = marks.iter().filter(|m| m.timeline == 2).collect();
+    let left_behind: Vec<&Mark> = marks
+        .iter()
+        .filter(|m| m.timeline == 1 && m.batch > branch)
+        .collect();
     let mut results = vec![];
     for i in 0..count {
-        let mark = &marks[rng.below(marks.len() as u64) as usize];
+        // The first two are the cases only a second timeline has: a mark on
+        // it, and one timeline 1 reached after timeline 2 left it.
+        let mark = match i {
+            0 => on_2[rng.below(on_2.len() as u64) as usize],
+            1 => left_behind[rng.below(left_behind.len() as u64) as usize],
+            _ => &marks[rng.below(marks.len() as u64) as usize],
+        };
         let kind = [Kind::Time, Kind::Lsn, Kind::Xid, Kind::Name][rng.below(4) as usize];
         let (flag, value) = match kind {
             Kind::Time => ("--time", mark.time.as_str()),
@@ -118,21 +166,46 @@ fn random_targets(backend: &str, repo_for: &dyn Fn(&std::path::Path) -> RepoTarg
             Kind::Xid => ("--xid", mark.xid.as_str()),
             Kind::Name => ("--name", mark.name.as_str()),
         };
-        let server = s.restore_and_start(&format!("target-{i}"), &[flag, value]);
-        server.wait_promoted();
-        let got = server.sql("SELECT count(*) || ':' || coalesce(max(batch), 0) FROM t");
+        // Timeline 2 is the latest (the default); timeline 1 past the
+        // branch needs naming; before it, both lead there.
+        let stay_on_1 = mark.timeline == 1 && (mark.batch > branch || rng.below(2) == 0);
+        let mut args = vec![flag, value];
+        if stay_on_1 {
+            args.extend(["--target-timeline", "1"]);
+        }
+        let name = format!("target-{i}");
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let server = s.restore_and_start(&name, &args);
+            server.wait_promoted();
+            server.sql("SELECT count(*) || ':' || coalesce(max(batch), 0) FROM t")
+        }));
         let want = format!("{}:{}", mark.rows, mark.batch);
         results.push(format!(
-            "{kind:?} after batch {} ({value}): {}",
+            "{kind:?} after batch {} on timeline {}{} ({value}): {}",
             mark.batch,
-            if got == want {
-                "exact".to_string()
+            mark.timeline,
+            if stay_on_1 {
+                ", --target-timeline 1"
             } else {
-                format!("got {got}, want {want}")
+                ""
+            },
+            match outcome {
+                Ok(got) if got == want => "exact".to_string(),
+                Ok(got) => format!("got {got}, want {want}"),
+                Err(panic) => {
+                    let text = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|t| t.to_string()))
+                        .unwrap_or_default();
+                    format!(
+                        "failed ({}), want {want}",
+                        text.lines().next().unwrap_or("").replace('|', "/")
+                    )
+                }
             }
         ));
-        drop(server);
-        let _ = std::fs::remove_dir_all(s.root().join(format!("target-{i}")));
+        let _ = std::fs::remove_dir_all(s.root().join(name));
     }
     let wrong: Vec<&String> = results.iter().filter(|r| !r.ends_with("exact")).collect();
     eprintln!("seed {seed}:\n{}", results.join("\n"));
@@ -146,16 +219,21 @@ fn random_targets(backend: &str, repo_for: &dyn Fn(&std::path::Path) -> RepoTarg
         writeln!(
             f,
             "## 6. Randomized point-in-time recovery, {backend}\n\n\
-             Seed {seed}. Twelve batches of rows with a backup before batches 1, 5 and 9; \
-             {count} random targets (time, LSN, xid, restore point), walvault choosing the \
-             backup; each restored server compared with the rows the primary had at that \
-             target.\n\n| target | result |\n|---|---|\n{}\n\n\
+             Seed {seed}. Timeline 1: twelve batches of rows with a backup before batches 1, \
+             5 and 9. Timeline switch: a point-in-time copy restored to batch {branch} \
+             promotes to timeline 2, archiving into the same repository, and writes batches \
+             13 to 18 with a backup of its own before batch 16. {count} random targets \
+             (time, LSN, xid, restore point) on both timelines, among them at least one on \
+             timeline 2 (restored to the default latest timeline) and one on timeline 1 after \
+             the branch (--target-timeline 1), walvault choosing the backup; each restored \
+             server compared with the rows its timeline held at that target.\n\n| target | result |\n|---|---|\n{}\n\n\
              Verdict: **{} of {count} exact**\n",
             results
                 .iter()
                 .map(|r| {
-                    let (t, v) = r.rsplit_once(": ").unwrap_or((r, ""));
-                    format!("| {t} | {v} |")
+                    // The target ends at its value's closing parenthesis.
+                    let (t, v) = r.split_once("): ").unwrap_or((r, ""));
+                    format!("| {t}) | {v} |")
                 })
                 .collect::<Vec<_>>()
                 .join("\n"),

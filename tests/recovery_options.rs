@@ -8,17 +8,6 @@ mod common;
 
 use common::*;
 
-/// Restores into `name` and starts the copy with the settings restore wrote
-/// (no archive_mode override, unlike `Setup::restore_and_start`).
-fn restore_as_is(s: &Setup, name: &str, args: &[&str]) -> PgServer {
-    let out = s.restore(name, args);
-    assert!(out.status.success(), "restore {args:?}: {}", describe(&out));
-    let dir = s.root().join(name);
-    let mut server = PgServer::existing(&dir, &dir.join("data"), s.repo.env.clone());
-    server.start();
-    server
-}
-
 fn wal_objects(repo: &std::path::Path) -> Vec<String> {
     walkdir::WalkDir::new(repo.join("wal"))
         .into_iter()
@@ -47,7 +36,7 @@ fn timelines_exclusive_targets_options_and_archive_mode() {
 
     // A PITR copy that keeps archiving: it promotes onto timeline 2 and
     // archives it into the same repository.
-    let copy = restore_as_is(&s, "copy", &["--lsn", &after_2]);
+    let copy = s.restore_as_is("copy", &["--lsn", &after_2]);
     copy.wait_promoted();
     copy.sql("INSERT INTO t SELECT 9, g FROM generate_series(1, 500) g");
     let last = copy.switch_wal();
@@ -65,11 +54,7 @@ fn timelines_exclusive_targets_options_and_archive_mode() {
     // ...--target-timeline 1 replays timeline 1 to its end, and
     // --archive-mode off keeps that copy out of the repository.
     let before = wal_objects(&repo_dir).len();
-    let tl1 = restore_as_is(
-        &s,
-        "tl1",
-        &["--target-timeline", "1", "--archive-mode", "off"],
-    );
+    let tl1 = s.restore_as_is("tl1", &["--target-timeline", "1", "--archive-mode", "off"]);
     tl1.wait_promoted();
     assert_eq!(Setup::batches(&tl1), "1:1000 2:1000 3:1000");
     assert_eq!(tl1.sql("SHOW archive_mode"), "off");

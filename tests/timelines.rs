@@ -58,21 +58,6 @@ fn start_segment(s: &Setup, id: &str, timeline: u32) -> String {
     format!("{timeline:08X}{:08X}{:08X}", segno >> 12, segno & 0xFFF)
 }
 
-fn backup_of(s: &Setup, server: &PgServer) -> String {
-    let out = s
-        .repo
-        .walvault_as_postgres(&s.bin)
-        .envs(server.libpq_env())
-        .args(["backup", "--archive-timeout", "60", "--pgdata"])
-        .arg(&server.data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "backup: {}", describe(&out));
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let id = stdout.split_whitespace().nth(1).unwrap();
-    id.trim_end_matches(':').to_string()
-}
-
 /// Three timeline-1 backups; a point-in-time copy of the first promotes to
 /// timeline 2, archives into the same repository, is backed up and writes
 /// many rows. Timeline 2's LSNs stay below the newest timeline-1 backup's.
@@ -112,7 +97,7 @@ fn prune_keeps_the_wal_of_a_second_timeline() {
         "2"
     );
     std::thread::sleep(Duration::from_millis(1100));
-    let on_tl2 = backup_of(&s, &copy);
+    let on_tl2 = s.backup_of(&copy);
     copy.sql("INSERT INTO t SELECT 5, g FROM generate_series(1, 120000) g");
     let last = copy.switch_wal();
     copy.wait_archived(&last);

@@ -614,14 +614,20 @@ impl Setup {
     }
 
     pub fn backup(&self) -> String {
+        self.backup_of(&self.primary)
+    }
+
+    /// Backs up `server` (the primary, or a copy restored from this
+    /// repository that archives into it) and returns the backup's id.
+    pub fn backup_of(&self, server: &PgServer) -> String {
         // As the postgres OS user, like a DBA's cron job: the repository
         // stays writable for the archiver.
         let mut cmd = self.repo.walvault_as_postgres(&self.bin);
         let out = cmd
-            .envs(self.primary.libpq_env())
+            .envs(server.libpq_env())
             .args(["backup", "--archive-timeout", "60"])
             .arg("--pgdata")
-            .arg(&self.primary.data)
+            .arg(&server.data)
             .output()
             .unwrap();
         assert!(out.status.success(), "backup: {}", describe(&out));
@@ -655,6 +661,18 @@ impl Setup {
         let mut server = PgServer::existing(&dir, &dir.join("data"), self.repo.env.clone());
         // Several restores of one primary must not archive into its repository.
         server.append_conf("archive_mode = off");
+        server.start();
+        server
+    }
+
+    /// Restores into `name` and starts the copy with the settings restore
+    /// wrote (no archive_mode override, unlike [`Setup::restore_and_start`]):
+    /// by default it archives its new timeline into this repository.
+    pub fn restore_as_is(&self, name: &str, args: &[&str]) -> PgServer {
+        let out = self.restore(name, args);
+        assert!(out.status.success(), "restore {args:?}: {}", describe(&out));
+        let dir = self.root().join(name);
+        let mut server = PgServer::existing(&dir, &dir.join("data"), self.repo.env.clone());
         server.start();
         server
     }
