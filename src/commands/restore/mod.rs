@@ -251,10 +251,18 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         .await
         .ok()
         .flatten();
+    let timeline_overridden = opts
+        .recovery_options
+        .iter()
+        .any(|(k, _)| k == "recovery_target_timeline");
     let backups = match opts.target_timeline {
         TargetTimeline::Id(n) => {
             let ancestry = target::ancestry_of(&repo, n).await?;
             target::on_lineage(&backups, n, &ancestry)
+        }
+        // Left to choose, never pick a backup recovery to latest refuses.
+        TargetTimeline::Latest if opts.backup.is_none() && !timeline_overridden => {
+            target::recoverable_to_latest(&repo, backups).await
         }
         _ => backups,
     };
@@ -269,12 +277,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         .choose(&backups, opts.backup.as_deref(), retention.as_ref())?
         .clone();
     manifest.check_paths()?;
-    if opts.target_timeline == TargetTimeline::Latest
-        && !opts
-            .recovery_options
-            .iter()
-            .any(|(k, _)| k == "recovery_target_timeline")
-    {
+    if opts.target_timeline == TargetTimeline::Latest && !timeline_overridden {
         target::warn_about_latest(&repo, &manifest).await;
     }
     if let Some(bad) = manifest

@@ -91,18 +91,11 @@ impl RecoveryTarget {
 /// backup's own timeline. Reads the history files PostgreSQL would probe;
 /// failing to read them only means no warning.
 pub async fn warn_about_latest(repo: &crate::repository::Repository, backup: &Manifest) {
-    use crate::pg::wal::WalFileName;
     let mut found = std::collections::BTreeMap::new();
     for t in (backup.timeline.saturating_add(1)..).take(1000) {
-        let key = crate::format::key::wal_key(&WalFileName::TimelineHistory(t));
-        let Ok(Some(bytes)) = repo.get(&key).await else {
+        let Some(ancestry) = read_history(repo, t).await else {
             break;
         };
-        let ancestry = crate::format::object::decode_limited(&bytes, 16 << 20)
-            .map(|(_, text)| {
-                crate::repository::archive::parse_history(&String::from_utf8_lossy(&text))
-            })
-            .unwrap_or_default();
         found.insert(t, ancestry);
     }
     if let Some(w) = latest_timeline_warning(backup, &|t| found.get(&t).cloned()) {
@@ -122,20 +115,12 @@ pub fn latest_timeline_warning(
     backup: &Manifest,
     history: &dyn Fn(u32) -> Option<crate::repository::archive::Ancestry>,
 ) -> Option<String> {
-    const MAX_PROBES: u32 = 1000;
     let here = backup.timeline;
-    let mut newest = None;
-    for t in (here.saturating_add(1)..).take(MAX_PROBES as usize) {
-        match history(t) {
-            Some(a) => newest = Some((t, a)),
-            None => break,
-        }
-    }
-    let (n, ancestry) = newest?;
+    let (n, switch) = latest_timeline(backup, history)?;
     let stay = format!(
         "to replay timeline {here} instead, set recovery_target_timeline = 'current' in postgresql.auto.conf before starting"
     );
-    let Some(&(_, switch)) = ancestry.iter().find(|(parent, _)| *parent == here) else {
+    let Some(switch) = switch else {
         return Some(format!(
             "the repository holds timeline {n}, which does not branch from timeline {here} of backup {} (or its history file is unreadable): PostgreSQL will refuse to recover it to latest; {stay}",
             backup.id
@@ -151,6 +136,104 @@ pub fn latest_timeline_warning(
     Some(format!(
         "recovery to latest will leave timeline {here} at {at} and follow timeline {n}, which a restored copy or promoted standby archived into this repository; {stay}"
     ))
+}
+
+/// The timeline `recovery_target_timeline = 'latest'` recovers a backup
+/// along (the highest N whose history file exists counting up from the
+/// backup's timeline), and where N's history says it left the backup's
+/// timeline (`None`: it does not descend from it, or its history is
+/// unreadable); `None` when no newer timeline exists.
+fn latest_timeline(
+    backup: &Manifest,
+    history: &dyn Fn(u32) -> Option<crate::repository::archive::Ancestry>,
+) -> Option<(u32, Option<u64>)> {
+    const MAX_PROBES: usize = 1000;
+    let here = backup.timeline;
+    let mut newest = None;
+    for t in (here.saturating_add(1)..).take(MAX_PROBES) {
+        match history(t) {
+            Some(a) => newest = Some((t, a)),
+            None => break,
+        }
+    }
+    let (n, ancestry) = newest?;
+    let switch = ancestry
+        .iter()
+        .find(|(parent, _)| *parent == here)
+        .map(|&(_, at)| at);
+    Some((n, switch))
+}
+
+/// Whether PostgreSQL would refuse to recover `backup` to the latest
+/// timeline: that timeline does not descend from the backup's, or left it
+/// before the backup was consistent.
+pub fn latest_refuses(
+    backup: &Manifest,
+    history: &dyn Fn(u32) -> Option<crate::repository::archive::Ancestry>,
+) -> bool {
+    match latest_timeline(backup, history) {
+        None => false,
+        Some((_, None)) => true,
+        Some((_, Some(switch))) => switch < backup.stop_lsn.0,
+    }
+}
+
+/// The backups recovery to the latest timeline can start from: without
+/// this, a time or LSN target could pick the newest backup before it even
+/// though a restored copy's timeline left that backup's timeline before the
+/// backup was consistent, and PostgreSQL would refuse to start. When every
+/// backup would be refused, all of them are kept (restore then warns).
+pub async fn recoverable_to_latest(
+    repo: &crate::repository::Repository,
+    backups: Vec<Manifest>,
+) -> Vec<Manifest> {
+    let mut histories: std::collections::BTreeMap<
+        u32,
+        Option<crate::repository::archive::Ancestry>,
+    > = std::collections::BTreeMap::new();
+    for b in &backups {
+        for t in (b.timeline.saturating_add(1)..).take(1000) {
+            if let Some(known) = histories.get(&t) {
+                if known.is_none() {
+                    break;
+                }
+                continue;
+            }
+            let found = read_history(repo, t).await;
+            let missing = found.is_none();
+            histories.insert(t, found);
+            if missing {
+                break;
+            }
+        }
+    }
+    let history = |t: u32| histories.get(&t).cloned().flatten();
+    let usable: Vec<Manifest> = backups
+        .iter()
+        .filter(|b| !latest_refuses(b, &history))
+        .cloned()
+        .collect();
+    if usable.is_empty() { backups } else { usable }
+}
+
+/// Timeline `t`'s history as PostgreSQL would probe it: `None` when it has
+/// no history file, empty ancestry when the file cannot be read.
+async fn read_history(
+    repo: &crate::repository::Repository,
+    t: u32,
+) -> Option<crate::repository::archive::Ancestry> {
+    use crate::pg::wal::WalFileName;
+    let key = crate::format::key::wal_key(&WalFileName::TimelineHistory(t));
+    let Ok(Some(bytes)) = repo.get(&key).await else {
+        return None;
+    };
+    Some(
+        crate::format::object::decode_limited(&bytes, 16 << 20)
+            .map(|(_, text)| {
+                crate::repository::archive::parse_history(&String::from_utf8_lossy(&text))
+            })
+            .unwrap_or_default(),
+    )
 }
 
 /// Timeline `n`'s ancestors as its history file in the repository lists
@@ -292,5 +375,44 @@ mod tests {
         })
         .unwrap();
         assert!(w.contains("does not branch from timeline 1"), "{w}");
+    }
+
+    #[test]
+    fn latest_refuses_exactly_what_postgresql_refuses() {
+        // Timeline 2 left timeline 1 at 0/5000000.
+        let histories = |t: u32| match t {
+            2 => Some(vec![(1, 0x500_0000)]),
+            _ => None,
+        };
+        // Consistent before the branch, or on timeline 2 itself: usable.
+        assert!(!latest_refuses(
+            &backup(1, 0x100_0000, 0x200_0000),
+            &histories
+        ));
+        assert!(!latest_refuses(
+            &backup(1, 0x400_0000, 0x500_0000),
+            &histories
+        ));
+        assert!(!latest_refuses(
+            &backup(2, 0x600_0000, 0x700_0000),
+            &histories
+        ));
+        // Consistent only after timeline 2 left: refused.
+        assert!(latest_refuses(
+            &backup(1, 0x400_0000, 0x500_0001),
+            &histories
+        ));
+        assert!(latest_refuses(
+            &backup(1, 0x600_0000, 0x700_0000),
+            &histories
+        ));
+        // A newer timeline that does not descend from the backup's: refused.
+        assert!(latest_refuses(&backup(1, 0x100_0000, 0x200_0000), &|t| (t
+            == 2)
+            .then(Vec::new)));
+        // No newer timeline at all: nothing to refuse.
+        assert!(!latest_refuses(&backup(1, 0x600_0000, 0x700_0000), &|_| {
+            None
+        }));
     }
 }
