@@ -322,24 +322,48 @@ fn a_truncated_body_is_never_handed_over() {
 }
 
 /// A store that accepts and never answers: how long push takes to give up
-/// (object_store's budget: 30 s a request, 3 minutes of retries). For
-/// `make chaos`, not `make test`.
-#[test]
-#[ignore]
-fn push_against_a_stalled_store_gives_up() {
+/// (object_store's budget: 30 s a request, 3 minutes of retries, for each
+/// request push makes). For `make chaos`, not `make test`.
+fn push_against_a_stalled_store(in_pg_wal: bool) {
     let f = fixture();
     let repo = f.via_proxy("stalled");
-    let p = f.write(SEG, &synthetic_segment(SEG, 7, MIB, 0));
+    let segment = synthetic_segment(SEG, 7, MIB, 0);
+    let p = if in_pg_wal {
+        f.write(SEG, &segment)
+    } else {
+        // Outside pg_wal: no spool, so no reading of the repository's
+        // configuration before the upload.
+        let p = f.dir.path().join(SEG);
+        std::fs::write(&p, &segment).unwrap();
+        p
+    };
     f.proxy.set(Fault::Stall);
-    let (out, took) = push(&f, &repo, &p, SEG);
+    let (out, took) = run_bounded(
+        repo.walvault(&f.bin).arg("push").arg(&p).arg(SEG),
+        Duration::from_secs(900),
+    );
     f.settle();
     eprintln!(
-        "FIGURE push against a stalled store: {took:?}, exit {:?}",
-        out.status.code()
+        "FIGURE push against a stalled store (in pg_wal: {in_pg_wal}): {took:?}, exit {:?}, \
+         {} requests stalled",
+        out.status.code(),
+        f.proxy.injected()
     );
     let code = out.status.code().expect("push ended by a signal");
     assert!((1..=125).contains(&code), "{}", describe(&out));
     assert!(f.stored_files("stalled").is_empty());
+}
+
+#[test]
+#[ignore]
+fn push_from_pg_wal_against_a_stalled_store_gives_up() {
+    push_against_a_stalled_store(true);
+}
+
+#[test]
+#[ignore]
+fn push_without_spool_against_a_stalled_store_gives_up() {
+    push_against_a_stalled_store(false);
 }
 
 /// Archives `count` segments the way PostgreSQL's archiver does (the same
