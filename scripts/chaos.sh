@@ -7,8 +7,9 @@
 #   CHAOS_KILLS=40 CHAOS_FUZZ_CASES=2000 scripts/chaos.sh   # a short run
 #
 # The scenarios are the ignored tests of tests/chaos.rs and tests/pitr_random.rs
-# (each appends its section to the report) and the hostile-repository property tests of
-# tests/hostile_repository.rs at CHAOS_FUZZ_CASES cases per parser.
+# (each appends its section to the report), those of tests/store_faults.rs (a
+# stalled store, a 20 s outage; pass or fail only) and the hostile-repository
+# property tests of tests/hostile_repository.rs at CHAOS_FUZZ_CASES cases per parser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${CHAOS_OUT:-docs/reliability.md}
@@ -25,7 +26,7 @@ status=0
 sections=$work/sections.md
 : > "$sections"
 echo "chaos: scenarios of tests/chaos.rs (kills: $KILLS)" >&2
-for suite in chaos pitr_random; do
+for suite in chaos pitr_random store_faults; do
     if ! WALVAULT_CHAOS_REPORT=$sections WALVAULT_CHAOS_KILLS=$KILLS \
         cargo test --release --test "$suite" -- --ignored --test-threads 1 >"$work/$suite.log" 2>&1; then
         status=1
