@@ -325,9 +325,9 @@ fn a_truncated_body_is_never_handed_over() {
 /// (object_store's budget: 30 s a request, 3 minutes of retries, for each
 /// request push makes). For `make chaos`, not `make test`. Measured on
 /// 2 cores: 182 s without the spool (6 stalled requests: the configuration
-/// read for the cluster check), 362 s from pg_wal (12: push reads the
-/// configuration for the spool first, ignores the failure, and reads it
-/// again).
+/// read for the cluster check); from pg_wal it was 362 s (12: push read the
+/// configuration for the spool first, ignored the failure, and read it
+/// again) until push gave up at the first unreachable read.
 fn push_against_a_stalled_store(in_pg_wal: bool) {
     let f = fixture();
     let repo = f.via_proxy("stalled");

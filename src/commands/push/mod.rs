@@ -46,7 +46,14 @@ pub async fn run(url: &RepoUrl, opts: &PushOptions) -> Result<()> {
     // The repository there now: only records made for it prove anything.
     let config = match &spool {
         Some(_) => match Repository::open(url, false) {
-            Ok(repo) => repo.config().await.ok().flatten(),
+            Ok(repo) => match repo.config().await {
+                Ok(config) => config,
+                // The store is unreachable: this push cannot succeed now, and
+                // asking again below would spend the store client's whole
+                // retry budget a second time before PostgreSQL hears of it.
+                Err(e) if e.kind == crate::error::ErrorKind::Io => return Err(e),
+                Err(_) => None,
+            },
             Err(_) => None,
         },
         None => None,
