@@ -644,24 +644,31 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_stop_on_a_segment_boundary_needs_no_segment_after_it() {
+    /// An archive of 16 MiB segments holding just `name` on timeline 1.
+    fn one_segment_archive(name: &str) -> WalArchive {
         let mut archive = WalArchive {
             segment_size: 1 << 24,
             ..Default::default()
         };
-        let name = "000000010000000000000002";
+        let name = WalFileName::parse(name).unwrap();
+        let segno = name.segment_with_header().unwrap().segno(1 << 24);
         archive.segments.entry(1).or_default().insert(
-            2,
+            segno,
             crate::repository::archive::ArchivedFile {
-                name: WalFileName::parse(name).unwrap(),
+                name,
                 meta: crate::repository::ObjectInfo {
-                    key: name.into(),
+                    key: name.to_string().as_str().into(),
                     last_modified: chrono::Utc::now(),
                     size: 0,
                 },
             },
         );
+        archive
+    }
+
+    #[test]
+    fn a_stop_on_a_segment_boundary_needs_no_segment_after_it() {
+        let archive = one_segment_archive("000000010000000000000002");
         // Starts in segment 2, stops exactly where segment 3 begins.
         let m = manifest(vec![]);
         assert_eq!(m.stop_lsn, Lsn(3 << 24));
@@ -672,22 +679,7 @@ mod tests {
 
     #[test]
     fn a_backup_past_the_end_of_its_timelines_wal_is_a_gap_not_a_panic() {
-        let mut archive = WalArchive {
-            segment_size: 1 << 24,
-            ..Default::default()
-        };
-        let name = "000000010000000000000001";
-        archive.segments.entry(1).or_default().insert(
-            1,
-            crate::repository::archive::ArchivedFile {
-                name: WalFileName::parse(name).unwrap(),
-                meta: crate::repository::ObjectInfo {
-                    key: name.into(),
-                    last_modified: chrono::Utc::now(),
-                    size: 0,
-                },
-            },
-        );
+        let archive = one_segment_archive("000000010000000000000001");
         // Starts in segment 2, after the last segment listed (1): walking
         // "from 2 to the end of the timeline" used to panic on 2..=1.
         let mut problems = BTreeSet::new();
