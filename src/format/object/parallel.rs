@@ -169,7 +169,15 @@ pub(super) fn ordered_parallel<J: Send, S, E: Send + From<WorkerPanic>>(
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<E>> = Mutex::new(None);
     let (pool_tx, pool_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..workers + 1 + usize::from(writer.is_some()) {
+    // A frame may wait for the hash chain while every worker decodes the
+    // next, and one more for the writer; a lone worker without a writer
+    // finishes each frame before it takes the next, so one buffer serves it
+    // (many objects decoded at once, a prefetch, each hold that little).
+    let buffers = match (workers, writer) {
+        (1, None) => 1,
+        _ => workers + 1 + usize::from(writer.is_some()),
+    };
+    for _ in 0..buffers {
         let _ = pool_tx.send(SPARE_BUFFERS.lock().unwrap().pop().unwrap_or_default());
     }
     let pool_rx = Mutex::new(pool_rx);
