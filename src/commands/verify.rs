@@ -34,6 +34,10 @@ pub struct Problem {
     /// The object (repository key) that is missing or damaged.
     pub object: String,
     pub problem: String,
+    /// Missing WAL (rather than something damaged): judged afresh when the
+    /// repository is listed again.
+    #[serde(skip)]
+    pub absent: bool,
 }
 
 #[derive(Default, Serialize)]
@@ -77,6 +81,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
                 problems.insert(Problem {
                     object: manifest_key(id).to_string(),
                     problem: e.to_string(),
+                    absent: false,
                 });
             }
         }
@@ -89,6 +94,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
             problems.insert(Problem {
                 object: crate::format::key::RETENTION_KEY.into(),
                 problem: e.to_string(),
+                absent: false,
             });
             None
         }
@@ -111,14 +117,17 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
                 Ok(Some(bytes)) => object::decode(&bytes).err().map(|e| Problem {
                     object: key.to_string(),
                     problem: format!("{name}: {e}"),
+                    absent: false,
                 }),
                 Ok(None) => Some(Problem {
                     object: key.to_string(),
                     problem: format!("{name} vanished during verify"),
+                    absent: true,
                 }),
                 Err(e) => Some(Problem {
                     object: key.to_string(),
                     problem: e.to_string(),
+                    absent: false,
                 }),
             }
         }
@@ -168,16 +177,28 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
 
     // A prune running beside us deletes backups, then the WAL and packs only
     // they needed: what went missing since we listed counts only if the
-    // repository, listed again now, still needs it.
+    // repository, listed again now, still needs it. An archiver that pushes
+    // ahead lands segments out of order, so a gap at the end of a timeline
+    // may be one it is about to close: missing WAL is listed again, a few
+    // times, a second apart, before it counts.
     if !problems.is_empty() {
-        problems = recheck(
-            &repo,
-            config.wal_segment_size,
-            &manifests,
-            opts.backup.is_some(),
-            problems,
-        )
-        .await?;
+        let first = problems;
+        let mut attempts = 0;
+        problems = loop {
+            attempts += 1;
+            let now = recheck(
+                &repo,
+                config.wal_segment_size,
+                &manifests,
+                opts.backup.is_some(),
+                first.clone(),
+            )
+            .await?;
+            if attempts == RECHECKS || !now.iter().any(|p| p.absent) {
+                break now;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        };
     }
 
     report(&checked, &problems, opts.json)?;
@@ -191,7 +212,13 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     }
 }
 
-/// The problems that still stand against the repository as it is now.
+/// How many times verify lists the repository again before missing WAL
+/// counts.
+const RECHECKS: usize = 3;
+
+/// The problems that still stand against the repository as it is now:
+/// damage to what remaining backups need, and the WAL they need that is
+/// missing now (whatever was missing before).
 async fn recheck(
     repo: &Repository,
     segment_size: u32,
@@ -221,13 +248,14 @@ async fn recheck(
         one_backup,
         &mut needed_missing,
     );
+    needed_missing.retain(|p| p.absent);
     let now = Present {
         manifests: ids.iter().map(|id| manifest_key(id).to_string()).collect(),
         wal: archive
             .all_files()
             .map(|f| f.meta.key.to_string())
             .collect(),
-        wal_needed_missing: needed_missing.into_iter().map(|p| p.object).collect(),
+        wal_needed_missing: needed_missing.iter().map(|p| p.object.clone()).collect(),
         packs: present
             .iter()
             .flat_map(|m| m.files.iter().flat_map(|f| &f.chunks))
@@ -237,7 +265,8 @@ async fn recheck(
     };
     Ok(problems
         .into_iter()
-        .filter(|p| now.still_stands(p))
+        .filter(|p| !p.absent && now.still_stands(p))
+        .chain(needed_missing)
         .collect())
 }
 
@@ -277,6 +306,7 @@ fn restorable(m: &Manifest) -> Vec<Problem> {
     let problem = |p: String| Problem {
         object: manifest_key(&m.id).to_string(),
         problem: p,
+        absent: false,
     };
     let mut found = vec![];
     if let Err(e) = m.check_paths() {
@@ -352,6 +382,7 @@ fn continuity(
                     "backup {} stops at {} before it starts at {}",
                     m.id, m.stop_lsn, m.start_lsn
                 ),
+                absent: false,
             });
             continue;
         }
@@ -425,6 +456,7 @@ fn missing(
     problems.insert(Problem {
         object: wal_key(&name).to_string(),
         problem,
+        absent: true,
     });
 }
 
@@ -437,6 +469,7 @@ async fn check_pack(
     let problem = |p: String| Problem {
         object: key.to_string(),
         problem: p,
+        absent: false,
     };
     let pack = match repo.get(&key).await {
         Ok(Some(p)) => p,
@@ -562,6 +595,44 @@ mod tests {
     }
 
     const PACK: &str = "0123456789abcdef0123456789abcdef";
+
+    /// An archiver that pushes ahead lands segments out of order: a gap
+    /// verify saw that has closed when it lists again is no problem, one
+    /// still open is.
+    #[tokio::test]
+    async fn missing_wal_is_judged_as_the_repository_is_listed_again() {
+        use crate::pg::wal::SegmentName;
+        let repo = Repository::in_memory();
+        let m = manifest(vec![file("PG_VERSION", PACK)]);
+        catalog::store(&repo, &m).await.unwrap();
+        let segment = |segno: u64| {
+            wal_key(&WalFileName::Segment(SegmentName::of_segno(
+                1,
+                segno,
+                m.wal_segment_size,
+            )))
+        };
+        for segno in [2, 3, 5] {
+            repo.put_new(&segment(segno), bytes::Bytes::from_static(b"wal"))
+                .await
+                .unwrap();
+        }
+        let archive = WalArchive::load(&repo, m.wal_segment_size).await.unwrap();
+        let manifests = [m.clone()];
+        let mut first = BTreeSet::new();
+        continuity(&archive, &manifests, None, false, &mut first);
+        assert_eq!(
+            first.iter().map(|p| p.object.clone()).collect::<Vec<_>>(),
+            [segment(4).to_string()]
+        );
+        let again = recheck(&repo, m.wal_segment_size, &manifests, false, first.clone());
+        assert_eq!(again.await.unwrap(), first);
+        repo.put_new(&segment(4), bytes::Bytes::from_static(b"wal"))
+            .await
+            .unwrap();
+        let again = recheck(&repo, m.wal_segment_size, &manifests, false, first);
+        assert_eq!(again.await.unwrap(), BTreeSet::new());
+    }
 
     #[test]
     fn only_what_restore_would_restore_passes() {
@@ -709,6 +780,7 @@ mod tests {
         let p = |object: &str| Problem {
             object: object.into(),
             problem: "x".into(),
+            absent: false,
         };
         // Deleted by prune with the backups that needed them.
         assert!(!now.still_stands(&p(&gone_backup)));

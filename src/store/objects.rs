@@ -21,6 +21,9 @@ pub(super) fn path(key: &Key) -> Path {
     Path::from(key.as_str())
 }
 
+/// Where the S3 client looks for credentials when the environment has none.
+const INSTANCE_METADATA: &str = "169.254.169.254";
+
 fn payload(data: Payload) -> PutPayload {
     data.parts().iter().cloned().collect()
 }
@@ -34,11 +37,18 @@ impl Objects {
     }
 
     fn storage_error(&self, action: &str, key: &Key, e: object_store::Error) -> Error {
-        Error::io(format!(
-            "{action} {key} in {}: {}",
-            self.url,
-            redact(&e.to_string())
-        ))
+        let said = redact(&e.to_string());
+        // With no credentials in the environment, the S3 client asks the
+        // cloud's instance metadata service; off the cloud, that failure
+        // says nothing a user can act on.
+        let hint = match said.contains(INSTANCE_METADATA) {
+            true => {
+                " (no S3 credentials were found: set AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, or run where an instance role provides them)"
+            }
+            false => "",
+        };
+        Error::io(format!("{action} {key} in {}: {said}{hint}", self.url))
     }
 
     pub(super) async fn get(&self, key: &Key) -> Result<Option<Bytes>> {
@@ -168,3 +178,31 @@ macro_rules! impl_store {
     };
 }
 pub(super) use impl_store;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An S3 client without credentials reports the cloud's metadata
+    /// service; the error names what the user is missing.
+    #[test]
+    fn a_store_without_credentials_says_so() {
+        let objects = Objects::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "s3://bucket/repo",
+        );
+        let key = Key::from("walvault.json");
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing PUT http://169.254.169.254/latest/api/token: 403".into(),
+        };
+        let said = objects.storage_error("cannot read", &key, e).to_string();
+        assert!(said.contains("no S3 credentials were found"), "{said}");
+        let e = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        };
+        let said = objects.storage_error("cannot read", &key, e).to_string();
+        assert!(!said.contains("credentials"), "{said}");
+    }
+}
