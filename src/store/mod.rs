@@ -10,6 +10,7 @@
 pub mod local;
 pub mod memory;
 mod objects;
+pub mod prefixed;
 mod probe;
 pub mod s3;
 mod url;
