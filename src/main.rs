@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
-use walvault::commands::{backup, check, drill, fetch, list, prune, push, restore, status, verify};
+use walvault::commands::{
+    backup, check, drill, fetch, list, prune, push, restore, status, upgrade, verify,
+};
 use walvault::error::{Error, ErrorKind};
 use walvault::repository::RepoUrl;
 
@@ -64,6 +66,8 @@ enum Command {
     Status(status::StatusOptions),
     /// Read every object back, check checksums and WAL continuity.
     Verify(verify::VerifyOptions),
+    /// Bind the repository to a new cluster after pg_upgrade or a dump and restore.
+    Upgrade(upgrade::UpgradeOptions),
 }
 
 /// When this is `walvault fetch` run by archive recovery (see
@@ -253,6 +257,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         Command::Drill(opts) => drill::run(&url, &opts).await,
         Command::Status(opts) => status::run(&url, &opts).await,
         Command::Verify(opts) => verify::run(&url, &opts).await,
+        Command::Upgrade(opts) => upgrade::run(&url, &opts).await,
     }
 }
 

@@ -161,3 +161,168 @@ fn postgresql_17() {
 fn postgresql_18() {
     life_of_a_cluster(18);
 }
+
+/// A major upgrade by dump and restore: the repository of a PostgreSQL 15
+/// cluster is bound to the new PostgreSQL 16 cluster with `walvault
+/// upgrade`. The new cluster archives and backs up into its own folder (its
+/// segment names are the old cluster's again), the old one's pushes are
+/// refused, both clusters' backups restore exactly with their own
+/// binaries, verify checks both, and prune lets the old cluster go once the
+/// new one's backups are enough.
+#[test]
+#[ignore = "the version matrix: make test-versions"]
+fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
+    let new_major = if default_major() == 16 { 17 } else { 16 };
+    let new_bindir = bindir_for(new_major);
+    let s = setup(&|root| RepoTarget::local(&root.join("repo")));
+    let old = &s.primary;
+    old.sql("CREATE TABLE t (batch int, id int)");
+    old.sql("INSERT INTO t SELECT 1, g FROM generate_series(1, 1000) g");
+    let old_backup = s.backup();
+    old.sql("INSERT INTO t SELECT 2, g FROM generate_series(1, 1000) g");
+    let last = old.switch_wal();
+    old.wait_archived(&last);
+    let old_sysid = old.system_identifier();
+
+    // Dump and restore into a new cluster of the next major version.
+    let dump = s.root().join("dump.sql");
+    run_capture(
+        Command::new(default_pg_bindir().join("pg_dump"))
+            .arg("-h")
+            .arg(&old.socket_dir)
+            .args(["-p", &old.port.to_string(), "-U", "postgres", "-f"])
+            .arg(&dump)
+            .arg("postgres"),
+    );
+    let mut new = with_pg_bindir(&new_bindir, || {
+        PgServer::init(
+            &s.root().join("new"),
+            PgConfig {
+                wal_segsize_mb: 1,
+                conf: &format!(
+                    "archive_mode = on\narchive_command = '{}'",
+                    s.repo.push_command(&s.bin)
+                ),
+                env: vec![],
+            },
+        )
+    });
+    // Bound before the new cluster's first push, by the DBA (as the
+    // postgres OS user, who owns the repository).
+    let out = s
+        .repo
+        .walvault_as_postgres(&s.bin)
+        .args(["upgrade", "--pgdata"])
+        .arg(&new.data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "upgrade: {}", describe(&out));
+    new.start();
+    let new_sysid = new.system_identifier();
+    assert_ne!(new_sysid, old_sysid);
+    run_capture(new.psql_command().arg("-f").arg(&dump));
+    assert_eq!(Setup::batches(&new), "1:1000 2:1000");
+    new.sql("INSERT INTO t SELECT 3, g FROM generate_series(1, 1000) g");
+    let new_backup = s.backup_of(&new);
+    new.sql("INSERT INTO t SELECT 4, g FROM generate_series(1, 1000) g");
+    let last = new.switch_wal();
+    new.wait_archived(&last);
+    // The new cluster's segments have the old one's names, in its folder.
+    let folder = s.root().join(format!(
+        "repo/clusters/{new_major}-{new_sysid}/wal/0000000100000000"
+    ));
+    let names = |dir: &Path| -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        n.sort();
+        n
+    };
+    let old_wal = s.root().join("repo/wal/0000000100000000");
+    let both: Vec<String> = names(&folder)
+        .into_iter()
+        .filter(|n| names(&old_wal).contains(n))
+        .collect();
+    assert!(
+        !both.is_empty(),
+        "{:?} {:?}",
+        names(&folder),
+        names(&old_wal)
+    );
+    for n in &both {
+        assert_ne!(
+            std::fs::read(folder.join(n)).unwrap(),
+            std::fs::read(old_wal.join(n)).unwrap(),
+            "{n}"
+        );
+    }
+
+    // The old cluster archives there no more.
+    old.sql("INSERT INTO t SELECT 9, g FROM generate_series(1, 10) g");
+    let refused = old.switch_wal();
+    let path = old.data.join("pg_wal").join(&refused);
+    let out = s
+        .repo
+        .walvault(&s.bin)
+        .arg("push")
+        .arg(&path)
+        .arg(&refused)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("archives there no more"),
+        "{}",
+        describe(&out)
+    );
+
+    // Both clusters' backups are listed and restore with their own binaries.
+    let list = s.list_json();
+    let sysids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["system_identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(sysids, [old_sysid.as_str(), new_sysid.as_str()], "{list}");
+    let restored_old = s.restore_and_start("old-latest", &["--backup", &old_backup]);
+    restored_old.wait_promoted();
+    assert_eq!(Setup::batches(&restored_old), "1:1000 2:1000");
+    drop(restored_old);
+    let restored_new = with_pg_bindir(&new_bindir, || {
+        s.restore_and_start("new-latest", &["--backup", &new_backup])
+    });
+    restored_new.wait_promoted();
+    assert_eq!(Setup::batches(&restored_new), "1:1000 2:1000 3:1000 4:1000");
+    drop(restored_new);
+    let out = s.repo.walvault(&s.bin).arg("verify").output().unwrap();
+    assert!(out.status.success(), "verify: {}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("2 backups"), "{said}");
+
+    // Retention counts both clusters' backups: keeping the newest one
+    // lets the old cluster go, backups and WAL.
+    let out = s
+        .repo
+        .walvault_as_postgres(&s.bin)
+        .args(["prune", "--keep-last", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "prune: {}", describe(&out));
+    let list = s.list_json();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["id"], new_backup.as_str());
+    assert!(
+        !s.root()
+            .join("repo/wal/0000000100000000/000000010000000000000002.zst")
+            .exists()
+    );
+    let out = s.repo.walvault(&s.bin).arg("verify").output().unwrap();
+    assert!(
+        out.status.success(),
+        "verify after prune: {}",
+        describe(&out)
+    );
+    drop(new);
+}

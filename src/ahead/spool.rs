@@ -36,7 +36,10 @@ pub const REPOSITORY_RECORD_AGE: std::time::Duration = std::time::Duration::from
 pub struct RepoBinding(String);
 
 impl RepoBinding {
+    /// The binding of the cluster archiving now in the repository at `url`
+    /// whose config is `config` (a root config or one cluster's own).
     pub fn of(url: &RepoUrl, config: &RepositoryConfig) -> RepoBinding {
+        let config = &config.current_cluster();
         let place = Self::place(url);
         let text = format!(
             "walvault spool binding 1\n{place}\n{}\n{}\n",
@@ -357,6 +360,12 @@ impl Spool {
     /// less than [`REPOSITORY_RECORD_AGE`] ago; `None` otherwise (then ask
     /// the store).
     pub fn remembered_binding(&self, url: &RepoUrl) -> Option<RepoBinding> {
+        Some(RepoBinding::of(url, &self.remembered_config(url)?))
+    }
+
+    /// The walvault.json of the repository at `url` as a prefetch worker
+    /// read it less than [`REPOSITORY_RECORD_AGE`] ago.
+    pub fn remembered_config(&self, url: &RepoUrl) -> Option<RepositoryConfig> {
         let path = self.repository_record(url);
         let age = std::fs::symlink_metadata(&path)
             .ok()?
@@ -369,7 +378,7 @@ impl Spool {
         }
         let config: RepositoryConfig = serde_json::from_slice(&std::fs::read(&path).ok()?).ok()?;
         config.validate().ok()?;
-        Some(RepoBinding::of(url, &config))
+        Some(config)
     }
 
     fn repository_record(&self, url: &RepoUrl) -> PathBuf {
@@ -547,6 +556,7 @@ mod tests {
             pg_version: 15,
             wal_segment_size: 1 << 24,
             created_at: chrono::Utc::now(),
+            upgrades: Vec::new(),
         };
         let here = RepoUrl::parse("/srv/a").unwrap();
         let there = RepoUrl::parse("/srv/b").unwrap();
@@ -577,6 +587,7 @@ mod tests {
             pg_version: 15,
             wal_segment_size: 1 << 24,
             created_at: created.parse().unwrap(),
+            upgrades: Vec::new(),
         };
         let url = |u: &str| RepoUrl::parse(u).unwrap();
         let first = config("7", "2026-12-01T10:00:00.123456789Z");

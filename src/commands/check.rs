@@ -162,8 +162,9 @@ async fn run_checks(url: &RepoUrl, opts: &CheckOptions, checks: &mut Checks) {
             return;
         }
     };
-    match repo.config().await {
-        Ok(Some(config)) => {
+    let namespace = match repo.config().await {
+        Ok(Some(root)) => {
+            let config = root.current_cluster();
             if config.system_identifier != info.system_identifier {
                 checks.add(
                     "repository",
@@ -189,17 +190,23 @@ async fn run_checks(url: &RepoUrl, opts: &CheckOptions, checks: &mut Checks) {
                     format!("{url}, bound to this cluster"),
                 );
             }
+            root.current_namespace().map(str::to_string)
         }
-        Ok(None) => checks.add(
-            "repository",
-            Verdict::Warn,
-            format!("{url} holds nothing yet: the first push binds it to this cluster"),
-        ),
+        Ok(None) => {
+            checks.add(
+                "repository",
+                Verdict::Warn,
+                format!("{url} holds nothing yet: the first push binds it to this cluster"),
+            );
+            None
+        }
         Err(e) => {
             checks.add("repository", Verdict::Fail, e.to_string());
             return;
         }
-    }
+    };
+    // After an upgrade, the current cluster's objects are in its folder.
+    let repo = repo.view(namespace.as_deref());
     judge_archiver(&info, checks);
     judge_local_space(url, info.data_directory.as_deref(), checks);
 

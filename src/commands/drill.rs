@@ -240,8 +240,10 @@ async fn drill(url: &RepoUrl, opts: &DrillOptions, report: &mut Report) -> Resul
 
     // The archive as recovery starts: replay must reach its end. A live
     // primary may archive more while the drill runs; replay need not see that.
-    let repo = Repository::open(url, false)?;
-    let segment_size = repo.require_config().await?.wal_segment_size;
+    let root_repo = Repository::open(url, false)?;
+    let root = root_repo.require_config().await?;
+    let current = root_repo.current(&root);
+    let (repo, segment_size) = (current.repo, current.config.wal_segment_size);
     let archive = WalArchive::load(&repo, segment_size).await?;
 
     let out = server_command(&scratch.bindir.join("pg_ctl"))

@@ -15,8 +15,14 @@ pub struct ListOptions {
 
 pub async fn run(url: &RepoUrl, opts: &ListOptions) -> Result<()> {
     let repo = Repository::open(url, false)?;
-    repo.require_config().await?;
-    let backups = catalog::load_readable(&repo).await?;
+    let root = repo.require_config().await?;
+    // Every cluster's backups (a repository holds several after an upgrade),
+    // oldest cluster first.
+    let clusters = repo.clusters(&root);
+    let mut backups = vec![];
+    for c in &clusters {
+        backups.extend(catalog::load_readable(&c.repo).await?);
+    }
     if opts.json {
         let rows: Vec<serde_json::Value> = backups
             .iter()
@@ -29,6 +35,7 @@ pub async fn run(url: &RepoUrl, opts: &ListOptions) -> Result<()> {
                     "stop_lsn": b.stop_lsn,
                     "timeline": b.timeline,
                     "pg_version": b.pg_version,
+                    "system_identifier": b.system_identifier,
                     "files": b.files.len(),
                     "size": b.stats.size,
                     "stored": b.stats.stored,
@@ -54,6 +61,22 @@ pub async fn run(url: &RepoUrl, opts: &ListOptions) -> Result<()> {
         "stored"
     );
     for b in &backups {
+        if clusters.len() > 1
+            && let Some(c) = clusters
+                .iter()
+                .find(|c| c.config.system_identifier == b.system_identifier)
+            && backups
+                .iter()
+                .find(|x| x.system_identifier == b.system_identifier)
+                .is_some_and(|first| first.id == b.id)
+        {
+            crate::say!(
+                "cluster {} (PostgreSQL {}{}):",
+                c.config.system_identifier,
+                c.config.pg_version,
+                if c.current { ", archiving now" } else { "" }
+            );
+        }
         crate::say!(
             "{:<16}  {:<19}  {:<19}  {:>13}  {:>13}  {:>3}  {:>10}  {:>10}",
             b.id,

@@ -10,6 +10,7 @@ pub mod prune;
 pub mod push;
 pub mod restore;
 pub mod status;
+pub mod upgrade;
 pub mod verify;
 
 /// The cores this process may use: the default parallelism of `--jobs`.

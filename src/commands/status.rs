@@ -127,8 +127,11 @@ async fn end_at_last_commit(
 }
 
 pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
-    let repo = Repository::open(url, false)?;
-    let config = repo.require_config().await?;
+    let root_repo = Repository::open(url, false)?;
+    let root = root_repo.require_config().await?;
+    // The cluster archiving now (after an upgrade, the one in its folder).
+    let current = root_repo.current(&root);
+    let (repo, config) = (current.repo, current.config);
     let backups = catalog::load_readable(&repo).await?;
     let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
     let stored_bytes: u64 = repo.list("").await?.iter().map(|m| m.size).sum();

@@ -59,8 +59,63 @@ struct BlobRef {
 }
 
 pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
-    let repo = Repository::open(url, false)?;
-    let config = repo.require_config().await?;
+    let root_repo = Repository::open(url, false)?;
+    let root = root_repo.require_config().await?;
+    // Every cluster of the repository (several after an upgrade), each in
+    // its own objects; with --backup, the one that holds it.
+    let mut clusters = root_repo.clusters(&root);
+    if let Some(only) = &opts.backup {
+        let mut holder = None;
+        for (i, c) in clusters.iter().enumerate() {
+            if catalog::ids(&c.repo).await?.contains(only) {
+                holder = Some(i);
+                break;
+            }
+        }
+        let Some(i) = holder else {
+            return Err(Error::not_found(format!(
+                "no backup {only}; 'walvault list' shows the backups"
+            )));
+        };
+        clusters = vec![clusters.swap_remove(i)];
+    }
+    let mut problems = BTreeSet::new();
+    let mut checked = Checked::default();
+    for c in &clusters {
+        let (seen, found) = verify_cluster(&c.repo, &c.config, opts).await?;
+        checked.backups += seen.backups;
+        checked.wal_files += seen.wal_files;
+        checked.packs += seen.packs;
+        checked.blobs += seen.blobs;
+        checked.bytes += seen.bytes;
+        problems.extend(found.into_iter().map(|mut p| {
+            // Keys as the repository's root names them.
+            if let Some(ns) = &c.namespace {
+                p.object = format!("{ns}/{}", p.object);
+            }
+            p
+        }));
+    }
+
+    report(&checked, &problems, opts.json)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::corrupt(format!(
+            "verify found {} problem(s) in {url}; each is listed above",
+            problems.len()
+        )))
+    }
+}
+
+/// Verifies one cluster's objects (`repo` as that cluster sees the
+/// repository): what was checked, and the problems found.
+async fn verify_cluster(
+    repo: &Repository,
+    config: &crate::repository::RepositoryConfig,
+    opts: &VerifyOptions,
+) -> Result<(Checked, BTreeSet<Problem>)> {
+    let repo = repo.view(None);
     let mut problems = BTreeSet::new();
     let mut checked = Checked::default();
 
@@ -201,15 +256,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
         };
     }
 
-    report(&checked, &problems, opts.json)?;
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::corrupt(format!(
-            "verify found {} problem(s) in {url}; each is listed above",
-            problems.len()
-        )))
-    }
+    Ok((checked, problems))
 }
 
 /// How many times verify lists the repository again before missing WAL

@@ -2,6 +2,7 @@
 //! LSNs, the records walscan reads, the backup API client and a scratch server.
 
 pub mod client;
+pub mod cluster;
 pub mod lsn;
 pub mod server;
 pub mod wal;

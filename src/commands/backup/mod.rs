@@ -64,15 +64,19 @@ pub async fn run(url: &RepoUrl, opts: &BackupOptions) -> Result<()> {
         }
     };
     check_data_directory(&pgdata, &server.info.system_identifier)?;
-    let repo = Repository::open(url, true)?;
-    repo.bind_cluster(&RepositoryConfig {
-        format: crate::repository::REPOSITORY_FORMAT,
-        system_identifier: server.info.system_identifier.clone(),
-        pg_version: server.info.version_num / 10000,
-        wal_segment_size: server.info.wal_segment_size,
-        created_at: chrono::Utc::now(),
-    })
-    .await?;
+    let root_repo = Repository::open(url, true)?;
+    let root = root_repo
+        .bind_cluster(&RepositoryConfig {
+            format: crate::repository::ONE_CLUSTER_FORMAT,
+            system_identifier: server.info.system_identifier.clone(),
+            pg_version: server.info.version_num / 10000,
+            wal_segment_size: server.info.wal_segment_size,
+            created_at: chrono::Utc::now(),
+            upgrades: Vec::new(),
+        })
+        .await?;
+    // After an upgrade, the current cluster's objects are in its folder.
+    let repo = root_repo.view(root.current_namespace());
     // Microseconds, PostgreSQL's precision: a time target printed from these
     // must not land a fraction before them.
     let start_time = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);

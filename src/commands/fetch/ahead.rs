@@ -25,6 +25,9 @@ pub struct AheadOptions {
     pub count: usize,
     #[arg(long)]
     pub segment_size: u32,
+    /// The cluster whose WAL to fetch (see `walvault fetch --cluster`).
+    #[arg(long)]
+    pub cluster: Option<String>,
 }
 
 /// The prefetch worker (`walvault fetch-ahead`, started by fetch): downloads
@@ -42,13 +45,17 @@ pub async fn run_ahead(url: &RepoUrl, opts: &AheadOptions) -> Result<()> {
         return Ok(());
     };
     let started = Instant::now();
-    let repo = Repository::open(url, false)?;
+    let root_repo = Repository::open(url, false)?;
     // Copies are kept for this repository only (see `RepoBinding`).
-    let Some(config) = repo.config().await? else {
+    let Some(root) = root_repo.config().await? else {
         return Ok(());
     };
-    let binding = RepoBinding::of(url, &config);
-    spool.remember_repository(url, &config);
+    let cluster = match &opts.cluster {
+        Some(id) => root_repo.cluster(&root, id)?,
+        None => root_repo.current(&root),
+    };
+    let (repo, binding) = (cluster.repo, RepoBinding::of(url, &cluster.config));
+    spool.remember_repository(url, &root);
     let window = successors(after, opts.segment_size, opts.count.min(PREFETCH_MAX * 4));
     let have: Vec<WalFileName> = spool
         .prefetched(&binding)

@@ -22,7 +22,7 @@ use crate::ahead::spool::{RepoBinding, Spool, WorkerKind};
 use crate::error::{Error, Result};
 use crate::format::object::Sha256Digest;
 use crate::pg::wal::{SegmentName, WalFileName};
-use crate::repository::{RepoUrl, Repository};
+use crate::repository::{RepoUrl, Repository, RepositoryConfig};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,49 @@ pub struct FetchOptions {
     /// Scratch directory for work done ahead (default: pg_wal/walvault-spool).
     #[arg(long, env = "WALVAULT_SPOOL")]
     pub spool: Option<PathBuf>,
+    /// The system identifier of the cluster whose WAL to fetch, in a
+    /// repository that holds several (walvault restore writes it); default:
+    /// the cluster archiving there now.
+    #[arg(long)]
+    pub cluster: Option<String>,
+}
+
+/// The repository as the cluster being recovered sees it (its folder, in a
+/// repository of several clusters), and that cluster's config (`None`: the
+/// repository has no walvault.json yet). `root` is the repository's
+/// walvault.json when it is already known.
+pub(super) async fn open_cluster(
+    url: &RepoUrl,
+    root: Option<RepositoryConfig>,
+    cluster: Option<&str>,
+) -> Result<(Repository, Option<RepositoryConfig>)> {
+    let repo = Repository::open(url, false)?;
+    let root = match root {
+        Some(root) => Some(root),
+        None => repo.config().await?,
+    };
+    let Some(root) = root else {
+        return Ok((repo, None));
+    };
+    let chosen = match cluster {
+        Some(id) => repo.cluster(&root, id)?,
+        None => repo.current(&root),
+    };
+    Ok((chosen.repo, Some(chosen.config)))
+}
+
+/// The config of the cluster `cluster` names (default: the current one)
+/// in a repository whose walvault.json is `root`.
+pub(super) fn cluster_config(
+    root: &RepositoryConfig,
+    cluster: Option<&str>,
+) -> Option<RepositoryConfig> {
+    match cluster {
+        None => Some(root.current_cluster()),
+        Some(id) => crate::repository::Repository::clusters_of(root)
+            .into_iter()
+            .find(|c| c.system_identifier == id),
+    }
 }
 
 /// Disk the prefetch spool may use by default.
@@ -130,8 +173,8 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         && let Ok(WalFileName::Segment(segment)) = WalFileName::parse(&opts.name)
         && !put_in_place(target_dir, &opts.name)
     {
-        outcome = match Repository::open(url, false) {
-            Ok(repo) => match gap_at(&repo, segment, GAP_SETTLE).await {
+        outcome = match open_cluster(url, None, opts.cluster.as_deref()).await {
+            Ok((repo, _)) => match gap_at(&repo, segment, GAP_SETTLE).await {
                 Ok(Gap::Settled) => fetch(url, opts, caller).await,
                 Ok(Gap::None) => outcome,
                 Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later, target_dir).await),
@@ -163,8 +206,9 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
         }
         _ => None,
     };
+    let cluster = opts.cluster.as_deref();
     let Some((segment, spool)) = ahead else {
-        let repo = Repository::open(url, false)?;
+        let (repo, _) = open_cluster(url, None, cluster).await?;
         return fetch_from_repository(&repo, &name, &opts.path).await;
     };
 
@@ -178,28 +222,26 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
         *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
     });
 
-    let spooled = wait_for_worker(url, &spool, &name).await;
+    let spooled = wait_for_worker(url, &spool, &name, cluster).await;
     if hand_over(&spooled, &name, &opts.path) {
         tracing::debug!("restored {name} from the prefetch spool");
         // Refill once half the window is used up, in the background.
         if let Some(size) = size
             && (spooled.len() - 1) * 2 <= depth
         {
-            start_worker(&spool, url, segment, depth, size);
+            start_worker(&spool, url, segment, depth, size, cluster);
         }
         return Ok(());
     }
-    let repo = Repository::open(url, false)?;
+    let (repo, config) = open_cluster(url, spool.remembered_config(url), cluster).await?;
     fetch_from_repository(&repo, &name, &opts.path).await?;
-    let size = match size {
-        Some(s) => Some(s),
-        None => match repo.config().await {
-            Ok(Some(config)) => {
-                spool.remember_segment_size(config.wal_segment_size);
-                Some(config.wal_segment_size)
-            }
-            _ => None,
-        },
+    let size = match (size, config) {
+        (Some(s), _) => Some(s),
+        (None, Some(config)) => {
+            spool.remember_segment_size(config.wal_segment_size);
+            Some(config.wal_segment_size)
+        }
+        (None, None) => None,
     };
     if let Some(size) = size {
         start_worker(
@@ -208,6 +250,7 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
             segment,
             window_len(opts.prefetch, Some(size)),
             size,
+            cluster,
         );
     }
     Ok(())
@@ -221,6 +264,7 @@ async fn wait_for_worker(
     url: &RepoUrl,
     spool: &Spool,
     name: &WalFileName,
+    cluster: Option<&str>,
 ) -> Vec<(WalFileName, Sha256Digest, PathBuf)> {
     if !spool.claimed_by_any(WorkerKind::Prefetch, name) && !spool.prefetched_by_any(name) {
         return vec![];
@@ -229,14 +273,17 @@ async fn wait_for_worker(
     // URL now must be it (see `RepoBinding`). The prefetch worker that made
     // them read its walvault.json moments ago; only when that is not on
     // record is the store asked.
-    let binding = match spool.remembered_binding(url) {
-        Some(b) => Some(b),
+    let root = match spool.remembered_config(url) {
+        Some(c) => Some(c),
         None => match Repository::open(url, false) {
-            Ok(repo) => RepoBinding::read(&repo).await.ok().flatten(),
+            Ok(repo) => repo.config().await.ok().flatten(),
             Err(_) => None,
         },
     };
-    let Some(binding) = binding else {
+    let Some(binding) = root
+        .and_then(|root| cluster_config(&root, cluster))
+        .map(|c| RepoBinding::of(url, &c))
+    else {
         return vec![];
     };
     let since = Instant::now();
@@ -251,14 +298,24 @@ async fn wait_for_worker(
     spool.prefetched(&binding)
 }
 
-fn start_worker(spool: &Spool, url: &RepoUrl, after: SegmentName, count: usize, size: u32) {
-    let args: Vec<std::ffi::OsString> = vec![
+fn start_worker(
+    spool: &Spool,
+    url: &RepoUrl,
+    after: SegmentName,
+    count: usize,
+    size: u32,
+    cluster: Option<&str>,
+) {
+    let mut args: Vec<std::ffi::OsString> = vec![
         "--count".into(),
         count.to_string().into(),
         "--segment-size".into(),
         size.to_string().into(),
-        WalFileName::Segment(after).to_string().into(),
     ];
+    if let Some(id) = cluster {
+        args.extend(["--cluster".into(), id.into()]);
+    }
+    args.push(WalFileName::Segment(after).to_string().into());
     crate::ahead::spawn_worker(spool, WorkerKind::Prefetch, url, &args);
 }
 
@@ -420,6 +477,7 @@ mod tests {
             pg_version: 15,
             wal_segment_size: 16 << 20,
             created_at: chrono::Utc::now(),
+            upgrades: Vec::new(),
         };
         std::fs::write(
             dir.join("walvault.json"),
@@ -601,6 +659,7 @@ mod tests {
             pg_version: 15,
             wal_segment_size: 1 << 20,
             created_at: chrono::Utc::now(),
+            upgrades: Vec::new(),
         };
         std::fs::write(
             dir.path().join("walvault.json"),

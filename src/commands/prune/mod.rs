@@ -60,32 +60,43 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
             "--keep-last must be at least 1 (the newest backup is always kept)",
         ));
     }
-    let repo = Repository::open(url, false)?;
-    let config = repo.require_config().await?;
-    // A dry run changes nothing, not even a lock object.
-    let lock = if opts.dry_run {
-        None
+    let root_repo = Repository::open(url, false)?;
+    let root = root_repo.require_config().await?;
+    let doomed = if root.upgrades.is_empty() {
+        prune_cluster(&root_repo, root.wal_segment_size, opts, None).await?
     } else {
-        Some(RepoLock::acquire(&repo, "prune").await?)
-    };
-    // The lock's lease is renewed while prune works, so a long prune is never
-    // judged gone; losing it (a stopped process) stops prune.
-    let result = match &lock {
-        Some(lock) => {
-            lock.hold(prune(
-                &repo,
-                config.wal_segment_size,
-                opts,
-                Some(lock.lease()),
-            ))
-            .await
+        // Several clusters (after an upgrade): the policy counts every
+        // cluster's backups together, newest first, so older clusters'
+        // backups age out as the current one takes new ones; then each
+        // cluster is pruned under its own lock.
+        let clusters = root_repo.clusters(&root);
+        let mut all = vec![];
+        for c in &clusters {
+            all.extend(catalog::load_all(&c.repo).await?);
         }
-        None => prune(&repo, config.wal_segment_size, opts, None).await,
+        all.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
+        let keep = plan::backups_to_keep(&all, &opts.policy, chrono::Utc::now());
+        let outside: HashSet<String> = all
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| !**k)
+            .map(|(m, _)| m.id.clone())
+            .collect();
+        let mut total = Doomed::default();
+        for c in &clusters {
+            let scope = Scope {
+                outside: &outside,
+                retired: !c.current,
+            };
+            let d = prune_cluster(&c.repo, c.config.wal_segment_size, opts, Some(scope)).await?;
+            total.backups.extend(d.backups);
+            total.wal.extend(d.wal);
+            total.packs.extend(d.packs);
+            total.leftovers.extend(d.leftovers);
+            total.packs_kept_because = total.packs_kept_because.or(d.packs_kept_because);
+        }
+        total
     };
-    if let Some(lock) = lock {
-        lock.release().await?;
-    }
-    let doomed = result?;
     if !opts.quiet {
         let verb = if opts.dry_run {
             "would delete"
@@ -117,6 +128,46 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
     Ok(())
 }
 
+/// What a prune of one cluster of several may delete.
+#[derive(Clone, Copy)]
+struct Scope<'a> {
+    /// The backups outside the policy, judged across every cluster; any
+    /// other backup (one published since, too) is kept.
+    outside: &'a HashSet<String>,
+    /// The cluster archives here no more (another was bound by upgrade):
+    /// with none of its backups kept, none of its WAL is needed.
+    retired: bool,
+}
+
+/// Prunes one cluster's objects (`repo` as that cluster sees the
+/// repository) under its lock; `scope` when the repository has several.
+async fn prune_cluster(
+    repo: &Repository,
+    segment_size: u32,
+    opts: &PruneOptions,
+    scope: Option<Scope<'_>>,
+) -> Result<Doomed> {
+    // A dry run changes nothing, not even a lock object.
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(RepoLock::acquire(repo, "prune").await?)
+    };
+    // The lock's lease is renewed while prune works, so a long prune is never
+    // judged gone; losing it (a stopped process) stops prune.
+    let result = match &lock {
+        Some(lock) => {
+            lock.hold(prune(repo, segment_size, opts, Some(lock.lease()), scope))
+                .await
+        }
+        None => prune(repo, segment_size, opts, None, scope).await,
+    };
+    if let Some(lock) = lock {
+        lock.release().await?;
+    }
+    result
+}
+
 /// Every deletion first checks `lease` (the lock's), so a prune that stalled
 /// past its lease deletes nothing more: a backup may have taken the lock since.
 async fn prune(
@@ -124,6 +175,7 @@ async fn prune(
     segment_size: u32,
     opts: &PruneOptions,
     lease: Option<&Lease<'_>>,
+    scope: Option<Scope<'_>>,
 ) -> Result<Doomed> {
     let now = chrono::Utc::now();
     let in_progress = lock::live_backups(repo, opts.dry_run).await?;
@@ -134,7 +186,13 @@ async fn prune(
         .into_iter()
         .filter_map(|m| crate::format::key::backup_id_of_key(&m.key).map(|id| (id, m.size)))
         .collect();
-    let keep = plan::backups_to_keep(&backups, &opts.policy, now);
+    let keep = match scope {
+        None => plan::backups_to_keep(&backups, &opts.policy, now),
+        Some(scope) => backups
+            .iter()
+            .map(|b| !scope.outside.contains(&b.id))
+            .collect(),
+    };
     let kept: Vec<&Manifest> = backups
         .iter()
         .zip(&keep)
@@ -151,8 +209,18 @@ async fn prune(
         ));
     }
 
-    // WAL: with no backup at all, nothing can say what is needed: keep it all.
-    if !kept.is_empty() {
+    // WAL: with no backup at all, nothing can say what is needed: keep it
+    // all; unless the cluster archives here no more, and none of its
+    // backups is kept: then nothing can ever replay it.
+    let retired = scope.is_some_and(|s| s.retired);
+    if kept.is_empty() && retired && in_progress.is_empty() {
+        let archive = WalArchive::load(repo, segment_size).await?;
+        doomed.wal.extend(
+            archive
+                .all_files()
+                .map(|f| (f.meta.key.clone(), f.meta.size)),
+        );
+    } else if !kept.is_empty() {
         let archive = WalArchive::load(repo, segment_size).await?;
         let mut needs = plan::wal_needs(&kept, &opts.policy, now, segment_size);
         let running: Vec<lock::WalStart> = in_progress.iter().filter_map(|b| b.wal_start).collect();
@@ -506,7 +574,9 @@ mod tests {
     async fn keep_last_1_plans_away_the_other_timeline_and_its_packs() {
         let (repo, backups) = two_timelines().await;
         let before = repo.list("").await.unwrap().len();
-        let doomed = prune(&repo, SEG, &options(1, true), None).await.unwrap();
+        let doomed = prune(&repo, SEG, &options(1, true), None, None)
+            .await
+            .unwrap();
         let ids: Vec<&str> = doomed.backups.iter().map(|b| b.0.as_str()).collect();
         let older: Vec<&str> = backups[..3].iter().map(|b| b.id.as_str()).collect();
         assert_eq!(ids, older);
@@ -531,7 +601,9 @@ mod tests {
     #[tokio::test]
     async fn keep_last_2_keeps_each_timeline_from_its_backup_on_and_deletes_the_rest() {
         let (repo, backups) = two_timelines().await;
-        let doomed = prune(&repo, SEG, &options(2, false), None).await.unwrap();
+        let doomed = prune(&repo, SEG, &options(2, false), None, None)
+            .await
+            .unwrap();
         let ids: Vec<&str> = doomed.backups.iter().map(|b| b.0.as_str()).collect();
         assert_eq!(ids, [backups[0].id.as_str(), backups[1].id.as_str()]);
         assert_eq!(names(&doomed.wal), segments(&[(1, 1..=19), (2, 3..=5)]));
@@ -570,7 +642,9 @@ mod tests {
         assert!(record.is_complete_from(2, 6));
         assert!(!record.is_complete_from(2, 5));
         // A second prune finds nothing more to do.
-        let again = prune(&repo, SEG, &options(2, true), None).await.unwrap();
+        let again = prune(&repo, SEG, &options(2, true), None, None)
+            .await
+            .unwrap();
         assert!(again.backups.is_empty() && again.wal.is_empty() && again.packs.is_empty());
     }
 
@@ -583,7 +657,9 @@ mod tests {
             .record_wal_start(2, Lsn(4 * u64::from(SEG) + 0x28))
             .await
             .unwrap();
-        let doomed = prune(&repo, SEG, &options(1, true), None).await.unwrap();
+        let doomed = prune(&repo, SEG, &options(1, true), None, None)
+            .await
+            .unwrap();
         assert_eq!(doomed.backups.len(), 3);
         assert_eq!(doomed.backups[2].0, backups[2].id);
         assert_eq!(names(&doomed.wal), segments(&[(1, 1..=22), (2, 3..=3)]));

@@ -38,9 +38,29 @@ pub(super) fn sha256_of_file(path: &Path) -> Result<Sha256Digest> {
 
 /// Pushes files into one repository, checking the cluster once.
 pub(super) struct Pusher {
+    /// The repository's root (where its walvault.json is).
     pub(super) repo: Repository,
     level: i32,
-    cluster: tokio::sync::OnceCell<RepositoryConfig>,
+    bound: tokio::sync::OnceCell<Bound>,
+}
+
+/// The cluster archiving into the repository now, once checked: its own
+/// config, and the repository as it sees it (its folder, after an upgrade).
+struct Bound {
+    config: RepositoryConfig,
+    /// The repository's own walvault.json: it knows the clusters before.
+    root: RepositoryConfig,
+    repo: Repository,
+}
+
+impl Bound {
+    fn of(root_repo: &Repository, root: &RepositoryConfig) -> Bound {
+        Bound {
+            config: root.current_cluster(),
+            root: root.clone(),
+            repo: root_repo.view(root.current_namespace()),
+        }
+    }
 }
 
 pub(super) struct Pushed {
@@ -60,19 +80,21 @@ impl Pusher {
         level: i32,
         config: Option<RepositoryConfig>,
     ) -> Result<Pusher> {
+        let repo = Repository::open(url, true)?;
+        let bound = config.map(|root| Bound::of(&repo, &root));
         Ok(Pusher {
-            repo: Repository::open(url, true)?,
+            repo,
             level,
-            cluster: tokio::sync::OnceCell::new_with(config),
+            bound: tokio::sync::OnceCell::new_with(bound),
         })
     }
 
     /// The binding of the repository as this pusher found it (once it has
     /// checked a segment's cluster against it).
     pub(super) fn binding(&self) -> Option<RepoBinding> {
-        self.cluster
+        self.bound
             .get()
-            .map(|config| RepoBinding::of(self.repo.url(), config))
+            .map(|b| RepoBinding::of(self.repo.url(), &b.config))
     }
 
     /// Pushes one file, compressing its frames on `workers` threads.
@@ -88,20 +110,39 @@ impl Pusher {
         let len = file.metadata().map_err(cannot_read)?.len();
         let mut head = vec![0u8; 8192.min(len as usize)];
         file.read_exact(&mut head).map_err(cannot_read)?;
+        // Where the file goes: the folder of the cluster archiving now.
+        let mut into = &self.repo;
         if let Some(cluster) = cluster_of_segment(name, path, &head, len)? {
             let bound = self
-                .cluster
-                .get_or_try_init(|| self.repo.bind_cluster(&cluster))
+                .bound
+                .get_or_try_init(|| async {
+                    let root = self.repo.bind_cluster(&cluster).await?;
+                    Ok::<_, Error>(Bound::of(&self.repo, &root))
+                })
                 .await?;
-            bound.check_same_cluster(&cluster, self.repo.url())?;
+            bound.root.check_same_cluster(&cluster, self.repo.url())?;
+            into = &bound.repo;
         } else if let Some(ours) = cluster_of_data_directory(path)? {
             // A repository not bound yet takes it: after a restore into a new
             // repository, the new timeline's history file is archived first.
-            let bound = match self.cluster.get() {
-                Some(config) => Some(config.clone()),
-                None => self.repo.config().await?,
+            let bound = match self.bound.get() {
+                Some(b) => Some(b),
+                None => match self.repo.config().await? {
+                    Some(root) => Some(
+                        self.bound
+                            .get_or_init(|| async { Bound::of(&self.repo, &root) })
+                            .await,
+                    ),
+                    None => None,
+                },
             };
-            if let Some(bound) = bound.filter(|b| b.system_identifier != ours) {
+            if let Some(b) = bound {
+                into = &b.repo;
+            }
+            if let Some(bound) = bound
+                .map(|b| &b.config)
+                .filter(|b| b.system_identifier != ours)
+            {
                 return Err(Error::conflict(format!(
                     "repository {} belongs to cluster {} but {name} comes from cluster {ours} \
                      (its data directory's global/pg_control); two clusters must not share a \
@@ -116,7 +157,7 @@ impl Pusher {
         let owned = path.to_path_buf();
         let key = wal_key(name);
         // Where the store can, the object is written as it is made.
-        let staging = self.repo.stage(&key);
+        let staging = into.stage(&key);
         // Compression and hashing are the CPU of a push: off the async threads,
         // so pushes ahead run truly in parallel.
         let (encoded, unchanged, staging) = tokio::task::spawn_blocking(move || {
@@ -131,9 +172,9 @@ impl Pusher {
         let header = encoded.header;
         let stored = encoded.stored_len;
         // The name taken already: our object, to compare with what is there.
-        let taken = self.repo.put_staged(&key, staging, encoded.parts).await?;
+        let taken = into.put_staged(&key, staging, encoded.parts).await?;
         let already = match taken {
-            Some(ours) => settle_existing(&self.repo, name, &key, header, ours).await?,
+            Some(ours) => settle_existing(into, name, &key, header, ours).await?,
             None => false,
         };
         Ok(Pushed {
@@ -243,11 +284,12 @@ fn cluster_of_segment(
         )));
     }
     Ok(Some(RepositoryConfig {
-        format: crate::repository::REPOSITORY_FORMAT,
+        format: crate::repository::ONE_CLUSTER_FORMAT,
         system_identifier: header.system_identifier.to_string(),
         pg_version: header.pg_version(),
         wal_segment_size: header.segment_size,
         created_at: chrono::Utc::now(),
+        upgrades: Vec::new(),
     }))
 }
 

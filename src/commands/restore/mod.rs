@@ -243,8 +243,28 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
             "--standby follows the primary's timeline; it takes no --target-timeline",
         ));
     }
-    let repo = Arc::new(Repository::open(url, false)?);
-    repo.require_config().await?;
+    let root_repo = Repository::open(url, false)?;
+    let root = root_repo.require_config().await?;
+    // After an upgrade the repository holds several clusters, each in its
+    // own objects: the one --backup names is in one of them; anything else
+    // is chosen among the current cluster's backups.
+    let mut clusters = root_repo.clusters(&root);
+    let several = clusters.len() > 1;
+    let mut chosen = clusters
+        .iter()
+        .position(|c| c.current)
+        .expect("a current cluster");
+    if let (true, Some(id)) = (several, &opts.backup) {
+        for (i, c) in clusters.iter().enumerate() {
+            if catalog::ids(&c.repo).await?.contains(id) {
+                chosen = i;
+            }
+        }
+    }
+    let cluster = clusters.swap_remove(chosen);
+    // restore_command names the cluster where there are several.
+    let fetch_cluster = several.then(|| cluster.config.system_identifier.clone());
+    let repo = Arc::new(cluster.repo);
     let backups = catalog::load_readable(&repo).await?;
     // Where complete WAL starts; an unreadable record only means "unknown".
     let retention = crate::repository::retention::load(&repo)
@@ -370,7 +390,7 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
     if let Some(map) = tablespace_map_text(&manifest, &locations) {
         write("tablespace_map", &map)?;
     }
-    write_recovery_settings(&pgdata, url, &manifest, opts)?;
+    write_recovery_settings(&pgdata, url, fetch_cluster.as_deref(), &manifest, opts)?;
     Ok(Restored {
         backup_id: manifest.id.clone(),
         files: manifest.files.len(),

@@ -33,14 +33,19 @@ pub(super) fn shell_word(s: &str) -> String {
 pub(super) fn write_recovery_settings(
     pgdata: &Path,
     url: &RepoUrl,
+    cluster: Option<&str>,
     manifest: &Manifest,
     opts: &RestoreOptions,
 ) -> Result<()> {
     use target::conf_quote;
     let exe =
         std::env::current_exe().context(|| "cannot find this walvault binary's path".into())?;
+    // In a repository of several clusters, the WAL of the backup's own.
+    let cluster = cluster
+        .map(|id| format!("--cluster {} ", shell_word(id)))
+        .unwrap_or_default();
     let restore_command = format!(
-        "{} --repo {} fetch %f %p",
+        "{} --repo {} fetch {cluster}%f %p",
         shell_word(&exe.to_string_lossy()),
         shell_word(&url.to_string())
     );

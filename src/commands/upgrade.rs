@@ -1,0 +1,114 @@
+//! `walvault upgrade`: after `pg_upgrade`, or a dump and restore into a new
+//! cluster, binds the repository to the new cluster. The new cluster's
+//! objects go in a folder of their own (docs/format.md, "Clusters"), so the
+//! WAL of two clusters never mixes or collides; the old cluster's backups
+//! and WAL stay listed, verifiable, restorable and subject to retention.
+
+use crate::error::{Error, Result};
+use crate::format::key::{CONFIG_KEY, Key};
+use crate::pg::cluster;
+use crate::repository::lock::RepoLock;
+use crate::repository::{
+    ClusterRecord, Created, REPOSITORY_FORMAT, RepoUrl, Repository, RepositoryConfig,
+};
+use bytes::Bytes;
+use std::path::PathBuf;
+
+// The doc comments are `walvault upgrade --help`.
+#[derive(clap::Args)]
+pub struct UpgradeOptions {
+    /// The data directory of the cluster that archives into the repository
+    /// from now on (the new one, after pg_upgrade or a dump and restore).
+    #[arg(long, env = "PGDATA")]
+    pub pgdata: PathBuf,
+}
+
+pub async fn run(url: &RepoUrl, opts: &UpgradeOptions) -> Result<()> {
+    let new = cluster::identify(&opts.pgdata).map_err(Error::usage)?;
+    let repo = Repository::open(url, false)?;
+    let root = repo.require_config().await?;
+    let current = root.current_cluster();
+    if current.system_identifier == new.system_identifier {
+        crate::say!(
+            "repository {url} already archives cluster {} (PostgreSQL {}); nothing to do",
+            new.system_identifier,
+            current.pg_version
+        );
+        return Ok(());
+    }
+    if root.namespace_of(&new.system_identifier).is_some() {
+        return Err(Error::conflict(format!(
+            "cluster {} archived into {url} before cluster {} took over; a repository \
+             never goes back to a cluster it was upgraded away from: give it its own --repo",
+            new.system_identifier, current.system_identifier
+        )));
+    }
+    // Under the repository's lock: no prune or backup of the first cluster
+    // runs across the change, and two upgrades cannot interleave.
+    let lock = RepoLock::acquire(&repo, "upgrade").await?;
+    let result = bind(&repo, url, &new).await;
+    lock.release().await?;
+    let (old, record) = result?;
+    crate::say!(
+        "repository {url} now archives cluster {} (PostgreSQL {}, {} MiB segments) in {}; \
+         cluster {} (PostgreSQL {}) archives there no more, and its backups and WAL stay \
+         listed, verifiable and restorable until prune lets them go",
+        record.system_identifier,
+        record.pg_version,
+        record.wal_segment_size >> 20,
+        record.namespace,
+        old.system_identifier,
+        old.pg_version
+    );
+    Ok(())
+}
+
+/// Writes the new cluster's own walvault.json in its folder, then the
+/// repository's, now listing it last: the one switch every command reads.
+async fn bind(
+    repo: &Repository,
+    url: &RepoUrl,
+    new: &cluster::ClusterIdentity,
+) -> Result<(RepositoryConfig, ClusterRecord)> {
+    // Read again under the lock.
+    let mut root = repo.require_config().await?;
+    let old = root.current_cluster();
+    let record = ClusterRecord {
+        namespace: ClusterRecord::namespace_for(new.pg_version, &new.system_identifier),
+        system_identifier: new.system_identifier.clone(),
+        pg_version: new.pg_version,
+        wal_segment_size: new.wal_segment_size,
+        bound_at: chrono::Utc::now(),
+    };
+    let folder = repo.view(Some(&record.namespace));
+    let own = serde_json::to_vec_pretty(&record.own_config()).expect("config serializes");
+    if folder
+        .put_new(&Key::from(CONFIG_KEY), Bytes::from(own))
+        .await?
+        == Created::AlreadyExists
+    {
+        // An upgrade killed before its last step left this: the folder is
+        // this cluster's only if what it says is.
+        match folder.config().await? {
+            Some(c) if c.system_identifier == record.system_identifier => {}
+            _ => {
+                return Err(Error::conflict(format!(
+                    "{url} already holds {}/{CONFIG_KEY} for another cluster; nothing was changed",
+                    record.namespace
+                )));
+            }
+        }
+    }
+    root.format = REPOSITORY_FORMAT;
+    root.upgrades.push(record.clone());
+    root.validate().map_err(|e| {
+        Error::usage(format!(
+            "cannot bind cluster {}: {e}",
+            new.system_identifier
+        ))
+    })?;
+    let json = serde_json::to_vec_pretty(&root).expect("config serializes");
+    repo.put_replace(&Key::from(CONFIG_KEY), Bytes::from(json))
+        .await?;
+    Ok((old, record))
+}

@@ -1,0 +1,128 @@
+//! Which cluster a data directory holds, read from its files (the server
+//! may be stopped): the system identifier from `global/pg_control`, and the
+//! major version and WAL segment size from the newest segment in `pg_wal`,
+//! whose first page header records them with the system identifier again.
+
+use crate::pg::wal::{SegmentHeader, WalFileName};
+use std::io::Read;
+use std::path::Path;
+
+/// What binds a cluster to a repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterIdentity {
+    pub system_identifier: String,
+    pub pg_version: u32,
+    pub wal_segment_size: u32,
+}
+
+/// The cluster whose data directory is `pgdata`; the error says what is
+/// missing or what disagrees.
+pub fn identify(pgdata: &Path) -> Result<ClusterIdentity, String> {
+    let control = pgdata.join("global/pg_control");
+    let mut head = [0u8; 8];
+    std::fs::File::open(&control)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| {
+            format!(
+                "cannot read {}: {e}; is {} a PostgreSQL data directory?",
+                control.display(),
+                pgdata.display()
+            )
+        })?;
+    // ControlFileData begins with the system identifier, in every version.
+    let system_identifier = u64::from_le_bytes(head);
+    let wal = pgdata.join("pg_wal");
+    let entries =
+        std::fs::read_dir(&wal).map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
+    let newest = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            matches!(WalFileName::parse(&name), Ok(WalFileName::Segment(_))).then_some(name)
+        })
+        .max()
+        .ok_or_else(|| {
+            format!(
+                "{} holds no WAL segment to read the cluster's version from",
+                wal.display()
+            )
+        })?;
+    let path = wal.join(&newest);
+    let mut page = vec![0u8; crate::pg::wal::LONG_PAGE_HEADER_SIZE];
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut page))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let header = SegmentHeader::parse(&page).map_err(|e| format!("{}: {e}", path.display()))?;
+    if header.system_identifier != system_identifier {
+        return Err(format!(
+            "{} says system identifier {system_identifier} but {} was written by {}: \
+             the data directory is not one cluster's",
+            control.display(),
+            path.display(),
+            header.system_identifier
+        ));
+    }
+    Ok(ClusterIdentity {
+        system_identifier: system_identifier.to_string(),
+        pg_version: header.pg_version(),
+        wal_segment_size: header.segment_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data_directory(sysid: u64, segment_sysid: u64) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("global")).unwrap();
+        std::fs::create_dir_all(dir.path().join("pg_wal")).unwrap();
+        let mut control = sysid.to_le_bytes().to_vec();
+        control.resize(8192, 0);
+        std::fs::write(dir.path().join("global/pg_control"), control).unwrap();
+        let mut page = vec![0u8; 8192];
+        page[0..2].copy_from_slice(&0xD113u16.to_le_bytes());
+        page[2..4].copy_from_slice(&2u16.to_le_bytes());
+        page[4..8].copy_from_slice(&1u32.to_le_bytes());
+        page[24..32].copy_from_slice(&segment_sysid.to_le_bytes());
+        page[32..36].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        page[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        std::fs::write(dir.path().join("pg_wal/000000010000000000000003"), page).unwrap();
+        std::fs::write(
+            dir.path()
+                .join("pg_wal/000000010000000000000002.00000028.backup"),
+            b"x",
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn reads_the_identifier_version_and_segment_size() {
+        let dir = data_directory(7_000_000_000_000_000_001, 7_000_000_000_000_000_001);
+        assert_eq!(
+            identify(dir.path()),
+            Ok(ClusterIdentity {
+                system_identifier: "7000000000000000001".into(),
+                pg_version: 16,
+                wal_segment_size: 1 << 20,
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_what_disagrees_or_is_missing() {
+        let dir = data_directory(7, 8);
+        assert!(
+            identify(dir.path())
+                .unwrap_err()
+                .contains("not one cluster's")
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(
+            identify(empty.path())
+                .unwrap_err()
+                .contains("PostgreSQL data directory")
+        );
+    }
+}
