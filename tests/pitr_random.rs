@@ -6,8 +6,11 @@
 //! the backup) and must hold exactly those rows. `make test` restores a few;
 //! the fault suite (`make chaos`) restores 20 on each backend.
 
+#[path = "common/archiving.rs"]
+mod archiving;
 mod common;
 
+use archiving::{Rng, report};
 use common::*;
 use std::time::Duration;
 
@@ -31,20 +34,6 @@ enum Kind {
     Lsn,
     Xid,
     Name,
-}
-
-/// xorshift: the choice of targets, reproducible from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x % n.max(1)
-    }
 }
 
 fn seed() -> u64 {
@@ -209,16 +198,8 @@ fn random_targets(backend: &str, repo_for: &dyn Fn(&std::path::Path) -> RepoTarg
     }
     let wrong: Vec<&String> = results.iter().filter(|r| !r.ends_with("exact")).collect();
     eprintln!("seed {seed}:\n{}", results.join("\n"));
-    if let Some(path) = std::env::var_os("WALVAULT_CHAOS_REPORT") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .unwrap();
-        writeln!(
-            f,
-            "## 6. Randomized point-in-time recovery, {backend}\n\n\
+    report(&format!(
+        "## 6. Randomized point-in-time recovery, {backend}\n\n\
              Seed {seed}. Timeline 1: twelve batches of rows with a backup before batches 1, \
              5 and 9. Timeline switch: a point-in-time copy restored to batch {branch} \
              promotes to timeline 2, archiving into the same repository, and writes batches \
@@ -228,19 +209,17 @@ fn random_targets(backend: &str, repo_for: &dyn Fn(&std::path::Path) -> RepoTarg
              the branch (--target-timeline 1), walvault choosing the backup; each restored \
              server compared with the rows its timeline held at that target.\n\n| target | result |\n|---|---|\n{}\n\n\
              Verdict: **{} of {count} exact**\n",
-            results
-                .iter()
-                .map(|r| {
-                    // The target ends at its value's closing parenthesis.
-                    let (t, v) = r.split_once("): ").unwrap_or((r, ""));
-                    format!("| {t}) | {v} |")
-                })
-                .collect::<Vec<_>>()
-                .join("\n"),
-            count - wrong.len()
-        )
-        .unwrap();
-    }
+        results
+            .iter()
+            .map(|r| {
+                // The target ends at its value's closing parenthesis.
+                let (t, v) = r.split_once("): ").unwrap_or((r, ""));
+                format!("| {t}) | {v} |")
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        count - wrong.len()
+    ));
     assert!(
         wrong.is_empty(),
         "seed {seed} (rerun with WALVAULT_PITR_SEED): {wrong:#?}"
