@@ -115,11 +115,10 @@ async fn verify_cluster(
     config: &crate::repository::RepositoryConfig,
     opts: &VerifyOptions,
 ) -> Result<(Checked, BTreeSet<Problem>)> {
-    let repo = repo.view(None);
     let mut problems = BTreeSet::new();
     let mut checked = Checked::default();
 
-    let mut ids = catalog::ids(&repo).await?;
+    let mut ids = catalog::ids(repo).await?;
     if let Some(only) = &opts.backup {
         if !ids.contains(only) {
             return Err(Error::not_found(format!(
@@ -130,7 +129,7 @@ async fn verify_cluster(
     }
     let mut manifests = vec![];
     for id in &ids {
-        match catalog::load(&repo, id).await {
+        match catalog::load(repo, id).await {
             Ok(m) => manifests.push(m),
             Err(e) => {
                 problems.insert(Problem {
@@ -142,8 +141,8 @@ async fn verify_cluster(
         }
     }
     checked.backups = manifests.len();
-    let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
-    let retention = match retention::load(&repo).await {
+    let archive = WalArchive::load(repo, config.wal_segment_size).await?;
+    let retention = match retention::load(repo).await {
         Ok(r) => r,
         Err(e) => {
             problems.insert(Problem {
@@ -242,7 +241,7 @@ async fn verify_cluster(
         problems = loop {
             attempts += 1;
             let now = recheck(
-                &repo,
+                repo,
                 config.wal_segment_size,
                 &manifests,
                 opts.backup.is_some(),
