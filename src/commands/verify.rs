@@ -232,14 +232,15 @@ async fn verify_cluster(
     // A prune running beside us deletes backups, then the WAL and packs only
     // they needed: what went missing since we listed counts only if the
     // repository, listed again now, still needs it. An archiver that pushes
-    // ahead lands segments out of order, so a gap at the end of a timeline
-    // may be one it is about to close: missing WAL is listed again, a few
-    // times, a second apart, before it counts.
+    // ahead lands segments out of order, and on a busy host one upload (an
+    // fsync behind a backup's writes) can lag the ones after it by seconds:
+    // a gap near the end of a timeline may be one it is about to close.
+    // Missing WAL is listed again, with growing pauses, for about half a
+    // minute before it counts; a clean repository never waits.
     if !problems.is_empty() {
         let first = problems;
-        let mut attempts = 0;
+        let mut pauses = RECHECK_PAUSES.iter();
         problems = loop {
-            attempts += 1;
             let now = recheck(
                 repo,
                 config.wal_segment_size,
@@ -248,19 +249,21 @@ async fn verify_cluster(
                 first.clone(),
             )
             .await?;
-            if attempts == RECHECKS || !now.iter().any(|p| p.absent) {
-                break now;
+            match pauses.next() {
+                Some(&secs) if now.iter().any(|p| p.absent) => {
+                    tokio::time::sleep(std::time::Duration::from_secs(secs)).await
+                }
+                _ => break now,
             }
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         };
     }
 
     Ok((checked, problems))
 }
 
-/// How many times verify lists the repository again before missing WAL
-/// counts.
-const RECHECKS: usize = 3;
+/// The pauses, in seconds, between listings of the repository before
+/// missing WAL counts.
+const RECHECK_PAUSES: [u64; 5] = [1, 2, 4, 8, 15];
 
 /// The problems that still stand against the repository as it is now:
 /// damage to what remaining backups need, and the WAL they need that is
@@ -272,6 +275,12 @@ async fn recheck(
     one_backup: bool,
     problems: BTreeSet<Problem>,
 ) -> Result<BTreeSet<Problem>> {
+    // The backups listed both before and after the WAL existed all the while
+    // it was listed: a prune deletes a backup before the WAL only it needed,
+    // and a backup's manifest lands after the WAL it needs, so the WAL
+    // listing holds everything those backups need unless it is truly gone.
+    let before: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
+    let archive = WalArchive::load(repo, segment_size).await?;
     let ids: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
     if one_backup && let Some(gone) = manifests.iter().find(|m| !ids.contains(&m.id)) {
         return Err(Error::not_found(format!(
@@ -281,10 +290,9 @@ async fn recheck(
     }
     let present: Vec<Manifest> = manifests
         .iter()
-        .filter(|m| ids.contains(&m.id))
+        .filter(|m| ids.contains(&m.id) && before.contains(&m.id))
         .cloned()
         .collect();
-    let archive = WalArchive::load(repo, segment_size).await?;
     let retention = retention::load(repo).await.ok().flatten();
     let mut needed_missing = BTreeSet::new();
     continuity(
