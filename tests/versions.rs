@@ -277,6 +277,51 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         describe(&out)
     );
 
+    // A fetch without --cluster delivers the WAL of the cluster whose data
+    // directory asks, never the other's segment of the same name; a data
+    // directory of neither is refused, and in archive recovery that stops
+    // recovery rather than end it.
+    let n = both[0].strip_suffix(".zst").unwrap();
+    for (server, sysid) in [(old, &old_sysid), (&new, &new_sysid)] {
+        let into = format!("pg_wal/walvault-test-{n}");
+        let out = s
+            .repo
+            .walvault_as_postgres(&s.bin)
+            .current_dir(&server.data)
+            .args(["fetch", n, &into])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "fetch: {}", describe(&out));
+        let fetched = server.data.join(&into);
+        let page = std::fs::read(&fetched).unwrap();
+        let written_by = u64::from_le_bytes(page[24..32].try_into().unwrap());
+        assert_eq!(written_by.to_string(), *sysid, "{n} fetched for {sysid}");
+        std::fs::remove_file(&fetched).unwrap();
+    }
+    let stranger = s.root().join("stranger");
+    std::fs::create_dir_all(stranger.join("global")).unwrap();
+    std::fs::create_dir_all(stranger.join("pg_wal")).unwrap();
+    std::fs::write(
+        stranger.join("global/pg_control"),
+        [&12345u64.to_le_bytes()[..], &[0u8; 8184]].concat(),
+    )
+    .unwrap();
+    std::fs::write(stranger.join("recovery.signal"), "").unwrap();
+    let out = s
+        .repo
+        .walvault(&s.bin)
+        .current_dir(&stranger)
+        .args(["fetch", n, "pg_wal/RECOVERYXLOG"])
+        .output()
+        .unwrap();
+    assert!(out.status.code().unwrap_or(0) > 125, "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no WAL of that cluster"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
+
     // Both clusters' backups are listed and restore with their own binaries.
     let list = s.list_json();
     let sysids: Vec<&str> = list
@@ -324,5 +369,27 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         "verify after prune: {}",
         describe(&out)
     );
+
+    // A timeline history file pushed from outside any pg_wal belongs to the
+    // cluster archiving now.
+    let history = s.root().join("00000007.history");
+    std::fs::write(&history, "6\t0/5000000\tno recovery target specified\n").unwrap();
+    let out = s
+        .repo
+        .walvault(&s.bin)
+        .arg("push")
+        .arg(&history)
+        .arg("00000007.history")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "push history: {}", describe(&out));
+    assert!(
+        s.root()
+            .join(format!(
+                "repo/clusters/{new_major}-{new_sysid}/wal/00000007.history.zst"
+            ))
+            .exists()
+    );
+    assert!(!s.root().join("repo/wal/00000007.history.zst").exists());
     drop(new);
 }

@@ -69,6 +69,35 @@ pub fn identify(pgdata: &Path) -> Result<ClusterIdentity, String> {
     })
 }
 
+/// The system identifier in the control file of the data directory whose
+/// `pg_wal` holds `path` (as PostgreSQL passes `%p`, relative to the data
+/// directory it runs the command in); `None` when `path` is not in a
+/// `pg_wal` or there is no control file beside it. The error names the
+/// control file.
+pub fn system_identifier_beside(
+    path: &Path,
+) -> Result<Option<String>, (std::path::PathBuf, std::io::Error)> {
+    let Some(wal_dir) = path
+        .parent()
+        .filter(|p| p.file_name() == Some("pg_wal".as_ref()))
+    else {
+        return Ok(None);
+    };
+    let control = wal_dir
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join("global/pg_control");
+    let mut head = [0u8; 8];
+    match std::fs::File::open(&control).and_then(|mut f| f.read_exact(&mut head)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err((control, e)),
+    }
+    // ControlFileData begins with the system identifier, in every version.
+    let id = u64::from_le_bytes(head);
+    Ok((id != 0).then(|| id.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@ use crate::ahead::spool::{RepoBinding, Spool, WorkerKind};
 use crate::error::{Error, Result};
 use crate::format::object::Sha256Digest;
 use crate::pg::wal::{SegmentName, WalFileName};
-use crate::repository::{RepoUrl, Repository, RepositoryConfig};
+use crate::repository::{Cluster, RepoUrl, Repository, RepositoryConfig};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -48,6 +48,64 @@ pub struct FetchOptions {
     pub cluster: Option<String>,
 }
 
+/// Whose WAL a fetch delivers, in a repository that holds several
+/// clusters' (after an upgrade).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Which<'a> {
+    /// The cluster `--cluster` names (walvault restore writes it).
+    Named(&'a str),
+    /// The cluster whose data directory `%p` lies in: a segment of the same
+    /// name from another cluster would be taken by PostgreSQL for the end
+    /// of the archive.
+    Recovering(&'a str),
+    /// Neither known: the cluster archiving there now.
+    Current,
+}
+
+impl<'a> Which<'a> {
+    fn of(given: Option<&'a str>, recovering: Option<&'a str>) -> Which<'a> {
+        match (given, recovering) {
+            (Some(id), _) => Which::Named(id),
+            (None, Some(id)) => Which::Recovering(id),
+            (None, None) => Which::Current,
+        }
+    }
+
+    /// The system identifier to hand a prefetch worker.
+    fn id(self) -> Option<&'a str> {
+        match self {
+            Which::Named(id) | Which::Recovering(id) => Some(id),
+            Which::Current => None,
+        }
+    }
+
+    fn pick(self, repo: &Repository, root: &RepositoryConfig) -> Result<Cluster> {
+        match self {
+            Which::Named(id) => repo.cluster(root, id),
+            Which::Recovering(id) => repo.cluster(root, id).map_err(|_| {
+                Error::conflict(format!(
+                    "the data directory being recovered belongs to cluster {id} (its \
+                     global/pg_control), and repository {} holds no WAL of that cluster: \
+                     restore_command names the wrong --repo, or the cluster never archived there",
+                    repo.url()
+                ))
+            }),
+            Which::Current => Ok(repo.current(root)),
+        }
+    }
+
+    /// The config of the chosen cluster in a repository whose walvault.json
+    /// is `root`.
+    fn config(self, root: &RepositoryConfig) -> Option<RepositoryConfig> {
+        match self.id() {
+            None => Some(root.current_cluster()),
+            Some(id) => Repository::clusters_of(root)
+                .into_iter()
+                .find(|c| c.system_identifier == id),
+        }
+    }
+}
+
 /// The repository as the cluster being recovered sees it (its folder, in a
 /// repository of several clusters), and that cluster's config (`None`: the
 /// repository has no walvault.json yet). `root` is the repository's
@@ -55,7 +113,7 @@ pub struct FetchOptions {
 pub(super) async fn open_cluster(
     url: &RepoUrl,
     root: Option<RepositoryConfig>,
-    cluster: Option<&str>,
+    which: Which<'_>,
 ) -> Result<(Repository, Option<RepositoryConfig>)> {
     let repo = Repository::open(url, false)?;
     let root = match root {
@@ -65,25 +123,8 @@ pub(super) async fn open_cluster(
     let Some(root) = root else {
         return Ok((repo, None));
     };
-    let chosen = match cluster {
-        Some(id) => repo.cluster(&root, id)?,
-        None => repo.current(&root),
-    };
+    let chosen = which.pick(&repo, &root)?;
     Ok((chosen.repo, Some(chosen.config)))
-}
-
-/// The config of the cluster `cluster` names (default: the current one)
-/// in a repository whose walvault.json is `root`.
-pub(super) fn cluster_config(
-    root: &RepositoryConfig,
-    cluster: Option<&str>,
-) -> Option<RepositoryConfig> {
-    match cluster {
-        None => Some(root.current_cluster()),
-        Some(id) => crate::repository::Repository::clusters_of(root)
-            .into_iter()
-            .find(|c| c.system_identifier == id),
-    }
 }
 
 /// Disk the prefetch spool may use by default.
@@ -166,16 +207,23 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         _ => Path::new("."),
     };
     crate::sys::remove_abandoned_temporaries(target_dir);
-    let mut outcome = fetch(url, opts, caller).await;
+    let recovering = match &opts.cluster {
+        Some(_) => None,
+        None => crate::pg::cluster::system_identifier_beside(&opts.path)
+            .ok()
+            .flatten(),
+    };
+    let which = Which::of(opts.cluster.as_deref(), recovering.as_deref());
+    let mut outcome = fetch(url, opts, caller, which).await;
     if caller == Caller::ArchiveRecovery
         && let Err(e) = &outcome
         && e.kind == crate::error::ErrorKind::NotFound
         && let Ok(WalFileName::Segment(segment)) = WalFileName::parse(&opts.name)
         && !put_in_place(target_dir, &opts.name)
     {
-        outcome = match open_cluster(url, None, opts.cluster.as_deref()).await {
+        outcome = match open_cluster(url, None, which).await {
             Ok((repo, _)) => match gap_at(&repo, segment, GAP_SETTLE).await {
-                Ok(Gap::Settled) => fetch(url, opts, caller).await,
+                Ok(Gap::Settled) => fetch(url, opts, caller, which).await,
                 Ok(Gap::None) => outcome,
                 Ok(Gap::Before(later)) => Err(gap_error(&repo, segment, later, target_dir).await),
                 Err(e) => Err(e),
@@ -194,7 +242,7 @@ fn put_in_place(dir: &Path, name: &str) -> bool {
     std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file())
 }
 
-async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()> {
+async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller, which: Which<'_>) -> Result<()> {
     let name = WalFileName::parse(&opts.name).map_err(|e| Error::usage(e.to_string()))?;
     // Only recovery reads on to the following segments; a person, a script
     // or pg_rewind (--restore-target-wal, which leaves no signal file) asks
@@ -206,9 +254,8 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
         }
         _ => None,
     };
-    let cluster = opts.cluster.as_deref();
     let Some((segment, spool)) = ahead else {
-        let (repo, _) = open_cluster(url, None, cluster).await?;
+        let (repo, _) = open_cluster(url, None, which).await?;
         return fetch_from_repository(&repo, &name, &opts.path).await;
     };
 
@@ -222,18 +269,18 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
         *n == name || matches!(n, WalFileName::Segment(s) if window.contains(s))
     });
 
-    let spooled = wait_for_worker(url, &spool, &name, cluster).await;
+    let spooled = wait_for_worker(url, &spool, &name, which).await;
     if hand_over(&spooled, &name, &opts.path) {
         tracing::debug!("restored {name} from the prefetch spool");
         // Refill once half the window is used up, in the background.
         if let Some(size) = size
             && (spooled.len() - 1) * 2 <= depth
         {
-            start_worker(&spool, url, segment, depth, size, cluster);
+            start_worker(&spool, url, segment, depth, size, which.id());
         }
         return Ok(());
     }
-    let (repo, config) = open_cluster(url, spool.remembered_config(url), cluster).await?;
+    let (repo, config) = open_cluster(url, spool.remembered_config(url), which).await?;
     fetch_from_repository(&repo, &name, &opts.path).await?;
     let size = match (size, config) {
         (Some(s), _) => Some(s),
@@ -250,7 +297,7 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller) -> Result<()>
             segment,
             window_len(opts.prefetch, Some(size)),
             size,
-            cluster,
+            which.id(),
         );
     }
     Ok(())
@@ -264,7 +311,7 @@ async fn wait_for_worker(
     url: &RepoUrl,
     spool: &Spool,
     name: &WalFileName,
-    cluster: Option<&str>,
+    which: Which<'_>,
 ) -> Vec<(WalFileName, Sha256Digest, PathBuf)> {
     if !spool.claimed_by_any(WorkerKind::Prefetch, name) && !spool.prefetched_by_any(name) {
         return vec![];
@@ -281,7 +328,7 @@ async fn wait_for_worker(
         },
     };
     let Some(binding) = root
-        .and_then(|root| cluster_config(&root, cluster))
+        .and_then(|root| which.config(&root))
         .map(|c| RepoBinding::of(url, &c))
     else {
         return vec![];

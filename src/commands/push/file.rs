@@ -122,9 +122,11 @@ impl Pusher {
                 .await?;
             bound.root.check_same_cluster(&cluster, self.repo.url())?;
             into = &bound.repo;
-        } else if let Some(ours) = cluster_of_data_directory(path)? {
-            // A repository not bound yet takes it: after a restore into a new
-            // repository, the new timeline's history file is archived first.
+        } else {
+            // History and backup history files go to the cluster archiving
+            // now, wherever they are pushed from. A repository not bound yet
+            // takes them as they are: after a restore into a new repository,
+            // the new timeline's history file is archived first.
             let bound = match self.bound.get() {
                 Some(b) => Some(b),
                 None => match self.repo.config().await? {
@@ -139,9 +141,10 @@ impl Pusher {
             if let Some(b) = bound {
                 into = &b.repo;
             }
-            if let Some(bound) = bound
-                .map(|b| &b.config)
-                .filter(|b| b.system_identifier != ours)
+            if let Some(ours) = cluster_of_data_directory(path)?
+                && let Some(bound) = bound
+                    .map(|b| &b.config)
+                    .filter(|b| b.system_identifier != ours)
             {
                 return Err(Error::conflict(format!(
                     "repository {} belongs to cluster {} but {name} comes from cluster {ours} \
@@ -293,34 +296,15 @@ fn cluster_of_segment(
     }))
 }
 
-/// The system identifier in the control file of the data directory `path`
-/// lies in, when `path` is in a `pg_wal` (as PostgreSQL passes `%p`).
+/// The cluster whose `pg_wal` holds `path`, from its control file.
 /// History and backup history files carry no cluster identity of their own;
 /// the cluster archiving them does.
 fn cluster_of_data_directory(path: &Path) -> Result<Option<String>> {
-    let Some(wal_dir) = path
-        .parent()
-        .filter(|p| p.file_name() == Some("pg_wal".as_ref()))
-    else {
-        return Ok(None);
-    };
-    let control = wal_dir
-        .parent()
-        .unwrap_or(Path::new(""))
-        .join("global/pg_control");
-    let mut head = [0u8; 8];
-    match std::fs::File::open(&control).and_then(|mut f| f.read_exact(&mut head)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(Error::io(format!(
-                "cannot read {} to check which cluster {} comes from: {e}; nothing was archived",
-                control.display(),
-                path.display()
-            )));
-        }
-    }
-    // ControlFileData begins with the system identifier, in every version.
-    let id = u64::from_le_bytes(head);
-    Ok((id != 0).then(|| id.to_string()))
+    crate::pg::cluster::system_identifier_beside(path).map_err(|(control, e)| {
+        Error::io(format!(
+            "cannot read {} to check which cluster {} comes from: {e}; nothing was archived",
+            control.display(),
+            path.display()
+        ))
+    })
 }
