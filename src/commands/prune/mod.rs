@@ -71,21 +71,27 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
         // cluster is pruned under its own lock.
         let clusters = root_repo.clusters(&root);
         let mut all = vec![];
-        for c in &clusters {
-            all.extend(catalog::load_all(&c.repo).await?);
+        let mut owner = vec![];
+        for (i, c) in clusters.iter().enumerate() {
+            let backups = catalog::load_all(&c.repo).await?;
+            owner.extend(std::iter::repeat_n(i, backups.len()));
+            all.extend(backups);
         }
-        all.sort_by(|a, b| (a.start_time, &a.id).cmp(&(b.start_time, &b.id)));
-        let keep = plan::backups_to_keep(&all, &opts.policy, chrono::Utc::now());
-        let outside: HashSet<String> = all
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| !**k)
-            .map(|(m, _)| m.id.clone())
-            .collect();
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        order.sort_by(|&a, &b| {
+            (all[a].start_time, &all[a].id).cmp(&(all[b].start_time, &all[b].id))
+        });
+        let sorted: Vec<Manifest> = order.iter().map(|&i| all[i].clone()).collect();
+        let keep = plan::backups_to_keep(&sorted, &opts.policy, chrono::Utc::now());
+        // Per cluster: an id names a backup only within its cluster.
+        let mut outside: Vec<HashSet<String>> = vec![HashSet::new(); clusters.len()];
+        for (&i, _) in order.iter().zip(&keep).filter(|(_, k)| !**k) {
+            outside[owner[i]].insert(all[i].id.clone());
+        }
         let mut total = Doomed::default();
-        for c in &clusters {
+        for (i, c) in clusters.iter().enumerate() {
             let scope = Scope {
-                outside: &outside,
+                outside: &outside[i],
                 retired: !c.current,
             };
             let d = prune_cluster(&c.repo, c.config.wal_segment_size, opts, Some(scope)).await?;
@@ -131,8 +137,8 @@ pub async fn run(url: &RepoUrl, opts: &PruneOptions) -> Result<()> {
 /// What a prune of one cluster of several may delete.
 #[derive(Clone, Copy)]
 struct Scope<'a> {
-    /// The backups outside the policy, judged across every cluster; any
-    /// other backup (one published since, too) is kept.
+    /// This cluster's backups outside the policy, judged across every
+    /// cluster; any other backup (one published since, too) is kept.
     outside: &'a HashSet<String>,
     /// The cluster archives here no more (another was bound by upgrade):
     /// with none of its backups kept, none of its WAL is needed.

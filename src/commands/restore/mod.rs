@@ -255,9 +255,26 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         .position(|c| c.current)
         .expect("a current cluster");
     if let (true, Some(id)) = (several, &opts.backup) {
+        let mut holders = vec![];
         for (i, c) in clusters.iter().enumerate() {
             if catalog::ids(&c.repo).await?.contains(id) {
-                chosen = i;
+                holders.push(i);
+            }
+        }
+        match holders[..] {
+            [] => {}
+            [i] => chosen = i,
+            _ => {
+                return Err(Error::conflict(format!(
+                    "backup {id} names a backup of each of clusters {} in {url}, and restore \
+                     cannot tell which one is meant: 'walvault list' shows them; nothing was \
+                     restored",
+                    holders
+                        .iter()
+                        .map(|&i| clusters[i].config.system_identifier.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
             }
         }
     }
