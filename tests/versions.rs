@@ -207,8 +207,23 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
             },
         )
     });
-    // Bound before the new cluster's first push, by the DBA (as the
-    // postgres OS user, who owns the repository).
+    // Bound before the new cluster's first push, by the DBA as the postgres
+    // OS user, who owns the repository: as root the new folder would be
+    // root's and every push after the upgrade would fail.
+    let out = s
+        .repo
+        .walvault(&s.bin)
+        .args(["upgrade", "--pgdata"])
+        .arg(&new.data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("run walvault upgrade as postgres"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!s.root().join("repo/clusters").exists());
     let out = s
         .repo
         .walvault_as_postgres(&s.bin)

@@ -25,6 +25,7 @@ pub struct UpgradeOptions {
 
 pub async fn run(url: &RepoUrl, opts: &UpgradeOptions) -> Result<()> {
     let new = cluster::identify(&opts.pgdata).map_err(Error::usage)?;
+    same_owner(url)?;
     let repo = Repository::open(url, false)?;
     let root = repo.require_config().await?;
     let current = root.current_cluster();
@@ -80,6 +81,14 @@ async fn bind(
         wal_segment_size: new.wal_segment_size,
         bound_at: chrono::Utc::now(),
     };
+    root.format = REPOSITORY_FORMAT;
+    root.upgrades.push(record.clone());
+    root.validate().map_err(|e| {
+        Error::usage(format!(
+            "cannot bind cluster {}: {e}; nothing was changed",
+            new.system_identifier
+        ))
+    })?;
     let folder = repo.view(Some(&record.namespace));
     let own = serde_json::to_vec_pretty(&record.own_config()).expect("config serializes");
     if folder
@@ -99,16 +108,40 @@ async fn bind(
             }
         }
     }
-    root.format = REPOSITORY_FORMAT;
-    root.upgrades.push(record.clone());
-    root.validate().map_err(|e| {
-        Error::usage(format!(
-            "cannot bind cluster {}: {e}",
-            new.system_identifier
-        ))
-    })?;
     let json = serde_json::to_vec_pretty(&root).expect("config serializes");
     repo.put_replace(&Key::from(CONFIG_KEY), Bytes::from(json))
         .await?;
     Ok((old, record))
+}
+
+/// On a filesystem, the folder upgrade creates belongs to whoever runs it,
+/// and the archiver must write there from then on: the user who owns the
+/// repository (PostgreSQL's, normally) must run it, or every push after
+/// the upgrade would fail on permissions.
+fn same_owner(url: &RepoUrl) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let RepoUrl::Local(dir) = url else {
+        return Ok(());
+    };
+    let config = dir.join(CONFIG_KEY);
+    let Ok(meta) = std::fs::metadata(&config) else {
+        // Missing or unreadable: the next step says so.
+        return Ok(());
+    };
+    let me = crate::sys::effective_uid();
+    if meta.uid() == me {
+        return Ok(());
+    }
+    let name = |uid: u32| crate::sys::user_name(uid).unwrap_or_else(|| format!("uid {uid}"));
+    Err(Error::usage(format!(
+        "{} belongs to {}, and walvault upgrade runs as {}: the new cluster's folder would \
+         be {}'s and the archiver could not write there; run walvault upgrade as {} \
+         (e.g. sudo -u {} walvault upgrade ...); nothing was changed",
+        config.display(),
+        name(meta.uid()),
+        name(me),
+        name(me),
+        name(meta.uid()),
+        name(meta.uid())
+    )))
 }

@@ -34,25 +34,45 @@ pub fn identify(pgdata: &Path) -> Result<ClusterIdentity, String> {
     let wal = pgdata.join("pg_wal");
     let entries =
         std::fs::read_dir(&wal).map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
-    let newest = entries
+    let mut segments: Vec<String> = entries
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
             matches!(WalFileName::parse(&name), Ok(WalFileName::Segment(_))).then_some(name)
         })
-        .max()
-        .ok_or_else(|| {
+        .collect();
+    // Newest first; a segment made ahead of use (zero-filled) has no header
+    // yet, so the newest one that has is read.
+    segments.sort_unstable_by(|a, b| b.cmp(a));
+    let mut first_error = None;
+    let mut found = None;
+    for name in &segments {
+        let path = wal.join(name);
+        let mut page = vec![0u8; crate::pg::wal::LONG_PAGE_HEADER_SIZE];
+        let read = std::fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut page))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|()| {
+                SegmentHeader::parse(&page).map_err(|e| format!("{}: {e}", path.display()))
+            });
+        match read {
+            Ok(header) => {
+                found = Some((path, header));
+                break;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    let Some((path, header)) = found else {
+        return Err(first_error.unwrap_or_else(|| {
             format!(
                 "{} holds no WAL segment to read the cluster's version from",
                 wal.display()
             )
-        })?;
-    let path = wal.join(&newest);
-    let mut page = vec![0u8; crate::pg::wal::LONG_PAGE_HEADER_SIZE];
-    std::fs::File::open(&path)
-        .and_then(|mut f| f.read_exact(&mut page))
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let header = SegmentHeader::parse(&page).map_err(|e| format!("{}: {e}", path.display()))?;
+        }));
+    };
     if header.system_identifier != system_identifier {
         return Err(format!(
             "{} says system identifier {system_identifier} but {} was written by {}: \
@@ -136,6 +156,25 @@ mod tests {
                 pg_version: 16,
                 wal_segment_size: 1 << 20,
             })
+        );
+    }
+
+    /// PostgreSQL makes segments ahead of use, zero-filled: the newest one
+    /// with a header speaks for the cluster.
+    #[test]
+    fn skips_a_segment_made_ahead_of_use() {
+        let dir = data_directory(7, 7);
+        std::fs::write(
+            dir.path().join("pg_wal/000000010000000000000004"),
+            vec![0u8; 8192],
+        )
+        .unwrap();
+        assert_eq!(identify(dir.path()).unwrap().pg_version, 16);
+        std::fs::remove_file(dir.path().join("pg_wal/000000010000000000000003")).unwrap();
+        assert!(
+            identify(dir.path())
+                .unwrap_err()
+                .contains("000000010000000000000004")
         );
     }
 
