@@ -346,6 +346,23 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         .map(|b| b["system_identifier"].as_str().unwrap())
         .collect();
     assert_eq!(sysids, [old_sysid.as_str(), new_sysid.as_str()], "{list}");
+    let out = s.repo.walvault(&s.bin).arg("status").output().unwrap();
+    assert!(out.status.success(), "status: {}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("(format 2)"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "cluster      {new_sysid} (PostgreSQL {new_major}, 1 MiB segments)"
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!(
+            "earlier      cluster {old_sysid} (PostgreSQL {}), before an upgrade: 1 backups",
+            default_major()
+        )),
+        "{said}"
+    );
     let restored_old = s.restore_and_start("old-latest", &["--backup", &old_backup]);
     restored_old.wait_promoted();
     assert_eq!(Setup::batches(&restored_old), "1:1000 2:1000");

@@ -84,6 +84,18 @@ struct Status {
     last_archived: Option<String>,
     last_archived_at: Option<DateTime<Utc>>,
     last_archived_age_seconds: Option<i64>,
+    /// The clusters that archived here before an upgrade, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    earlier_clusters: Vec<EarlierCluster>,
+}
+
+/// A cluster that archived into the repository before an upgrade bound
+/// another: its backups stay restorable until prune lets them go.
+#[derive(Serialize)]
+struct EarlierCluster {
+    system_identifier: String,
+    pg_version: u32,
+    backups: usize,
 }
 
 /// Each backup can reach from its consistency point (`stop_time`) to the
@@ -129,19 +141,29 @@ async fn end_at_last_commit(
 pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
     let root_repo = Repository::open(url, false)?;
     let root = root_repo.require_config().await?;
-    // The cluster archiving now (after an upgrade, the one in its folder).
+    // The cluster archiving now (after an upgrade, the one in its folder),
+    // and the ones before it.
+    let mut earlier_clusters = vec![];
+    for c in root_repo.clusters(&root).into_iter().filter(|c| !c.current) {
+        earlier_clusters.push(EarlierCluster {
+            backups: catalog::ids(&c.repo).await?.len(),
+            system_identifier: c.config.system_identifier,
+            pg_version: c.config.pg_version,
+        });
+    }
     let current = root_repo.current(&root);
     let (repo, config) = (current.repo, current.config);
     let backups = catalog::load_readable(&repo).await?;
     let archive = WalArchive::load(&repo, config.wal_segment_size).await?;
-    let stored_bytes: u64 = repo.list("").await?.iter().map(|m| m.size).sum();
+    // The whole repository, every cluster's objects.
+    let stored_bytes: u64 = root_repo.list("").await?.iter().map(|m| m.size).sum();
     let newest = archive.newest();
     let now = Utc::now();
     let mut recoverable = recoverable_windows(&archive, &backups);
     end_at_last_commit(&repo, &archive, &mut recoverable).await?;
     let status = Status {
         repository: url.to_string(),
-        format: config.format,
+        format: root.format,
         system_identifier: config.system_identifier.clone(),
         pg_version: config.pg_version,
         wal_segment_size: config.wal_segment_size,
@@ -178,6 +200,7 @@ pub async fn run(url: &RepoUrl, opts: &StatusOptions) -> Result<()> {
         last_archived_at: newest.map(|f| f.meta.last_modified),
         last_archived_age_seconds: newest
             .map(|f| (now - f.meta.last_modified).num_seconds().max(0)),
+        earlier_clusters,
     };
     if opts.json {
         crate::say!("{}", serde_json::to_string_pretty(&status).expect("json"));
@@ -223,6 +246,14 @@ fn print_text(s: &Status, backups: &[Manifest], graph: bool) -> Result<()> {
         s.pg_version,
         s.wal_segment_size >> 20
     );
+    for e in &s.earlier_clusters {
+        crate::say!(
+            "earlier      cluster {} (PostgreSQL {}), before an upgrade: {} backups",
+            e.system_identifier,
+            e.pg_version,
+            e.backups
+        );
+    }
     match (backups.first(), backups.last()) {
         (Some(o), Some(n)) => crate::say!(
             "backups      {} (oldest {} at {}, newest {} at {})",
