@@ -53,6 +53,9 @@ pub const WAL_DIR: &str = "wal";
 pub const BACKUP_DIR: &str = "backups";
 pub const PACK_DIR: &str = "packs";
 pub const LOCKS_DIR: &str = "locks";
+/// Where later clusters' folders are: `clusters/<major>-<system identifier>`,
+/// each laid out like a repository of one cluster.
+pub const CLUSTERS_DIR: &str = "clusters";
 
 /// `walvault.json`: the repository's format version and cluster binding.
 pub const CONFIG_KEY: &str = "walvault.json";

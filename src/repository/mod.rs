@@ -22,8 +22,7 @@ pub const REPOSITORY_FORMAT: u32 = 2;
 /// The format push and backup create a repository in: a repository of one
 /// cluster stays readable by every walvault that reads format 1.
 pub const ONE_CLUSTER_FORMAT: u32 = 1;
-/// Where later clusters' folders are: `clusters/<major>-<system identifier>`.
-pub const CLUSTERS_DIR: &str = "clusters";
+pub use crate::format::key::CLUSTERS_DIR;
 
 /// The cluster a repository belongs to: fixed by the first segment pushed,
 /// and changed only by `walvault upgrade`, which adds a cluster.

@@ -56,6 +56,7 @@ fn store_places(root: &Path) -> Vec<(PathBuf, usize)> {
         crate::format::key::PACK_DIR,
         crate::format::key::BACKUP_DIR,
         crate::format::key::LOCKS_DIR,
+        crate::format::key::CLUSTERS_DIR,
     ] {
         places.push((root.join(dir), usize::MAX));
     }
@@ -332,6 +333,45 @@ fn find_leftovers(root: &Path, url: &str) -> Result<Vec<Leftover>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files of writes killed midway, in the repository's folders and in
+    /// its clusters' folders after an upgrade; nothing else under the root.
+    #[test]
+    fn leftovers_are_found_in_every_cluster_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - LEFTOVER_AGE - std::time::Duration::from_secs(60);
+        let mut expected = vec![];
+        for (path, leftover) in [
+            ("wal/0000000100000000/000000010000000000000001.zst#7", true),
+            (
+                "clusters/16-42/wal/0000000100000000/000000010000000000000001.zst#8",
+                true,
+            ),
+            ("clusters/16-42/packs/ab/abcd.pack#9", true),
+            ("lost+found/x#1", false),
+        ] {
+            let full = dir.path().join(path);
+            std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+            std::fs::write(&full, b"x").unwrap();
+            File::options()
+                .write(true)
+                .open(&full)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+            if leftover {
+                expected.push(full);
+            }
+        }
+        let mut found: Vec<PathBuf> = find_leftovers(dir.path(), "test")
+            .unwrap()
+            .into_iter()
+            .map(|l| l.path)
+            .collect();
+        found.sort();
+        expected.sort();
+        assert_eq!(found, expected);
+    }
 
     #[test]
     fn only_staging_names_are_leftovers() {
