@@ -273,6 +273,21 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         );
     }
 
+    // The repository never goes back to the old cluster.
+    let out = s
+        .repo
+        .walvault_as_postgres(&s.bin)
+        .args(["upgrade", "--pgdata"])
+        .arg(&old.data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("never goes back"),
+        "{}",
+        describe(&out)
+    );
+
     // The old cluster archives there no more.
     old.sql("INSERT INTO t SELECT 9, g FROM generate_series(1, 10) g");
     let refused = old.switch_wal();
