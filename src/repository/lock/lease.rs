@@ -332,9 +332,20 @@ impl<'a> Lease<'a> {
         what: &str,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
+        // Set when `work` is done: the renewal loop stops, but only between
+        // attempts, so no renewal lands after the caller deletes the lease's
+        // record (a store write dropped midway may still complete).
+        let finished = std::sync::atomic::AtomicBool::new(false);
+        let wake = tokio::sync::Notify::new();
         let renewing = async {
             loop {
-                tokio::time::sleep(self.renew_every).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(self.renew_every) => {}
+                    _ = wake.notified() => {}
+                }
+                if finished.load(std::sync::atomic::Ordering::SeqCst) {
+                    return None;
+                }
                 let attempt_started = Instant::now();
                 // A store call may hang for minutes (retries): bounded, so a
                 // slow renewal counts as a failed one.
@@ -355,14 +366,14 @@ impl<'a> Lease<'a> {
                 let outcome = match attempt {
                     Ok(true) => Ok(()),
                     Ok(false) => {
-                        return Error::conflict(format!(
+                        return Some(Error::conflict(format!(
                             "{what}: another walvault judged this one gone and removed {} from {} \
                              (no lease renewal seen for {} s: was this process stopped?); stopping, \
                              run it again",
                             self.key,
                             self.repo.url(),
                             LEASE.as_secs()
-                        ));
+                        )));
                     }
                     Err(e) => Err(e),
                 };
@@ -372,19 +383,29 @@ impl<'a> Lease<'a> {
                         tracing::warn!("cannot renew the lease on {}: {e}; retrying", self.key)
                     }
                     Err(e) => {
-                        return Error::io(format!(
+                        return Some(Error::io(format!(
                             "{what}: cannot renew the lease on {} in time, so others may take it \
                              over ({e}); stopping, run it again",
                             self.key
-                        ));
+                        )));
                     }
                 }
             }
         };
-        tokio::select! {
+        let mut renewing = std::pin::pin!(renewing);
+        let work = std::pin::pin!(work);
+        let done = tokio::select! {
             done = work => done,
-            lost = renewing => Err(lost),
-        }
+            lost = &mut renewing => {
+                return Err(lost.unwrap_or_else(|| {
+                    Error::io(format!("{what}: the lease on {} stopped being renewed", self.key))
+                }));
+            }
+        };
+        finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        wake.notify_one();
+        let _ = renewing.await;
+        done
     }
 
     /// Removes our renewal record (when we let go of the lease).
