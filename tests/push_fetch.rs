@@ -823,9 +823,10 @@ fn cli_keeps_secrets_and_refuses_contradictions() {
     assert!(!dest.exists());
 }
 
-/// A relay on 127.0.0.1 to a server that cuts its first `cuts` connections
-/// once `after` bytes of response have gone through: a connection to the
-/// store dropping mid-body.
+/// A relay on 127.0.0.1 to a server that cuts the first `cuts` connections
+/// to carry `after` bytes of response, once they have: a connection to the
+/// store dropping mid-body (a small request beside it, on a connection of
+/// its own, goes through whole).
 struct CuttingRelay {
     port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -846,7 +847,6 @@ impl CuttingRelay {
         let stop = std::sync::Arc::new(AtomicBool::new(false));
         let (cut2, stop2) = (cut.clone(), stop.clone());
         let accepter = std::thread::spawn(move || {
-            let mut accepted = 0usize;
             let mut connections = vec![];
             while !stop2.load(Ordering::SeqCst) {
                 let client = match listener.accept() {
@@ -857,8 +857,6 @@ impl CuttingRelay {
                     }
                 };
                 client.set_nonblocking(false).unwrap();
-                let to_cut = accepted < cuts;
-                accepted += 1;
                 let cut = cut2.clone();
                 connections.push(std::thread::spawn(move || {
                     let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
@@ -879,17 +877,19 @@ impl CuttingRelay {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        let n = if to_cut {
-                            n.min(after.saturating_sub(sent))
-                        } else {
-                            n
-                        };
+                        // Crossing `after` claims one of the cuts, while any is left.
+                        let cutting = sent + n >= after
+                            && cut
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                                    (c < cuts).then_some(c + 1)
+                                })
+                                .is_ok();
+                        let n = if cutting { after - sent } else { n };
                         if client.write_all(&buf[..n]).is_err() {
                             break;
                         }
                         sent += n;
-                        if to_cut && sent >= after {
-                            cut.fetch_add(1, Ordering::SeqCst);
+                        if cutting {
                             break;
                         }
                     }

@@ -14,8 +14,20 @@ pub(super) async fn fetch_from_repository(
     name: &WalFileName,
     path: &Path,
 ) -> Result<()> {
+    let opened = repo.open_object(&wal_key(name)).await?;
+    deliver(repo, name, path, opened).await
+}
+
+/// Delivers `opened`, the object of `name` as `repo` holds it (`None`:
+/// there is none), to `path`.
+pub(super) async fn deliver(
+    repo: &Repository,
+    name: &WalFileName,
+    path: &Path,
+    opened: Option<crate::store::ObjectReader>,
+) -> Result<()> {
     let key = wal_key(name);
-    let Some(reader) = repo.open_object(&key).await? else {
+    let Some(reader) = opened else {
         // Recovery asks for files that do not exist yet; that is "end of
         // archive", not a failure. A repository that is not there at all is.
         repo.require_config().await?;

@@ -15,11 +15,12 @@ mod gap;
 
 use ahead::successors;
 pub use ahead::{AheadOptions, run_ahead};
-use file::{fetch_from_repository, hand_over};
+use file::{deliver, fetch_from_repository, hand_over};
 use gap::{Gap, gap_at, gap_error};
 
 use crate::ahead::spool::{RepoBinding, Spool, WorkerKind};
 use crate::error::{Error, Result};
+use crate::format::key::wal_key;
 use crate::format::object::Sha256Digest;
 use crate::pg::wal::{SegmentName, WalFileName};
 use crate::repository::{Cluster, RepoUrl, Repository, RepositoryConfig};
@@ -125,6 +126,32 @@ pub(super) async fn open_cluster(
     };
     let chosen = which.pick(&repo, &root)?;
     Ok((chosen.repo, Some(chosen.config)))
+}
+
+/// A fetch with no spool to remember the repository's config: the config
+/// and the object where a repository of one cluster keeps it are asked for
+/// at once, so that the common repository costs one round trip; after an
+/// upgrade the object is then read from its cluster's folder.
+async fn fetch_directly(
+    url: &RepoUrl,
+    which: Which<'_>,
+    name: &WalFileName,
+    path: &Path,
+) -> Result<()> {
+    let repo = Repository::open(url, false)?;
+    let key = wal_key(name);
+    let (root, at_root) = tokio::join!(repo.config(), repo.open_object(&key));
+    let Some(root) = root? else {
+        return deliver(&repo, name, path, at_root?).await;
+    };
+    let chosen = which.pick(&repo, &root)?;
+    match chosen.namespace {
+        None => deliver(&chosen.repo, name, path, at_root?).await,
+        Some(_) => {
+            drop(at_root);
+            fetch_from_repository(&chosen.repo, name, path).await
+        }
+    }
 }
 
 /// Disk the prefetch spool may use by default.
@@ -255,8 +282,7 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller, which: Which<
         _ => None,
     };
     let Some((segment, spool)) = ahead else {
-        let (repo, _) = open_cluster(url, None, which).await?;
-        return fetch_from_repository(&repo, &name, &opts.path).await;
+        return fetch_directly(url, which, &name, &opts.path).await;
     };
 
     // Only this segment's successors on its timeline are worth keeping.
