@@ -351,6 +351,24 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         describe(&out)
     );
     assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
+    // A control file that cannot be read leaves the cluster unknown: no
+    // guess, and recovery stops.
+    std::fs::remove_file(stranger.join("global/pg_control")).unwrap();
+    std::fs::create_dir(stranger.join("global/pg_control")).unwrap();
+    let out = s
+        .repo
+        .walvault(&s.bin)
+        .current_dir(&stranger)
+        .args(["fetch", n, "pg_wal/RECOVERYXLOG"])
+        .output()
+        .unwrap();
+    assert!(out.status.code().unwrap_or(0) > 125, "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("to tell which cluster is recovering"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
 
     // Both clusters' backups are listed and restore with their own binaries.
     let list = s.list_json();

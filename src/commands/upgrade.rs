@@ -115,16 +115,19 @@ async fn bind(
 }
 
 /// On a filesystem, the folder upgrade creates belongs to whoever runs it,
-/// and the archiver must write there from then on: the user who owns the
-/// repository (PostgreSQL's, normally) must run it, or every push after
-/// the upgrade would fail on permissions.
+/// and the archiver must write there from then on: the user the archiver
+/// runs as (the owner of the WAL folder it made, else of walvault.json)
+/// must run it, or every push after the upgrade would fail on permissions.
 fn same_owner(url: &RepoUrl) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let RepoUrl::Local(dir) = url else {
         return Ok(());
     };
-    let config = dir.join(CONFIG_KEY);
-    let Ok(meta) = std::fs::metadata(&config) else {
+    let Some((owned, meta)) = [crate::format::key::WAL_DIR, CONFIG_KEY]
+        .into_iter()
+        .map(|name| dir.join(name))
+        .find_map(|path| std::fs::metadata(&path).ok().map(|m| (path, m)))
+    else {
         // Missing or unreadable: the next step says so.
         return Ok(());
     };
@@ -137,7 +140,7 @@ fn same_owner(url: &RepoUrl) -> Result<()> {
         "{} belongs to {}, and walvault upgrade runs as {}: the new cluster's folder would \
          be {}'s and the archiver could not write there; run walvault upgrade as {} \
          (e.g. sudo -u {} walvault upgrade ...); nothing was changed",
-        config.display(),
+        owned.display(),
         name(meta.uid()),
         name(me),
         name(me),

@@ -65,24 +65,38 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     // its own objects; with --backup, the one that holds it.
     let mut clusters = root_repo.clusters(&root);
     if let Some(only) = &opts.backup {
-        let mut holder = None;
+        let mut holders = vec![];
         for (i, c) in clusters.iter().enumerate() {
             if catalog::ids(&c.repo).await?.contains(only) {
-                holder = Some(i);
-                break;
+                holders.push(i);
             }
         }
-        let Some(i) = holder else {
-            return Err(Error::not_found(format!(
-                "no backup {only}; 'walvault list' shows the backups"
-            )));
+        let i = match holders[..] {
+            [] => {
+                return Err(Error::not_found(format!(
+                    "no backup {only}; 'walvault list' shows the backups"
+                )));
+            }
+            [i] => i,
+            _ => {
+                return Err(Error::conflict(format!(
+                    "backup {only} names a backup of each of clusters {} in {url}, and verify \
+                     cannot tell which one is meant: run it without --backup, or see \
+                     'walvault list'",
+                    holders
+                        .iter()
+                        .map(|&i| clusters[i].config.system_identifier.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
         };
         clusters = vec![clusters.swap_remove(i)];
     }
     let mut problems = BTreeSet::new();
     let mut checked = Checked::default();
     for c in &clusters {
-        let (seen, found) = verify_cluster(&c.repo, &c.config, opts).await?;
+        let (seen, found) = verify_cluster(&c.repo, &c.config, c.current, opts).await?;
         checked.backups += seen.backups;
         checked.wal_files += seen.wal_files;
         checked.packs += seen.packs;
@@ -113,6 +127,7 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
 async fn verify_cluster(
     repo: &Repository,
     config: &crate::repository::RepositoryConfig,
+    current: bool,
     opts: &VerifyOptions,
 ) -> Result<(Checked, BTreeSet<Problem>)> {
     let mut problems = BTreeSet::new();
@@ -237,11 +252,17 @@ async fn verify_cluster(
     // a gap near the end of a timeline may be one it is about to close.
     // Missing WAL is listed again, with growing pauses, for about half a
     // minute before it counts; a clean repository never waits.
+    // Missing WAL counts only where every listing found it missing (by the
+    // key of a run's first segment): a hole that opened for a moment in
+    // one listing is not a gap. A cluster that archives here no more has
+    // no archiver to close one, so its listing is not repeated.
     if !problems.is_empty() {
         let first = problems;
-        let mut pauses = RECHECK_PAUSES.iter();
+        let mut missing_throughout = absent_keys(&first);
+        let pauses: &[u64] = if current { &RECHECK_PAUSES } else { &[] };
+        let mut pauses = pauses.iter();
         problems = loop {
-            let now = recheck(
+            let mut now = recheck(
                 repo,
                 config.wal_segment_size,
                 &manifests,
@@ -249,6 +270,7 @@ async fn verify_cluster(
                 first.clone(),
             )
             .await?;
+            keep_missing_throughout(&mut missing_throughout, &mut now);
             match pauses.next() {
                 Some(&secs) if now.iter().any(|p| p.absent) => {
                     tokio::time::sleep(std::time::Duration::from_secs(secs)).await
@@ -259,6 +281,22 @@ async fn verify_cluster(
     }
 
     Ok((checked, problems))
+}
+
+/// The keys of the missing WAL among `problems`.
+fn absent_keys(problems: &BTreeSet<Problem>) -> BTreeSet<String> {
+    problems
+        .iter()
+        .filter(|p| p.absent)
+        .map(|p| p.object.clone())
+        .collect()
+}
+
+/// Narrows `throughout`, the missing WAL every listing so far found, by the
+/// listing that found `now`, and leaves in `now` only that missing WAL.
+fn keep_missing_throughout(throughout: &mut BTreeSet<String>, now: &mut BTreeSet<Problem>) {
+    *throughout = &*throughout & &absent_keys(now);
+    now.retain(|p| !p.absent || throughout.contains(&p.object));
 }
 
 /// The pauses, in seconds, between listings of the repository before
@@ -275,11 +313,10 @@ async fn recheck(
     one_backup: bool,
     problems: BTreeSet<Problem>,
 ) -> Result<BTreeSet<Problem>> {
-    // The backups listed both before and after the WAL existed all the while
-    // it was listed: a prune deletes a backup before the WAL only it needed,
-    // and a backup's manifest lands after the WAL it needs, so the WAL
-    // listing holds everything those backups need unless it is truly gone.
-    let before: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
+    // The backups are listed after the WAL: a prune deletes a backup before
+    // the WAL only it needed, so one of the backups read at the start that
+    // is still there existed all the while the WAL was listed, and the
+    // listing holds everything it needs unless that is truly gone.
     let archive = WalArchive::load(repo, segment_size).await?;
     let ids: BTreeSet<String> = catalog::ids(repo).await?.into_iter().collect();
     if one_backup && let Some(gone) = manifests.iter().find(|m| !ids.contains(&m.id)) {
@@ -290,7 +327,7 @@ async fn recheck(
     }
     let present: Vec<Manifest> = manifests
         .iter()
-        .filter(|m| ids.contains(&m.id) && before.contains(&m.id))
+        .filter(|m| ids.contains(&m.id))
         .cloned()
         .collect();
     let retention = retention::load(repo).await.ok().flatten();
@@ -686,6 +723,33 @@ mod tests {
             .unwrap();
         let again = recheck(&repo, m.wal_segment_size, &manifests, false, first);
         assert_eq!(again.await.unwrap(), BTreeSet::new());
+    }
+
+    /// Missing WAL counts only where every listing found it missing: a
+    /// hole one listing caught for a moment, among others that closed, is
+    /// no gap; damage is never dropped.
+    #[test]
+    fn missing_wal_counts_only_if_every_listing_found_it() {
+        let problem = |object: &str, absent: bool| Problem {
+            object: object.into(),
+            problem: format!("{object} {absent}"),
+            absent,
+        };
+        let first = BTreeSet::from([problem("wal/a", true), problem("wal/b", true)]);
+        let mut throughout = absent_keys(&first);
+        let mut now = BTreeSet::from([
+            problem("wal/b", true),
+            problem("wal/c", true),
+            problem("packs/x", false),
+        ]);
+        keep_missing_throughout(&mut throughout, &mut now);
+        assert_eq!(
+            now,
+            BTreeSet::from([problem("wal/b", true), problem("packs/x", false)])
+        );
+        let mut later = BTreeSet::from([problem("wal/c", true), problem("wal/a", true)]);
+        keep_missing_throughout(&mut throughout, &mut later);
+        assert_eq!(later, BTreeSet::new());
     }
 
     #[test]

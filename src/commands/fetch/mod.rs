@@ -234,11 +234,23 @@ pub async fn run(url: &RepoUrl, opts: &FetchOptions) -> Result<()> {
         _ => Path::new("."),
     };
     crate::sys::remove_abandoned_temporaries(target_dir);
+    // A control file that is there but cannot be read leaves the cluster
+    // unknown: guessing the current one could hand over another cluster's
+    // segment, which PostgreSQL would take for the end of the archive.
     let recovering = match &opts.cluster {
         Some(_) => None,
-        None => crate::pg::cluster::system_identifier_beside(&opts.path)
-            .ok()
-            .flatten(),
+        None => match crate::pg::cluster::system_identifier_beside(&opts.path) {
+            Ok(id) => id,
+            Err((control, e)) => {
+                let e = Error::io(format!(
+                    "cannot read {} to tell which cluster is recovering: {e}; nothing was \
+                     written to {}",
+                    control.display(),
+                    opts.path.display()
+                ));
+                return caller.report(&opts.name, Err(e));
+            }
+        },
     };
     let which = Which::of(opts.cluster.as_deref(), recovering.as_deref());
     let mut outcome = fetch(url, opts, caller, which).await;
