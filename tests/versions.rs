@@ -337,38 +337,28 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
     )
     .unwrap();
     std::fs::write(stranger.join("recovery.signal"), "").unwrap();
-    let out = s
-        .repo
-        .walvault(&s.bin)
-        .current_dir(&stranger)
-        .args(["fetch", n, "pg_wal/RECOVERYXLOG"])
-        .output()
-        .unwrap();
-    assert!(out.status.code().unwrap_or(0) > 125, "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("holds no WAL of that cluster"),
-        "{}",
-        describe(&out)
-    );
-    assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
+    let recovery_stops = |why: &str| {
+        let out = s
+            .repo
+            .walvault(&s.bin)
+            .current_dir(&stranger)
+            .args(["fetch", n, "pg_wal/RECOVERYXLOG"])
+            .output()
+            .unwrap();
+        assert!(out.status.code().unwrap_or(0) > 125, "{}", describe(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{}",
+            describe(&out)
+        );
+        assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
+    };
+    recovery_stops("holds no WAL of that cluster");
     // A control file that cannot be read leaves the cluster unknown: no
     // guess, and recovery stops.
     std::fs::remove_file(stranger.join("global/pg_control")).unwrap();
     std::fs::create_dir(stranger.join("global/pg_control")).unwrap();
-    let out = s
-        .repo
-        .walvault(&s.bin)
-        .current_dir(&stranger)
-        .args(["fetch", n, "pg_wal/RECOVERYXLOG"])
-        .output()
-        .unwrap();
-    assert!(out.status.code().unwrap_or(0) > 125, "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("to tell which cluster is recovering"),
-        "{}",
-        describe(&out)
-    );
-    assert!(!stranger.join("pg_wal/RECOVERYXLOG").exists());
+    recovery_stops("to tell which cluster is recovering");
 
     // Both clusters' backups are listed and restore with their own binaries.
     let list = s.list_json();

@@ -172,52 +172,47 @@ mod tests {
         }
     }
 
+    /// A repository of the first cluster whose folder for cluster 42 holds
+    /// `folder_config` already.
+    async fn with_folder_config(folder_config: &RepositoryConfig) -> Repository {
+        let repo = Repository::in_memory();
+        repo.bind_cluster(&first_cluster()).await.unwrap();
+        repo.view(Some(&ClusterRecord::namespace_for(16, "42")))
+            .put_new(
+                &Key::from(CONFIG_KEY),
+                Bytes::from(serde_json::to_vec(folder_config).unwrap()),
+            )
+            .await
+            .unwrap();
+        repo
+    }
+
     /// An upgrade killed after writing the folder's config, before the
     /// repository's, is finished by running it again; a folder config of
     /// another cluster under that name is refused, and nothing changes.
     #[tokio::test]
     async fn an_upgrade_killed_midway_is_finished_by_running_it_again() {
-        let repo = Repository::in_memory();
-        let url = repo.url().clone();
-        repo.bind_cluster(&first_cluster()).await.unwrap();
         let new = new_cluster("42");
-        let namespace = ClusterRecord::namespace_for(16, "42");
-        let folder = repo.view(Some(&namespace));
         let leftover = RepositoryConfig {
             system_identifier: "42".into(),
             pg_version: 16,
             ..first_cluster()
         };
-        folder
-            .put_new(
-                &Key::from(CONFIG_KEY),
-                Bytes::from(serde_json::to_vec(&leftover).unwrap()),
-            )
-            .await
-            .unwrap();
-        let (old, record) = bind(&repo, &url, &new).await.unwrap();
+        let repo = with_folder_config(&leftover).await;
+        let (old, record) = bind(&repo, repo.url(), &new).await.unwrap();
         assert_eq!(old.system_identifier, "7712875144486048961");
-        assert_eq!(record.namespace, namespace);
+        assert_eq!(record.namespace, ClusterRecord::namespace_for(16, "42"));
         let root = repo.require_config().await.unwrap();
         assert_eq!(root.format, REPOSITORY_FORMAT);
         assert_eq!(root.current_cluster().system_identifier, "42");
 
         // A folder that says it is another cluster's.
-        let repo = Repository::in_memory();
-        repo.bind_cluster(&first_cluster()).await.unwrap();
-        let folder = repo.view(Some(&namespace));
         let foreign = RepositoryConfig {
             system_identifier: "43".into(),
             ..leftover
         };
-        folder
-            .put_new(
-                &Key::from(CONFIG_KEY),
-                Bytes::from(serde_json::to_vec(&foreign).unwrap()),
-            )
-            .await
-            .unwrap();
-        let e = bind(&repo, &url, &new).await.unwrap_err();
+        let repo = with_folder_config(&foreign).await;
+        let e = bind(&repo, repo.url(), &new).await.unwrap_err();
         assert_eq!(e.kind, crate::error::ErrorKind::Conflict);
         assert!(e.to_string().contains("for another cluster"), "{e}");
         let root = repo.require_config().await.unwrap();
