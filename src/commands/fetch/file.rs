@@ -9,28 +9,34 @@ use crate::repository::Repository;
 use crate::sys::{Durability, write_atomically_with};
 use std::path::{Path, PathBuf};
 
+/// Fetches `name` from `repo` to `path`. `known`: the repository's
+/// walvault.json was just read, so a missing object needs no second look.
 pub(super) async fn fetch_from_repository(
     repo: &Repository,
     name: &WalFileName,
     path: &Path,
+    known: bool,
 ) -> Result<()> {
     let opened = repo.open_object(&wal_key(name)).await?;
-    deliver(repo, name, path, opened).await
+    deliver(repo, name, path, opened, known).await
 }
 
 /// Delivers `opened`, the object of `name` as `repo` holds it (`None`:
-/// there is none), to `path`.
+/// there is none), to `path`; `known` as for [`fetch_from_repository`].
 pub(super) async fn deliver(
     repo: &Repository,
     name: &WalFileName,
     path: &Path,
     opened: Option<crate::store::ObjectReader>,
+    known: bool,
 ) -> Result<()> {
     let key = wal_key(name);
     let Some(reader) = opened else {
         // Recovery asks for files that do not exist yet; that is "end of
         // archive", not a failure. A repository that is not there at all is.
-        repo.require_config().await?;
+        if !known {
+            repo.require_config().await?;
+        }
         return Err(Error::not_found(format!("{name} is not in the archive")));
     };
     // Decompressed straight into a temporary file beside `path`, hashed on

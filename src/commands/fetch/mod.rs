@@ -142,14 +142,14 @@ async fn fetch_directly(
     let key = wal_key(name);
     let (root, at_root) = tokio::join!(repo.config(), repo.open_object(&key));
     let Some(root) = root? else {
-        return deliver(&repo, name, path, at_root?).await;
+        return deliver(&repo, name, path, at_root?, false).await;
     };
     let chosen = which.pick(&repo, &root)?;
     match chosen.namespace {
-        None => deliver(&chosen.repo, name, path, at_root?).await,
+        None => deliver(&chosen.repo, name, path, at_root?, true).await,
         Some(_) => {
             drop(at_root);
-            fetch_from_repository(&chosen.repo, name, path).await
+            fetch_from_repository(&chosen.repo, name, path, true).await
         }
     }
 }
@@ -318,8 +318,13 @@ async fn fetch(url: &RepoUrl, opts: &FetchOptions, caller: Caller, which: Which<
         }
         return Ok(());
     }
-    let (repo, config) = open_cluster(url, spool.remembered_config(url), which).await?;
-    fetch_from_repository(&repo, &name, &opts.path).await?;
+    // A config remembered from the worker does not prove the repository is
+    // still there: only one read now lets a missing object be the end of
+    // the archive without a second look.
+    let remembered = spool.remembered_config(url);
+    let read_now = remembered.is_none();
+    let (repo, config) = open_cluster(url, remembered, which).await?;
+    fetch_from_repository(&repo, &name, &opts.path, read_now && config.is_some()).await?;
     let size = match (size, config) {
         (Some(s), _) => Some(s),
         (None, Some(config)) => {
@@ -480,7 +485,7 @@ mod tests {
             let (_, mut stored) = object::encode(b"a segment", 3).unwrap();
             stored[offset] = value;
             std::fs::write(&object, stored).unwrap();
-            let e = fetch_from_repository(&repo, &name, &target)
+            let e = fetch_from_repository(&repo, &name, &target, false)
                 .await
                 .unwrap_err();
             assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
