@@ -19,18 +19,13 @@ pub struct ClusterIdentity {
 /// missing or what disagrees.
 pub fn identify(pgdata: &Path) -> Result<ClusterIdentity, String> {
     let control = pgdata.join("global/pg_control");
-    let mut head = [0u8; 8];
-    std::fs::File::open(&control)
-        .and_then(|mut f| f.read_exact(&mut head))
-        .map_err(|e| {
-            format!(
-                "cannot read {}: {e}; is {} a PostgreSQL data directory?",
-                control.display(),
-                pgdata.display()
-            )
-        })?;
-    // ControlFileData begins with the system identifier, in every version.
-    let system_identifier = u64::from_le_bytes(head);
+    let system_identifier = read_system_identifier(&control).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; is {} a PostgreSQL data directory?",
+            control.display(),
+            pgdata.display()
+        )
+    })?;
     let wal = pgdata.join("pg_wal");
     let entries =
         std::fs::read_dir(&wal).map_err(|e| format!("cannot read {}: {e}", wal.display()))?;
@@ -107,15 +102,19 @@ pub fn system_identifier_beside(
         .parent()
         .unwrap_or(Path::new(""))
         .join("global/pg_control");
-    let mut head = [0u8; 8];
-    match std::fs::File::open(&control).and_then(|mut f| f.read_exact(&mut head)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err((control, e)),
+    match read_system_identifier(&control) {
+        Ok(id) => Ok((id != 0).then(|| id.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err((control, e)),
     }
+}
+
+/// The system identifier in the control file `control`.
+fn read_system_identifier(control: &Path) -> std::io::Result<u64> {
+    let mut head = [0u8; 8];
+    std::fs::File::open(control).and_then(|mut f| f.read_exact(&mut head))?;
     // ControlFileData begins with the system identifier, in every version.
-    let id = u64::from_le_bytes(head);
-    Ok((id != 0).then(|| id.to_string()))
+    Ok(u64::from_le_bytes(head))
 }
 
 #[cfg(test)]
