@@ -217,12 +217,7 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         .arg(&new.data)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("run walvault upgrade as postgres"),
-        "{}",
-        describe(&out)
-    );
+    assert_refused(&out, 2, "run walvault upgrade as postgres");
     assert!(!s.root().join("repo/clusters").exists());
     let out = s
         .repo
@@ -281,12 +276,7 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         .arg(&old.data)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("never goes back"),
-        "{}",
-        describe(&out)
-    );
+    assert_refused(&out, 3, "never goes back");
 
     // The old cluster archives there no more.
     old.sql("INSERT INTO t SELECT 9, g FROM generate_series(1, 10) g");
@@ -300,12 +290,7 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
         .arg(&refused)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("archives there no more"),
-        "{}",
-        describe(&out)
-    );
+    assert_refused(&out, 3, "archives there no more");
 
     // A fetch without --cluster delivers the WAL of the cluster whose data
     // directory asks, never the other's segment of the same name; a data
@@ -359,6 +344,31 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
     std::fs::remove_file(stranger.join("global/pg_control")).unwrap();
     std::fs::create_dir(stranger.join("global/pg_control")).unwrap();
     recovery_stops("to tell which cluster is recovering");
+
+    // A backup id two clusters hold is refused, never guessed between.
+    let twin = s.root().join(format!(
+        "repo/clusters/{new_major}-{new_sysid}/backups/{old_backup}"
+    ));
+    std::fs::create_dir_all(&twin).unwrap();
+    let manifest = s
+        .root()
+        .join(format!("repo/backups/{old_backup}/manifest.json.zst"));
+    std::fs::copy(&manifest, twin.join("manifest.json.zst")).unwrap();
+    for args in [
+        vec!["restore", "--backup", &old_backup, "--pgdata"],
+        vec!["verify", "--backup", &old_backup],
+    ] {
+        let target = s.root().join("twin-restore");
+        let mut cmd = s.repo.walvault(&s.bin);
+        cmd.args(&args);
+        if args[0] == "restore" {
+            cmd.arg(&target);
+        }
+        let out = cmd.output().unwrap();
+        assert_refused(&out, 3, "cannot tell which one is meant");
+        assert!(!target.exists());
+    }
+    std::fs::remove_dir_all(&twin).unwrap();
 
     // Both clusters' backups are listed and restore with their own binaries.
     let list = s.list_json();
@@ -447,4 +457,14 @@ fn an_upgrade_keeps_the_old_clusters_backups_restorable() {
     );
     assert!(!s.root().join("repo/wal/00000007.history.zst").exists());
     drop(new);
+}
+
+/// `out` is a refusal: exit `code`, and stderr says `says`.
+fn assert_refused(out: &std::process::Output, code: i32, says: &str) {
+    assert_eq!(out.status.code(), Some(code), "{}", describe(out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(says),
+        "{}",
+        describe(out)
+    );
 }

@@ -65,31 +65,10 @@ pub async fn run(url: &RepoUrl, opts: &VerifyOptions) -> Result<()> {
     // its own objects; with --backup, the one that holds it.
     let mut clusters = root_repo.clusters(&root);
     if let Some(only) = &opts.backup {
-        let mut holders = vec![];
-        for (i, c) in clusters.iter().enumerate() {
-            if catalog::ids(&c.repo).await?.contains(only) {
-                holders.push(i);
-            }
-        }
-        let i = match holders[..] {
-            [] => {
-                return Err(Error::not_found(format!(
-                    "no backup {only}; 'walvault list' shows the backups"
-                )));
-            }
-            [i] => i,
-            _ => {
-                return Err(Error::conflict(format!(
-                    "backup {only} names a backup of each of clusters {} in {url}, and verify \
-                     cannot tell which one is meant: run it without --backup, or see \
-                     'walvault list'",
-                    holders
-                        .iter()
-                        .map(|&i| clusters[i].config.system_identifier.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
+        let Some(i) = catalog::holder_of(&clusters, only, "verify").await? else {
+            return Err(Error::not_found(format!(
+                "no backup {only}; 'walvault list' shows the backups"
+            )));
         };
         clusters = vec![clusters.swap_remove(i)];
     }
@@ -248,14 +227,12 @@ async fn verify_cluster(
     // they needed: what went missing since we listed counts only if the
     // repository, listed again now, still needs it. An archiver that pushes
     // ahead lands segments out of order, and on a busy host one upload (an
-    // fsync behind a backup's writes) can lag the ones after it by seconds:
-    // a gap near the end of a timeline may be one it is about to close.
-    // Missing WAL is listed again, with growing pauses, for about half a
-    // minute before it counts; a clean repository never waits.
-    // Missing WAL counts only where every listing found it missing (by the
-    // key of a run's first segment): a hole that opened for a moment in
-    // one listing is not a gap. A cluster that archives here no more has
-    // no archiver to close one, so its listing is not repeated.
+    // fsync behind a backup's writes) can lag the ones after it by seconds.
+    // So the repository is listed again with growing pauses, for about half
+    // a minute, and missing WAL counts only where every listing found it
+    // missing (by the key of a run's first segment); a clean repository
+    // never waits. A cluster that archives here no more has no archiver to
+    // close a gap: it is listed again once, without pauses.
     if !problems.is_empty() {
         let first = problems;
         let mut missing_throughout = absent_keys(&first);

@@ -8,6 +8,36 @@ use crate::format::object;
 use crate::repository::Repository;
 use bytes::Bytes;
 
+/// Which of `clusters` (a repository's, after an upgrade) holds backup
+/// `id`: its index, `None` if none does. Two clusters holding one id are
+/// refused rather than guessed between (`verb` names the command refusing).
+pub async fn holder_of(
+    clusters: &[crate::repository::Cluster],
+    id: &str,
+    verb: &str,
+) -> Result<Option<usize>> {
+    let mut holders = vec![];
+    for (i, c) in clusters.iter().enumerate() {
+        if ids(&c.repo).await?.iter().any(|b| b == id) {
+            holders.push(i);
+        }
+    }
+    match holders[..] {
+        [] => Ok(None),
+        [i] => Ok(Some(i)),
+        _ => Err(Error::conflict(format!(
+            "backup {id} names a backup of each of clusters {} in {}, and {verb} cannot tell \
+             which one is meant: 'walvault list' shows them",
+            holders
+                .iter()
+                .map(|&i| clusters[i].config.system_identifier.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            clusters[holders[0]].repo.url()
+        ))),
+    }
+}
+
 /// Every backup, oldest first.
 pub async fn load_all(repo: &Repository) -> Result<Vec<Manifest>> {
     let ids = ids(repo).await?;

@@ -254,29 +254,10 @@ pub async fn restore(url: &RepoUrl, opts: &RestoreOptions) -> Result<Restored> {
         .iter()
         .position(|c| c.current)
         .expect("a current cluster");
-    if let (true, Some(id)) = (several, &opts.backup) {
-        let mut holders = vec![];
-        for (i, c) in clusters.iter().enumerate() {
-            if catalog::ids(&c.repo).await?.contains(id) {
-                holders.push(i);
-            }
-        }
-        match holders[..] {
-            [] => {}
-            [i] => chosen = i,
-            _ => {
-                return Err(Error::conflict(format!(
-                    "backup {id} names a backup of each of clusters {} in {url}, and restore \
-                     cannot tell which one is meant: 'walvault list' shows them; nothing was \
-                     restored",
-                    holders
-                        .iter()
-                        .map(|&i| clusters[i].config.system_identifier.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )));
-            }
-        }
+    if let (true, Some(id)) = (several, &opts.backup)
+        && let Some(i) = catalog::holder_of(&clusters, id, "restore").await?
+    {
+        chosen = i;
     }
     let cluster = clusters.swap_remove(chosen);
     // restore_command names the cluster where there are several.
